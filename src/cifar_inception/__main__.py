@@ -1,0 +1,3 @@
+from cifar_inception.cli import main
+
+raise SystemExit(main())

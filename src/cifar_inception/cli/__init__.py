@@ -1,0 +1,66 @@
+"""The ``cifar-inception`` command: one subcommand module each, over the Python API.
+
+Each ``cli/<name>_cmd.py`` defines ``register(subparsers)``, which adds its parser and sets
+``func`` to a function that parses nothing further, calls the API and prints. Heavy imports
+(torch) happen inside those functions, so ``cifar-inception --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cifar_inception import __version__
+from cifar_inception.errors import CifarInceptionError
+
+# In pipeline order: data, models, training, evaluation, report, use.
+COMMANDS = (
+    "data",
+    "models",
+    "summary",
+    "train",
+    "evaluate",
+    "report",
+    "predict",
+    "export",
+    "serve",
+    "bench",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifar-inception",
+        description="Train, evaluate and serve Inception-family networks on CIFAR-10.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module_name = f"cifar_inception.cli.{name}_cmd"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CifarInceptionError as exc:
+        print(f"cifar-inception: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cifar-inception: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
