@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        # torch's message opens with generic advice; the useful part names the offending global.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file)") from None
+        what = f"a pickled object ({found.group(1)})" if found else "content"
         raise CheckpointError(
-            f"{path}: refused: it holds objects that a weights-only load does not allow "
-            f"({first[:160]})"
+            f"{path}: refused: it holds {what} that a weights-only load does not allow, as it "
+            "could run code; only tensors, numbers, strings, lists and dicts are loaded"
         ) from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc)[:160]})") from None

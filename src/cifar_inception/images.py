@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifar_inception.errors import CifarInceptionError
 
@@ -29,7 +29,8 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image from a path or bytes, refusing decompression bombs.
 
-    The pixel count is checked from the header before any pixel is decoded.
+    The pixel count is checked from the header before any pixel is decoded. An EXIF
+    orientation is applied, so the image comes back upright.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     try:
@@ -46,6 +47,9 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                     "(possible decompression bomb)"
                 )
             image.load()
+            if "exif" in image.info:
+                # Phone photos store their rotation in EXIF; show them upright, as a viewer does.
+                ImageOps.exif_transpose(image, in_place=True)
         except ImageError:
             raise
         except Image.DecompressionBombError:

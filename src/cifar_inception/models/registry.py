@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -36,14 +37,64 @@ def get_builder(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"unknown model {name!r}; known models: {known}") from None
 
 
+def model_purpose(name: str) -> str:
+    """One line on what the model is for: the first line of its builder's docstring."""
+    doc = (get_builder(name).__doc__ or "").strip()
+    return doc.splitlines()[0].strip() if doc else ""
+
+
+def parse_options(pairs: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """Turn command-line ``KEY=VALUE`` strings into builder options.
+
+    Values become booleans (``true``/``false``, any case), integers, floats, or else stay
+    strings: ``["width=0.5", "fix_3x3=true"]`` -> ``{"width": 0.5, "fix_3x3": True}``.
+    """
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ModelError(f"model option {pair!r} is not of the form key=value")
+        if key in options:
+            raise ModelError(f"model option {key!r} is given twice")
+        options[key] = _option_value(text.strip())
+    return options
+
+
+def _option_value(text: str) -> object:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     """Build a registered model. Unknown names and options fail with a one-line ModelError."""
     builder = get_builder(name)
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, not {num_classes!r}")
-    try:
-        return builder(num_classes=num_classes, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise ModelError(f"model {name!r}: {exc}") from None
-        raise
+    known = model_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown and not _takes_any_option(builder):
+        accepted = ", ".join(known) if known else "none"
+        raise ModelError(f"model {name!r} has no option {unknown[0]!r} (its options: {accepted})")
+    return builder(num_classes=num_classes, **options)
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The options a model accepts, with their defaults (``num_classes`` aside)."""
+    signature = inspect.signature(get_builder(name))
+    return {
+        param.name: param.default
+        for param in signature.parameters.values()
+        if param.name != "num_classes" and param.kind is not param.VAR_KEYWORD
+    }
+
+
+def _takes_any_option(builder: Callable[..., nn.Module]) -> bool:
+    parameters = inspect.signature(builder).parameters.values()
+    return any(param.kind is param.VAR_KEYWORD for param in parameters)

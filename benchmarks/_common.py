@@ -1,0 +1,133 @@
+"""What every benchmark script shares: the machine's description, tables, JSON output, timers.
+
+The scripts in this folder are run as ``python benchmarks/NAME.py``; Python then puts this
+folder on ``sys.path``, which is how they import this module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cifar_inception import __version__
+from cifar_inception.fileio import atomic_write_json
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cuda`` without CUDA falls back, saying so."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        print(f"note: {name} asked for but CUDA is not available; using the CPU")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Hardware, versions, threads and date: the header of every result file."""
+    info: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "cifar_inception": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_count": _usable_cores(),
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return info
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def describe(env: dict[str, Any]) -> str:
+    hardware = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, " \
+                                  f"{env['threads']} threads)"
+    load = f", load {env['load_average_1min']}" if "load_average_1min" in env else ""
+    return f"{hardware}; torch {env['torch']}; {env['date']}{load}"
+
+
+def mean_spread(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for none."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), spread
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of ``rows`` restricted to ``columns`` (floats with 4 significant digits)."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "-"
+            return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path: str | os.PathLike | None, result: dict[str, Any]) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, result)
+        print(f"wrote {path}")
+
+
+class Timer:
+    """Wall-clock seconds of a piece of work; on CUDA, CUDA events around it (after a sync)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, work: Callable[[], Any]) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            work()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        started = time.perf_counter()
+        work()
+        return time.perf_counter() - started

@@ -1,0 +1,68 @@
+"""``cifar-inception evaluate RUN_OR_CHECKPOINT``: test-set metrics as a table (or JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cifar_inception.cli.common import add_data_args
+
+DESCRIPTION = """\
+Evaluate a trained model on the CIFAR-10 test set: loss (cross-entropy), top-1 and top-5
+accuracy, accuracy per class and the confusion matrix. RUN_OR_CHECKPOINT is a run folder
+(its best.pt is used) or a .pt checkpoint. The results are written to eval.json beside the
+checkpoint. The data set is the one the run was trained on unless --data-dir says otherwise.
+
+--tta averages the softmax probabilities of six views of each image: the image and its
+mirror, each as is and shifted by 2 pixels up-left and down-right (reflect padding).
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate", help="test-set accuracy, loss, per-class accuracy, confusion matrix",
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run folder or .pt checkpoint")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: flips and small translations")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--batch-size", type=int, default=1000, metavar="N")
+    parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    parser.add_argument("--no-write", action="store_true", help="do not write eval.json")
+    add_data_args(parser)
+    parser.set_defaults(func=run)
+
+
+def format_table(result: dict) -> str:
+    """Headline metrics, per-class accuracy, and the confusion matrix, as plain text."""
+    classes = list(result["per_class"])
+    lines = [
+        f"checkpoint  {result['checkpoint']}",
+        f"images      {result['num_images']} (test set)"
+        f"{', test-time augmentation' if result['tta'] else ''}",
+        f"loss        {result['test_loss']:.4f}  (cross-entropy)",
+        f"top-1       {100 * result['test_top1']:.2f}%",
+        f"top-5       {100 * result['test_top5']:.2f}%",
+        "",
+        f"{'class':<12}{'accuracy':>9}",
+    ]
+    for name, accuracy in result["per_class"].items():
+        shown = "-" if accuracy is None else f"{100 * accuracy:.2f}%"
+        lines.append(f"{name:<12}{shown:>9}")
+    width = max(5, *(len(str(v)) for row in result["confusion"] for v in row)) + 1
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+              " " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in classes)]
+    for name, row in zip(classes, result["confusion"]):
+        lines.append(f"{name:<12}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifar_inception.evaluate import evaluate
+
+    result = evaluate(args.checkpoint, tta=args.tta, device=args.device,
+                      batch_size=args.batch_size, data_dir=args.data_dir,
+                      download=not args.no_download, write=not args.no_write)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    return 0

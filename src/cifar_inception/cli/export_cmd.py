@@ -1,0 +1,60 @@
+"""``cifar-inception export CHECKPOINT --format onnx|pt2|torchscript [-o OUT]``."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Export a trained model (a run folder, whose best.pt is used, or a .pt checkpoint) as one
+file that is usable alone:
+
+  input   images         uint8 (N, 32, 32, 3): RGB, 0-255, channels last (NHWC);
+                         the normalisation is done inside the model
+  output  logits         float32 (N, number of classes)
+          probabilities  float32 (N, number of classes), the softmax of the logits
+
+The batch dimension is dynamic. Class names, mean and std, model name and options,
+parameter count and known metrics travel in the file (ONNX metadata_props; the extra file
+cifar_inception.json in .pt2 and TorchScript archives).
+
+Formats: onnx (ONNX Runtime and other runtimes; `predict` and `serve` accept the .onnx
+file and then run without PyTorch), pt2 (torch.export: torch.export.load(f).module()),
+torchscript (torch.jit.load(f), for LibTorch; deprecated upstream in favour of pt2).
+The exported file is checked against PyTorch before it is written.
+"""
+
+
+# The choices of cifar_inception.export.FORMATS, spelled out so that --help needs no import.
+FORMATS = ("onnx", "pt2", "torchscript")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a trained model to ONNX, torch.export (.pt2) or TorchScript",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or .pt checkpoint")
+    parser.add_argument("-f", "--format", choices=FORMATS, default="onnx",
+                        help="file format (default: onnx)")
+    parser.add_argument("-o", "--output", metavar="OUT", default=None,
+                        help="output file (default: beside the checkpoint, e.g. best.onnx, "
+                             "best.pt2, best.torchscript.pt)")
+    parser.add_argument("--opset", type=int, default=None, metavar="N",
+                        help="ONNX opset version (default: a current one, 20)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifar_inception.export import export_model
+
+    options = {} if args.opset is None else {"opset": args.opset}
+    result = export_model(args.checkpoint, args.output, fmt=args.format, **options)
+    what = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
+    meta = result.metadata
+    print(f"wrote {result.path} ({what}, {result.num_bytes / 1e6:.1f} MB): {meta['model']}, "
+          f"{meta['params']:,} parameters, {meta['num_classes']} classes")
+    print("  input  images: uint8 (N, 32, 32, 3) RGB 0-255; outputs: logits, probabilities")
+    print(f"  checked against PyTorch: max logit difference {result.max_abs_diff:.2g}")
+    return 0

@@ -1,0 +1,87 @@
+"""``cifar-inception predict CHECKPOINT IMAGE_OR_FOLDER...``: top-k classes per image file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Classify image files with a trained model: a run folder (its best.pt, else last.pt),
+a .pt checkpoint, or an exported .onnx file.
+
+Images of any size and mode are accepted: transparent pixels are composited on white,
+greyscale, palette and 16-bit images are converted to 8-bit RGB, and the whole image is
+squeezed to 32x32 pixels (no crop, aspect ratio not kept) with Pillow's antialiased bicubic
+filter, as CIFAR-10's images were made from whole photos. An image already 32x32 is used as
+it is. Folders are walked recursively for .png .jpg .jpeg .bmp .gif .webp .tif .tiff files.
+Images over 40 megapixels are refused unread (decompression-bomb guard).
+
+A file that cannot be read is reported on stderr and skipped; the exit status is then 1.
+"""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify image files with a trained model",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="run folder, .pt checkpoint or .onnx file")
+    parser.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+",
+                        help="image files and folders of images")
+    parser.add_argument("-k", "--top-k", type=positive_int, default=5, metavar="K",
+                        help="how many classes to show per image (default: 5)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document instead of text")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device for a PyTorch checkpoint (default: cuda if "
+                             "available, else cpu)")
+    parser.set_defaults(func=run)
+
+
+def format_prediction(result, width: int) -> str:
+    lines = [result.path]
+    for rank, (name, prob) in enumerate(result.top, start=1):
+        bar = "#" * round(prob * 20)
+        lines.append(f"  {rank}. {name:<{width}} {prob * 100:6.2f}%  {bar}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifar_inception.errors import CifarInceptionError
+    from cifar_inception.images import find_images
+    from cifar_inception.predict import iter_predictions, load_classifier
+
+    if not find_images(args.paths):
+        raise CifarInceptionError(
+            "no image files found in " + ", ".join(args.paths))
+    classifier = load_classifier(args.checkpoint, device=args.device)
+    width = max(len(name) for name in classifier.classes)
+
+    results, failed = [], 0
+    for result in iter_predictions(classifier, args.paths, top_k_classes=args.top_k):
+        if not result.ok:
+            failed += 1
+            print(f"cifar-inception: skipped {result.error}", file=sys.stderr)
+        if args.json:
+            results.append(result.to_dict())
+        elif result.ok:
+            print(format_prediction(result, width), flush=True)
+
+    if args.json:
+        document = {"model": classifier.info, "classes": list(classifier.classes),
+                    "top_k": args.top_k, "results": results}
+        print(json.dumps(document, indent=2))
+    if failed:
+        print(f"cifar-inception: {failed} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,53 @@
+"""``cifar-inception report RUN``: figures and a self-contained report.html for a run folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from cifar_inception.cli.common import add_data_args
+
+DESCRIPTION = """\
+Draw a run's training curves, confusion matrix, most confidently misclassified test images
+and ten sample images per class, and write them with the test metrics, per-class results
+and the run's configuration into one self-contained report.html (images embedded, no
+external requests).
+
+The data is the run's own (config.json's data_dir) unless --data-dir is given. The test
+metrics come from eval.json; without one, the test set is evaluated now.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="figures and report.html for a run folder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run", metavar="RUN", help="run folder written by train")
+    add_data_args(parser)
+    parser.add_argument("-o", "--output", metavar="DIR", default=None,
+                        help="where to write the figures and report.html (default: RUN/report)")
+    parser.add_argument("--misclassified", type=int, default=40, metavar="N",
+                        help="how many misclassified test images to show (default: 40)")
+    parser.add_argument("--device", default=None, metavar="DEVICE",
+                        help="torch device for predicting the test set (default: cuda if "
+                             "available, else cpu)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from cifar_inception.errors import CifarInceptionError
+    from cifar_inception.report import build_report
+
+    if args.misclassified < 1:
+        raise CifarInceptionError(f"--misclassified must be at least 1, not {args.misclassified}")
+    report = build_report(args.run, data_dir=args.data_dir, output=args.output,
+                          download=not args.no_download, progress=sys.stderr.isatty(),
+                          device=args.device, misclassified=args.misclassified)
+    for path in report.figures.values():
+        print(f"wrote {path}")
+    print(f"wrote {report.html}")
+    return 0

@@ -1,0 +1,84 @@
+"""``cifar-inception serve CHECKPOINT_OR_ONNX``: the demo page and JSON API, with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
+page, where images can be chosen, dropped or pasted and are shown at 32x32 beside their
+top-5 classes, and as a JSON API:
+
+  POST /api/predict   multipart/form-data, one or more image files -> top classes per file
+  GET  /api/model     model name, options, parameters, classes, test accuracy if known
+  GET  /api/health    {"status": "ok"}
+
+A request body over --max-upload-mb gets 413; a file that is not a readable image (or is
+over 40 megapixels, a possible decompression bomb) gets 400 with a message, for the whole
+request. The server binds to 127.0.0.1 by default: there is no authentication, so think
+before using --host 0.0.0.0.
+"""
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, not {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a web demo page and JSON API for a trained model",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
+                        help="run folder, .pt checkpoint or exported .onnx file")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="port to listen on; 0 picks a free one (default: 8000)")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=10.0, metavar="MB",
+                        help="largest request body accepted, in MiB (default: 10)")
+    parser.add_argument("--max-files", type=positive_int, default=64, metavar="N",
+                        help="most image files in one request (default: 64)")
+    parser.add_argument("--device", default=None,
+                        help="torch device for a PyTorch checkpoint (default: cuda if "
+                             "available, else cpu)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        help="do not log every request")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cifar_inception.predict import load_classifier
+    from cifar_inception.serve import create_app
+    from cifar_inception.serve.server import is_loopback, open_listener, run_server, url_of
+
+    max_upload_bytes = max(1, int(args.max_upload_mb * 1024 * 1024))
+    classifier = load_classifier(args.model, device=args.device)
+    app = create_app(classifier, max_upload_bytes, max_files=args.max_files)
+    sock = open_listener(args.host, args.port)
+    params = classifier.info.get("params")
+    size = f", {params:,} parameters" if params else ""
+    print(f"serving {classifier.model_name}{size} at {url_of(sock)} (Ctrl+C to stop)", flush=True)
+    if not is_loopback(sock):
+        print("note: reachable from other machines, with no authentication", flush=True)
+    run_server(app, sock, access_log=not args.no_access_log)
+    return 0

@@ -1,0 +1,153 @@
+"""Test-set evaluation: top-1 and top-5 accuracy, loss, per-class accuracy, confusion matrix.
+
+Metric names are exact: ``test_loss`` is the mean cross-entropy (natural log) of the main
+head, ``test_top1``/``test_top5`` are accuracies as fractions in [0, 1].
+
+Test-time augmentation (``tta=True``) classifies six views of every image (the image and
+its mirror, each unshifted and shifted by 2 pixels up-left and down-right with reflect
+padding) and averages their softmax *probabilities*; the loss is then the cross-entropy of
+that averaged distribution.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cifar_inception.augment import flip_where, normalize, translate
+from cifar_inception.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.fileio import atomic_write_json
+
+EVAL_FILE = "eval.json"
+TTA_SHIFT = 2
+# (mirror, dy, dx) of each test-time view
+TTA_VIEWS = tuple((flip, d, d) for flip in (False, True) for d in (0, -TTA_SHIFT, TTA_SHIFT))
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CifarInceptionError(f"device {device!r} asked for, but CUDA is not available")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CifarInceptionError(f"unknown device {device!r}") from None
+
+
+def _view(images: torch.Tensor, flip: bool, dy: int, dx: int) -> torch.Tensor:
+    n = images.shape[0]
+    if dy or dx:
+        shift = torch.full((n,), dy, dtype=torch.long, device=images.device)
+        images = translate(images, shift, torch.full_like(shift, dx))
+    if flip:
+        images = flip_where(images, torch.ones(n, dtype=torch.bool, device=images.device))
+    return images
+
+
+@torch.no_grad()
+def log_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: Sequence[float],
+                      std: Sequence[float], *, batch_size: int = 1000,
+                      device: torch.device | str = "cpu", tta: bool = False,
+                      channels_last: bool = False) -> torch.Tensor:
+    """Log-probabilities (N, C), float32 on the CPU, for uint8 (N, 32, 32, 3) images.
+
+    ``model`` must already be on ``device`` and in eval mode; ``images`` may be anywhere (each
+    batch is moved to ``device``). With ``tta`` the probabilities of the views are averaged.
+    """
+    device = torch.device(device)
+    views = TTA_VIEWS if tta else ((False, 0, 0),)
+    outputs = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        per_view = []
+        for flip, dy, dx in views:
+            x = normalize(_view(batch, flip, dy, dx), mean, std, channels_last=channels_last)
+            per_view.append(F.log_softmax(model(x).float(), dim=1))
+        stacked = torch.stack(per_view)
+        # log of the mean probability, computed stably
+        outputs.append((torch.logsumexp(stacked, dim=0) - math.log(len(views))).cpu())
+    if not outputs:
+        raise CifarInceptionError("no images to evaluate")
+    return torch.cat(outputs)
+
+
+def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor,
+                           classes: Sequence[str]) -> dict[str, Any]:
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows = true class)."""
+    labels = labels.to(torch.long).cpu()
+    num_classes = len(classes)
+    k = min(5, num_classes)
+    top = log_probs.topk(k, dim=1).indices
+    predicted = top[:, 0]
+    confusion = torch.bincount(labels * num_classes + predicted,
+                               minlength=num_classes * num_classes).view(num_classes, num_classes)
+    per_class_total = confusion.sum(1)
+    per_class = {
+        name: (float(confusion[i, i]) / float(per_class_total[i]) if per_class_total[i] else None)
+        for i, name in enumerate(classes)
+    }
+    return {
+        "test_loss": float(F.nll_loss(log_probs, labels)),
+        "test_top1": float((predicted == labels).float().mean()),
+        "test_top5": float((top == labels[:, None]).any(1).float().mean()),
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def _recorded_data_dir(ckpt: dict) -> str | None:
+    config = ckpt.get("training", {}).get("config", {})
+    return config.get("data_dir")
+
+
+def _check_classes(ckpt: dict, classes: Sequence[str], where: str) -> None:
+    check_compatible(ckpt, num_classes=len(classes), where=where)
+    if list(ckpt["data"]["classes"]) != list(classes):
+        raise CheckpointError(
+            f"{where} was trained on classes {ckpt['data']['classes']}, "
+            f"but the data has {list(classes)}")
+
+
+def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: bool = False,
+             device: str = "auto", batch_size: int = 1000, data_dir: str | None = None,
+             download: bool = True, write: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint (or a run folder's best.pt) on the CIFAR-10 test set.
+
+    ``data`` is a loaded ``CIFAR10``; when None it is loaded from ``data_dir``, else from the
+    folder the run was trained on, else from the default location. Writes ``eval.json`` next
+    to the checkpoint unless ``write`` is False. Returns the metrics dict.
+    """
+    if batch_size < 1:
+        raise CifarInceptionError(f"batch size must be >= 1, not {batch_size}")
+    path = resolve_checkpoint(checkpoint_or_run)
+    ckpt = load_checkpoint(path)
+    if data is None:
+        from cifar_inception.data import load_cifar10
+
+        data = load_cifar10(data_dir or _recorded_data_dir(ckpt), download=download)
+    _check_classes(ckpt, data.classes, str(path))
+    torch_device = pick_device(device)
+    model = model_from_checkpoint(ckpt, where=str(path)).to(torch_device)
+    images = torch.as_tensor(data.test_images)
+    labels = torch.as_tensor(data.test_labels)
+    log_probs = log_probabilities(model, images, ckpt["data"]["mean"], ckpt["data"]["std"],
+                                  batch_size=batch_size, device=torch_device, tta=tta)
+    result = classification_metrics(log_probs, labels, data.classes)
+    result.update(tta=tta, num_images=int(labels.shape[0]), checkpoint=str(path))
+    if write:
+        atomic_write_json(Path(path).parent / EVAL_FILE, result)
+    return result

@@ -1,0 +1,381 @@
+"""Export a trained model as one self-contained file: ONNX, ``torch.export`` (.pt2) or TorchScript.
+
+Every exported file takes raw pixels and carries what is needed to use it alone::
+
+    input   images         uint8 (N, 32, 32, 3): RGB, 0-255, channels last (NHWC);
+                           the normalisation of the checkpoint is done inside the graph
+    output  logits         float32 (N, num_classes)
+            probabilities  float32 (N, num_classes), the softmax of the logits
+
+The batch dimension is dynamic. The class names, the normalisation (mean and std on the 0-1
+scale), the model name and options, the parameter count and the known metrics travel with
+the file: as ``metadata_props`` in ONNX, and as an extra file ``cifar_inception.json`` in
+``.pt2`` and TorchScript archives.
+
+:class:`OnnxClassifier` runs an exported ONNX file with ONNX Runtime alone (no PyTorch), with
+the same interface as :class:`cifar_inception.predict.TorchClassifier`. This module imports
+torch only inside the export functions, so that path stays free of it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar_inception import __version__
+from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.fileio import atomic_write_bytes
+from cifar_inception.predict import check_images
+
+EXPORT_FORMAT = "cifar-inception-export/1"
+# Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
+JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics")
+METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript archives
+MIN_OPSET = 18
+DEFAULT_OPSET = 20  # current, and run by ONNX Runtime 1.18 and later
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+INPUT_DOC = ("images: uint8 (N, 32, 32, 3), RGB, 0-255, channels last (NHWC); "
+             "normalised inside the graph")
+OUTPUT_DOC = ("logits: float32 (N, num_classes); "
+              "probabilities: float32 (N, num_classes), softmax of the logits")
+
+FORMATS = ("onnx", "pt2", "torchscript")
+SUFFIXES = {"onnx": ".onnx", "pt2": ".pt2", "torchscript": ".torchscript.pt"}
+
+# Batch of the example input. torch.export specialises on sizes 0 and 1, so the example
+# batch must be larger for the batch dimension to stay dynamic.
+_EXAMPLE_BATCH = 2
+# Exported and eager outputs on random images must agree this well, or the export fails.
+_CHECK_TOLERANCE = 1e-3
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote, and how closely the file reproduces PyTorch."""
+
+    path: Path
+    format: str
+    num_bytes: int
+    max_abs_diff: float  # logits, exported file vs eager PyTorch, on random images
+    metadata: dict[str, Any]
+    opset: int | None = None  # ONNX only
+
+
+# ---------------------------------------------------------------------------------------------
+# Export (imports torch)
+
+
+def _wrapper(model, mean, std):
+    """The model with its preprocessing: uint8 NHWC in, (logits, probabilities) out."""
+    import torch
+
+    from cifar_inception.augment import normalize
+
+    class ExportedClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images):
+            # The very function training and prediction use, so the file cannot drift from them.
+            logits = self.model(normalize(images, mean, std))
+            return logits, torch.softmax(logits, dim=1)
+
+    return ExportedClassifier().eval()
+
+
+def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
+    """Everything a user of the exported file needs, JSON-safe."""
+    import torch
+
+    metrics = dict(ckpt.get("metrics") or {})
+    metrics.update(run_test_metrics(source))
+    return {
+        "format": EXPORT_FORMAT,
+        "model": ckpt["model"]["name"],
+        "options": ckpt["model"]["options"],
+        "num_classes": ckpt["model"]["num_classes"],
+        "classes": ckpt["data"]["classes"],
+        "mean": ckpt["data"]["mean"],
+        "std": ckpt["data"]["std"],
+        "params": sum(p.numel() for p in model.parameters()),
+        "metrics": metrics,
+        "input": INPUT_DOC,
+        "outputs": OUTPUT_DOC,
+        "exported_by": f"cifar-inception {__version__}, torch {torch.__version__}",
+        "checkpoint": source.name,
+    }
+
+
+def run_test_metrics(checkpoint: Path) -> dict[str, float]:
+    """test_top1/test_top5 from the run folder's eval.json, when it evaluated this checkpoint."""
+    path = checkpoint.parent / "eval.json"
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(result, dict):
+        return {}
+    evaluated = result.get("checkpoint")
+    if evaluated and Path(str(evaluated)).name != checkpoint.name:
+        return {}  # eval.json speaks of another checkpoint of the run (say last.pt)
+    return {key: result[key] for key in ("test_top1", "test_top5")
+            if isinstance(result.get(key), (int, float))}
+
+
+def default_output(checkpoint: Path, fmt: str) -> Path:
+    """best.pt -> best.onnx / best.pt2 / best.torchscript.pt, beside the checkpoint."""
+    return checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
+
+
+@contextmanager
+def _quiet_exporters():
+    """Silence the exporters' chatter (deprecations inside torch, optional-package notices)."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*torch.tensor results are registered")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_opset(opset: int) -> None:
+    import onnx
+
+    # The exporter writes opset 18 and later natively; older ones go through a lossy converter.
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise CifarInceptionError(f"opset must be from {MIN_OPSET} to "
+                                  f"{onnx.defs.onnx_opset_version()}, not {opset}")
+
+
+def _to_onnx(wrapper, example, metadata: dict, opset: int) -> tuple[bytes, Callable]:
+    import onnx
+    import torch
+
+    with _quiet_exporters():
+        program = torch.onnx.export(
+            wrapper, (example,), dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+        )
+    proto = program.model_proto
+    proto.doc_string = (f"cifar-inception {metadata['model']} on CIFAR-10. "
+                        f"Input {INPUT_DOC}. Outputs {OUTPUT_DOC}.")
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key = key
+        entry.value = json.dumps(value) if key in JSON_KEYS else str(value)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+
+    def run(images):
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT_NAMES[0]], {INPUT_NAME: images.numpy()})[0]
+
+    return data, run
+
+
+def _to_pt2(wrapper, example, metadata: dict) -> tuple[bytes, Callable]:
+    import torch
+
+    with _quiet_exporters():
+        program = torch.export.export(
+            wrapper, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    data = buffer.getvalue()
+
+    def run(images):
+        loaded = torch.export.load(io.BytesIO(data)).module()
+        return loaded(images)[0].numpy()
+
+    return data, run
+
+
+def _to_torchscript(wrapper, example, metadata: dict) -> tuple[bytes, Callable]:
+    import torch
+
+    # TorchScript is deprecated upstream in favour of torch.export; it is kept for LibTorch
+    # (C++) users. Tracing is exact here: the networks have no data-dependent control flow.
+    with _quiet_exporters():
+        traced = torch.jit.trace(wrapper, example, check_trace=False)  # checked below, once
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+    data = buffer.getvalue()
+
+    def run(images):
+        with _quiet_exporters():
+            loaded = torch.jit.load(io.BytesIO(data))
+        return loaded(images)[0].numpy()
+
+    return data, run
+
+
+def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                 *, fmt: str = "onnx", opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export a checkpoint (or run folder) as ``fmt``; check it against PyTorch; write atomically.
+
+    The check runs the exported file and the eager model on random images and refuses to
+    write a file whose logits differ by more than 1e-3.
+    """
+    import torch
+
+    from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
+
+    if fmt not in FORMATS:
+        raise CifarInceptionError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _check_opset(opset)
+    source = resolve_checkpoint(checkpoint_path)
+    out = Path(out_path) if out_path is not None else default_output(source, fmt)
+    if out.exists() and out.resolve() == source.resolve():
+        raise CifarInceptionError(f"{out}: refusing to overwrite the checkpoint being exported")
+    if out.is_dir():
+        raise CifarInceptionError(f"{out}: is a folder; give the output file name")
+
+    model, ckpt = load_trained_model(source)
+    metadata = export_metadata(ckpt, model, source=source)
+    wrapper = _wrapper(model, ckpt["data"]["mean"], ckpt["data"]["std"])
+    generator = torch.Generator().manual_seed(0)
+    example = torch.randint(0, 256, (_EXAMPLE_BATCH, 32, 32, 3), dtype=torch.uint8,
+                            generator=generator)
+    if fmt == "onnx":
+        data, run = _to_onnx(wrapper, example, metadata, opset)
+    elif fmt == "pt2":
+        data, run = _to_pt2(wrapper, example, metadata)
+    else:
+        data, run = _to_torchscript(wrapper, example, metadata)
+
+    # A batch size other than the example's proves the batch dimension stayed dynamic.
+    check = torch.randint(0, 256, (_EXAMPLE_BATCH + 1, 32, 32, 3), dtype=torch.uint8,
+                          generator=generator)
+    with torch.inference_mode():
+        expected = wrapper(check)[0].numpy()
+    with torch.inference_mode():
+        got = run(check)
+    diff = float(np.max(np.abs(got - expected)))
+    if not diff <= _CHECK_TOLERANCE:  # also catches NaN
+        raise CifarInceptionError(
+            f"{fmt} export of {metadata['model']} does not reproduce PyTorch "
+            f"(max logit difference {diff:.3g}); nothing written")
+    try:
+        atomic_write_bytes(out, data)
+    except OSError as exc:
+        raise CifarInceptionError(f"{out}: cannot write ({exc.strerror or exc})") from None
+    return ExportResult(path=out, format=fmt, num_bytes=len(data), max_abs_diff=diff,
+                        metadata=metadata, opset=opset if fmt == "onnx" else None)
+
+
+def export_onnx(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike | None = None,
+                *, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """ONNX with a dynamic batch dimension and the metadata above (``metadata_props``)."""
+    return export_model(checkpoint_path, out_path, fmt="onnx", opset=opset)
+
+
+def export_pt2(checkpoint_path: str | os.PathLike,
+               out_path: str | os.PathLike | None = None) -> ExportResult:
+    """A ``torch.export`` program (``torch.export.load(path).module()``), dynamic batch."""
+    return export_model(checkpoint_path, out_path, fmt="pt2")
+
+
+def export_torchscript(checkpoint_path: str | os.PathLike,
+                       out_path: str | os.PathLike | None = None) -> ExportResult:
+    """A traced TorchScript module (``torch.jit.load(path)``), for LibTorch."""
+    return export_model(checkpoint_path, out_path, fmt="torchscript")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference with ONNX Runtime only
+
+
+def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[str, Any]:
+    """Decode the metadata an export wrote; refuse files that do not carry it."""
+    if metadata_props.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{where}: not an ONNX file exported by cifar-inception (no '{EXPORT_FORMAT}' metadata)")
+    meta: dict[str, Any] = dict(metadata_props)
+    for key in JSON_KEYS:
+        if key in meta:
+            try:
+                meta[key] = json.loads(meta[key])
+            except ValueError:
+                raise CheckpointError(f"{where}: its metadata '{key}' is not valid JSON") from None
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{where}: its metadata has no valid class names")
+    return meta
+
+
+class OnnxClassifier:
+    """An exported ONNX file run by ONNX Runtime: the classifier interface of ``predict``.
+
+    ``classes``, ``model_name``, ``info`` and ``predict_proba(uint8 (N, 32, 32, 3))``, as
+    :class:`cifar_inception.predict.TorchClassifier`. PyTorch is not imported.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
+                 batch_size: int = 256, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options,
+                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own, undocumented exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.path}: not a readable ONNX model ({first[:160]})") from None
+        meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
+                                  where=str(self.path))
+        self.metadata = meta
+        self.classes = tuple(meta["classes"])
+        self.model_name = str(meta.get("model", ""))
+        self.batch_size = batch_size
+        self.info = {
+            "model": self.model_name,
+            "options": meta.get("options", {}),
+            "num_classes": len(self.classes),
+            "params": meta.get("params"),
+            "metrics": meta.get("metrics", {}),
+            "format": "onnx",
+            "source": str(self.path),
+        }
+
+    def _run(self, output: str, images: np.ndarray) -> np.ndarray:
+        images = np.ascontiguousarray(check_images(images))
+        out = np.empty((len(images), len(self.classes)), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size]
+            out[start:start + len(batch)] = self.session.run([output], {INPUT_NAME: batch})[0]
+        return out
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) -> logits, float32 (N, C)."""
+        return self._run(OUTPUT_NAMES[0], images)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) -> probabilities, float32 (N, C)."""
+        return self._run(OUTPUT_NAMES[1], images)

@@ -1,0 +1,203 @@
+"""Small Inception networks built for time-to-accuracy: ``inception-cpu`` and ``inception-fast``.
+
+The shape follows the fastest known CIFAR-10 trainers (a whitening stem, three groups that
+each halve the grid, no residual connections, a max-pooled linear head), with the plain
+convolutions replaced by Inception modules: parallel branches concatenated along the
+channels.
+
+- **Stem**: a 2x2 convolution without padding (32 -> 31 pixels) to 24 channels, then GELU.
+  Its weights can be set from the data (:meth:`FastInception.init_from_data`): the
+  eigenvectors of the 2x2-patch covariance scaled to unit variance, each with its negative,
+  so the first layer whitens its input (a ZCA-like preprocessing learnt in one shot).
+- **Groups** (three): Inception module -> 2x2 max-pool -> batch norm -> GELU ->
+  Inception module -> batch norm -> GELU. Pooling before the norm makes the norm and the
+  activation run on a quarter of the pixels.
+- **Inception module** (:class:`InceptionConv`): a 3x3 branch (half the output channels)
+  and a stacked 3x3 -> 3x3 branch (a 5x5 receptive field, the factorisation of
+  Inception-v2), concatenated. The branch outputs share one batch norm and activation after
+  the concatenation, which is the same as one per branch but runs as a single pass.
+- **Batch norm** without a learnt scale by default (``bn_scale=false``: the scale is frozen
+  at 1; only the shift learns), with a high momentum so the running statistics follow the
+  fast-changing weights of a short run.
+- **Head**: global max pooling, a linear layer without bias, and a fixed scale (1/9) on the
+  logits, which keeps the first logits small without a special initialisation.
+
+``inception-cpu`` is sized for about ten minutes of training on a 2-core CPU;
+``inception-fast`` is wider, for one GPU. ``width`` multiplies every group's channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from cifar_inception.errors import ModelError
+from cifar_inception.models.blocks import (
+    Branches,
+    InceptionNet,
+    check_flag,
+    check_width,
+    scale_width,
+)
+from cifar_inception.models.registry import register_model
+
+STEM_PATCH = 2
+STEM_CHANNELS = 2 * 3 * STEM_PATCH ** 2   # every eigenvector of a 2x2x3 patch, and its negative
+LOGIT_SCALE = 1 / 9
+BN_MOMENTUM = 0.6                         # PyTorch's convention: weight of the newest batch
+BN_EPS = 1e-12
+ACTIVATIONS = ("gelu", "relu")
+
+
+def _activation(name: str) -> nn.Module:
+    return nn.GELU() if name == "gelu" else nn.ReLU(inplace=True)
+
+
+def batch_norm(channels: int, scale: bool) -> nn.BatchNorm2d:
+    """Batch norm whose scale is frozen at 1 unless ``scale`` (the shift always learns)."""
+    norm = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM, eps=BN_EPS)
+    norm.weight.requires_grad_(scale)
+    return norm
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+
+
+class InceptionConv(Branches):
+    """A 3x3 branch and a 3x3 -> 3x3 branch (5x5 field), half the output channels each.
+
+    The inner layer of the deep branch gets its own norm and activation; the two outputs
+    are left raw, to be normalised together after the concatenation (and the pooling).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool):
+        half = out_channels // 2
+        inner = max(8, out_channels // 4)
+        super().__init__(
+            [
+                conv3x3(in_channels, out_channels - half),
+                nn.Sequential(conv3x3(in_channels, inner), batch_norm(inner, bn_scale),
+                              _activation(act), conv3x3(inner, half)),
+            ],
+            out_channels=out_channels,
+        )
+
+
+class InceptionGroup(nn.Sequential):
+    """Inception module, 2x2 max-pool, norm, act, Inception module, norm, act."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool):
+        super().__init__(
+            InceptionConv(in_channels, out_channels, act=act, bn_scale=bn_scale),
+            nn.MaxPool2d(2),
+            batch_norm(out_channels, bn_scale),
+            _activation(act),
+            InceptionConv(out_channels, out_channels, act=act, bn_scale=bn_scale),
+            batch_norm(out_channels, bn_scale),
+            _activation(act),
+        )
+        self.out_channels = out_channels
+
+
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor:.4g}"
+
+
+class FastInception(InceptionNet):
+    """An :class:`InceptionNet` whose stem can be initialised from the training images."""
+
+    def stem_conv(self) -> nn.Conv2d:
+        return self.stem[0]
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the stem to whiten 2x2 patches of ``images`` (normalised float NCHW).
+
+        The weights are the patch covariance's eigenvectors divided by the square root of
+        their eigenvalues (plus ``eps``), each followed by its negative so that the GELU after
+        the stem keeps both signs of every component. The bias is reset to zero.
+        """
+        conv = self.stem_conv()
+        patches = images.float().unfold(2, STEM_PATCH, 1).unfold(3, STEM_PATCH, 1)
+        # (N, C, H', W', h, w) -> one row per patch, laid out (c, h, w) like a conv weight
+        patches = patches.transpose(1, 3).reshape(-1, 3 * STEM_PATCH ** 2)
+        patches = patches - patches.mean(0, keepdim=True)
+        covariance = patches.T @ patches / len(patches)
+        eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+        eigenvalues, eigenvectors = eigenvalues.flip(0).float(), eigenvectors.T.flip(0).float()
+        filters = eigenvectors.reshape(-1, 3, STEM_PATCH, STEM_PATCH)
+        filters = filters / torch.sqrt(eigenvalues + eps).view(-1, 1, 1, 1)
+        weight = torch.cat([filters, -filters])
+        conv.weight.copy_(weight.to(conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+def _check_act(act: object) -> str:
+    if act not in ACTIVATIONS:
+        raise ModelError(f"act must be one of {', '.join(ACTIVATIONS)}, not {act!r}")
+    return str(act)
+
+
+def fast_inception(widths: tuple[int, int, int], num_classes: int, *, width: float,
+                   act: str, bn_scale: bool) -> FastInception:
+    width = check_width(width)
+    act = _check_act(act)
+    bn_scale = check_flag("bn_scale", bn_scale)
+    channels = [scale_width(c, width) for c in widths]
+    stages: dict[str, nn.Module] = {
+        "stem": nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, STEM_PATCH, padding=0, bias=True),
+                              _activation(act)),
+    }
+    previous = STEM_CHANNELS
+    for index, out in enumerate(channels, start=1):
+        stages[f"group{index}"] = InceptionGroup(previous, out, act=act, bn_scale=bn_scale)
+        previous = out
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(previous, num_classes, bias=False), Scale(LOGIT_SCALE))
+    model = FastInception(stages, head)
+    _init(model)
+    return model
+
+
+def _init(model: nn.Module) -> None:
+    """PyTorch's default convolution init (as the fast trainers use), a frozen-scale norm at 1."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+CPU_WIDTHS = (32, 128, 128)
+FAST_WIDTHS = (64, 256, 256)
+
+
+@register_model("inception-cpu")
+def inception_cpu(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
+                  bn_scale: bool = False) -> FastInception:
+    """Small Inception net for time-to-accuracy on a 2-core CPU (the cpu10 recipe's model).
+
+    Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
+    batch-norm scale; default false: frozen at 1).
+    """
+    return fast_inception(CPU_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale)
+
+
+@register_model("inception-fast")
+def inception_fast(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
+                   bn_scale: bool = False) -> FastInception:
+    """Inception net for time-to-accuracy on one GPU (the fast recipe's model).
+
+    Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
+    batch-norm scale; default false: frozen at 1).
+    """
+    return fast_inception(FAST_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale)

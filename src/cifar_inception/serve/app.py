@@ -1,0 +1,273 @@
+"""The ASGI application: the demo page and a JSON API over one classifier.
+
+Routes::
+
+    GET  /               the page (static/index.html, with app.css and app.js)
+    GET  /api/health     {"status": "ok", "model": name}
+    GET  /api/model      name, options, parameters, classes, test accuracy if known, limits
+    POST /api/predict    multipart/form-data with one or more image files; ?top=K (default 5)
+
+A predict request is one batch and succeeds or fails as a whole: if any file is not a
+readable image the answer is 400 naming that file, and no file of the request is predicted
+(the page sends one request per file, so one bad file spoils only its own card). Errors are
+JSON ``{"error": message}``: 400 bad image or request, 413 body over the upload limit, 415 not
+multipart. The body is refused from its Content-Length when it declares one, and is counted
+while it streams in either way, so nothing over the limit is ever read into memory.
+
+Decoding and inference run in worker threads (``run_in_threadpool``), never on the event
+loop; inference is serialised by a lock and decoding bounded by a semaphore, so memory stays
+bounded under load. Any failure stays inside its own request.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cifar_inception.export import run_test_metrics
+from cifar_inception.images import MAX_PIXELS, ImageError, load_cifar_array
+from cifar_inception.predict import Classifier, top_classes
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_FILES = 64
+DEFAULT_TOP_K = 5
+# Images decoded at once: each may take up to MAX_PIXELS x 4 bytes while it is decoded.
+DECODE_SLOTS = 4
+
+SECURITY_HEADERS = {
+    # The page loads only its own script and style; the 32x32 inputs arrive as data: URLs
+    # and the previews as blob: URLs.
+    "content-security-policy": (
+        "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
+
+log = logging.getLogger(__name__)
+
+
+class SecurityHeadersMiddleware:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response (a pure ASGI middleware)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers.setdefault(key, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("MB", 1024 * 1024), ("KB", 1024)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
+def model_summary(classifier: Classifier) -> dict[str, Any]:
+    """What ``GET /api/model`` answers: the classifier's info, with the test accuracy if known.
+
+    The test accuracy comes from the checkpoint's metrics or ONNX metadata, else from the
+    ``eval.json`` of the run folder the checkpoint is in.
+    """
+    info = dict(classifier.info)
+    metrics = dict(info.get("metrics") or {})
+    source = info.get("source")
+    if "test_top1" not in metrics and source and info.get("format") != "onnx":
+        metrics.update(run_test_metrics(Path(source)))
+    return {
+        "model": classifier.model_name,
+        "options": info.get("options", {}),
+        "format": info.get("format"),
+        "parameters": info.get("params"),
+        "num_classes": len(classifier.classes),
+        "classes": list(classifier.classes),
+        "test_top1": metrics.get("test_top1"),
+        "metrics": metrics,
+    }
+
+
+class _Predictor:
+    """Decoding and inference, called from worker threads."""
+
+    def __init__(self, classifier: Classifier, max_pixels: int):
+        self.classifier = classifier
+        self.max_pixels = max_pixels
+        self.inference_lock = threading.Lock()
+        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+
+    def decode(self, uploads: Sequence[tuple[str, bytes]]) -> np.ndarray:
+        """Every upload to uint8 (32, 32, 3); the first bad one raises ImageError."""
+        arrays = []
+        for name, data in uploads:
+            if not data:
+                raise ImageError(f"{name}: empty file")
+            with self.decode_slots:
+                try:
+                    arrays.append(load_cifar_array(data, name=name, max_pixels=self.max_pixels))
+                except (OSError, ValueError) as exc:  # a mode Pillow cannot turn into RGB
+                    raise ImageError(f"{name}: cannot convert to RGB ({exc})") from None
+        return np.stack(arrays)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        with self.inference_lock:
+            return np.asarray(self.classifier.predict_proba(images), dtype=np.float64)
+
+
+def _png_data_url(image: np.ndarray) -> str:
+    """The 32x32 model input as a PNG data: URL, so the page shows exactly what was classified."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _parse_top(value: str | None, num_classes: int) -> int:
+    if value is None:
+        return min(DEFAULT_TOP_K, num_classes)
+    try:
+        top = int(value)
+    except ValueError:
+        top = 0
+    if not 1 <= top <= num_classes:
+        raise HTTPException(400, f"top must be an integer from 1 to {num_classes}, not {value!r}")
+    return top
+
+
+async def _limited_stream(request: Request, max_bytes: int):
+    """The request body, chunk by chunk, stopping with 413 as soon as it passes ``max_bytes``."""
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > max_bytes:
+            raise HTTPException(413, f"upload too large: the limit is {human_bytes(max_bytes)} "
+                                     "per request")
+        yield chunk
+
+
+async def read_uploads(request: Request, max_bytes: int,
+                       max_files: int) -> list[tuple[str, bytes]]:
+    """The (file name, content) of each file in a multipart body, within the limits."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise HTTPException(415, "send the images as multipart/form-data (one or more files)")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "invalid Content-Length header")
+        if int(declared) > max_bytes:
+            raise HTTPException(413, f"upload too large ({human_bytes(int(declared))}): the limit "
+                                     f"is {human_bytes(max_bytes)} per request")
+    parser = MultiPartParser(request.headers, _limited_stream(request, max_bytes),
+                             max_files=max_files, max_fields=max_files)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"bad multipart body: {exc.message}") from None
+    except ClientDisconnect:
+        # Nobody is left to answer; a plain 400 keeps a traceback out of the log.
+        raise HTTPException(400, "the client went away during the upload") from None
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not files:
+            raise HTTPException(400, "no image file in the request")
+        return [(file.filename or f"file {i + 1}", await file.read())
+                for i, file in enumerate(files)]
+    finally:
+        await form.close()
+
+
+def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, *,
+               max_files: int = DEFAULT_MAX_FILES, max_pixels: int = MAX_PIXELS) -> Starlette:
+    """The demo page and JSON API for ``classifier`` (see the module docstring)."""
+    if max_upload_bytes < 1 or max_files < 1:
+        raise ValueError("max_upload_bytes and max_files must be positive")
+    predictor = _Predictor(classifier, max_pixels)
+    classes = list(classifier.classes)
+    summary = model_summary(classifier)
+    summary["limits"] = {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
+                         "max_pixels": max_pixels}
+    page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
+
+    async def index(request: Request) -> Response:
+        return HTMLResponse(page, headers={"cache-control": "no-cache"})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": classifier.model_name})
+
+    async def model(request: Request) -> Response:
+        return JSONResponse(summary)
+
+    async def predict(request: Request) -> Response:
+        top = _parse_top(request.query_params.get("top"), len(classes))
+        uploads = await read_uploads(request, max_upload_bytes, max_files)
+        try:
+            images = await run_in_threadpool(predictor.decode, uploads)
+        except ImageError as exc:
+            raise HTTPException(400, str(exc)) from None
+        probs = await run_in_threadpool(predictor.predict_proba, images)
+        results = []
+        for (name, _), image, row, best in zip(uploads, images, probs,
+                                                top_classes(probs, classes, top)):
+            results.append({
+                "filename": name,
+                "top": [{"class": label, "index": classes.index(label), "probability": p}
+                        for label, p in best],
+                "probabilities": [float(p) for p in row],
+                "input_png": _png_data_url(image),
+            })
+        return JSONResponse({"model": classifier.model_name, "results": results})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": "internal error while handling the request"},
+                            status_code=500)
+
+    routes = [
+        Route("/", index),
+        Route("/api/health", health),
+        Route("/api/model", model),
+        Route("/api/predict", predict, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(SecurityHeadersMiddleware)],
+        exception_handlers={HTTPException: http_error, 500: server_error},
+    )

@@ -1,0 +1,663 @@
+"""The training loop, top to bottom.
+
+``train(config)`` loads CIFAR-10 once, splits off the validation images, computes the
+normalisation statistics on the training split, and moves every image to the device as uint8.
+Each epoch then:
+
+1. draws a permutation of the training images from a generator seeded by (seed, epoch);
+2. per step, gathers the global batch, augments it on the device (crop, flip, cutout) with a
+   generator seeded by (seed, epoch, step), keeps this rank's share, and normalises it;
+3. runs forward (bf16 autocast and channels_last on CUDA) and backward on
+   ``main loss + sum(aux weight x aux loss)``, steps the optimiser, and sets the learning rate
+   of the next step from the schedule (a pure function of the step number);
+4. validates, prints one Keras-like line, appends to ``metrics.jsonl`` and saves ``last.pt``
+   (and ``best.pt`` when the validation accuracy improved), atomically.
+
+Because the data order and the augmentation are functions of (seed, epoch, step), and the
+checkpoint carries the optimiser state and the global RNG state (dropout), a resumed run
+continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
+step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. A NaN or infinite loss
+stops the run before anything of the bad epoch is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifar_inception import __version__, distributed
+from cifar_inception.augment import AugmentPolicy, normalize
+from cifar_inception.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cifar_inception.distributed import DistContext
+from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError
+from cifar_inception.evaluate import EVAL_FILE, evaluate, log_probabilities, pick_device
+from cifar_inception.fileio import (
+    append_jsonl,
+    atomic_write_json,
+    atomic_write_text,
+    read_jsonl,
+)
+from cifar_inception.models import create_model
+from cifar_inception.recipes import RUNTIME_FIELDS, TrainConfig, get_recipe, validate
+
+SPLIT_SEED = 0  # every run holds out the same validation images, so runs compare
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LAST, BEST = "last.pt", "best.pt"
+
+
+class TrainingError(CifarInceptionError):
+    """A run that cannot start or go on: diverged loss, impossible resume, too little data."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None       # None on ranks other than 0
+    status: str                # "completed", "paused" (stop_after_epochs) or "interrupted"
+    epoch: int                 # epochs completed
+    history: list[dict]        # every epoch's metrics so far (metrics.jsonl)
+    best: dict | None          # the metrics of the epoch saved as best.pt
+    test: dict | None          # eval.json of best.pt, when the test set was evaluated
+    message: str = ""
+
+
+# --- small pure helpers
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from (seed, purpose, epoch, step, ...), stable across runs and machines."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derived_seed(*parts))
+    return generator
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at ``step`` (0-based) of ``total_steps``.
+
+    Warm-up rises linearly from 0.1 to 1; then ``onecycle`` falls linearly towards 0,
+    ``cosine`` follows half a cosine towards 0, and ``constant`` stays at 1.
+    """
+    if step < warmup_steps:
+        return 0.1 + 0.9 * step / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "onecycle":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def split_outputs(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Main logits and auxiliary logits from a model's train-mode output."""
+    if hasattr(output, "aux_logits"):
+        return output.logits, tuple(output.aux_logits)
+    return output, ()
+
+
+def resolve_aux_weights(config: TrainConfig, model: nn.Module) -> tuple[float, ...]:
+    """The configured auxiliary weights: the model's defaults, one value for all, or a list."""
+    defaults = tuple(float(w) for w in getattr(model, "default_aux_weights", ()))
+    weights = config.aux_weights
+    if weights is None:
+        return defaults
+    if isinstance(weights, (int, float)):
+        return (float(weights),) * len(defaults)
+    if len(weights) != len(defaults):
+        raise TrainingError(
+            f"model {config.model!r} has {len(defaults)} auxiliary head(s), but "
+            f"{len(weights)} auxiliary weight(s) were given")
+    return tuple(float(w) for w in weights)
+
+
+def training_loss(output: Any, targets: torch.Tensor, aux_weights: tuple[float, ...],
+                  label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """main cross-entropy + sum(weight x auxiliary cross-entropy); also the main logits."""
+    logits, aux_logits = split_outputs(output)
+    loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    for weight, aux in zip(aux_weights, aux_logits):
+        # A zero weight still joins the graph, so every parameter gets a gradient (DDP).
+        loss = loss + weight * F.cross_entropy(aux.float(), targets,
+                                               label_smoothing=label_smoothing)
+    return loss, logits
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD (Nesterov), AdamW or Adam; weight decay only on weights, not on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0)
+    betas = (config.momentum, 0.999)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas)
+    return torch.optim.Adam(groups, lr=config.lr, betas=betas)
+
+
+def format_epoch_line(row: dict, epochs: int) -> str:
+    """``Epoch 3/10 - 42.1s - loss: 1.2345 - acc: 0.5678 - val_loss: ... - lr: ...``"""
+    parts = [f"Epoch {row['epoch']}/{epochs}", f"{row['seconds']:.1f}s",
+             f"loss: {row['train_loss']:.4f}", f"acc: {row['train_acc']:.4f}"]
+    if row["val_loss"] is not None:
+        parts += [f"val_loss: {row['val_loss']:.4f}", f"val_acc: {row['val_acc']:.4f}"]
+    parts.append(f"lr: {row['lr']:.3g}")
+    return " - ".join(parts)
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second one stops now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach only the main thread; nothing to install
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+# --- data, model, run folder
+
+
+@dataclass
+class DeviceData:
+    """The split data set, as uint8/int64 tensors on the training device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: tuple[str, ...]
+    info: dict
+
+
+def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> DeviceData:
+    """Split off the validation images, compute the statistics, move everything to ``device``."""
+    from cifar_inception.data import channel_stats, split_train_val
+
+    train_x, train_y, val_x, val_y = split_train_val(
+        data.train_images, data.train_labels, val_size=config.val_size, seed=SPLIT_SEED)
+    if config.train_limit is not None and config.train_limit < len(train_x):
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(
+            derived_seed(SPLIT_SEED, "train-limit")))[:config.train_limit].sort().values.numpy()
+        train_x, train_y = train_x[pick], train_y[pick]
+    mean, std = channel_stats(train_x)
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    info = {"source": getattr(data, "source", None), "checksum": getattr(data, "checksum", None),
+            "train_images": len(train_x), "val_images": len(val_x), "split_seed": SPLIT_SEED,
+            "mean": list(mean), "std": list(std)}
+
+    def on_device(array: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(array).to(device=device, dtype=dtype)
+
+    return DeviceData(on_device(train_x, torch.uint8), on_device(train_y, torch.long),
+                      on_device(val_x, torch.uint8), on_device(val_y, torch.long),
+                      mean, std, tuple(data.classes), info)
+
+
+def build_model(config: TrainConfig, num_classes: int, device: torch.device,
+                ctx: DistContext) -> nn.Module:
+    torch.manual_seed(config.seed)  # the same initial weights on every rank, every time
+    model = create_model(config.model, num_classes=num_classes, **config.model_options)
+    if config.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, ctx, device)
+    model = model.to(device)
+    if device.type == "cuda" and config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown model name or option at once, before the data is loaded."""
+    import inspect
+
+    from cifar_inception.models.registry import get_builder, model_options
+
+    known = model_options(config.model)  # ModelError for an unknown name
+    unknown = sorted(set(config.model_options) - set(known))
+    takes_any = any(p.kind is p.VAR_KEYWORD
+                    for p in inspect.signature(get_builder(config.model)).parameters.values())
+    if unknown and not takes_any:
+        raise ModelError(f"model {config.model!r} has no option(s) {', '.join(unknown)}; "
+                         f"its options: {', '.join(known) or 'none'}")
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    root = Path(config.out_dir)
+    if config.name:
+        path = root / config.name
+        if path.exists() and any(path.iterdir()):
+            raise TrainingError(f"run folder {path} already exists; continue it with "
+                                f"--resume {path}, or choose another --name")
+    else:
+        base = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+        path, count = root / base, 2
+        while path.exists():
+            path, count = root / f"{base}-{count}", count + 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def hardware_info(device: torch.device, ctx: DistContext) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        (platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "world_size": ctx.world_size,
+            "platform": platform.platform()}
+
+
+def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
+               aux_weights: tuple[float, ...], device: torch.device, ctx: DistContext) -> dict:
+    """config.json: everything needed to repeat the run."""
+    recipe = get_recipe(config.recipe) if config.recipe else None
+    return {
+        "config": config.to_dict(),
+        "recipe": {"name": recipe.name, "description": recipe.description} if recipe else None,
+        "versions": {"cifar_inception": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "hardware": hardware_info(device, ctx),
+        "command": list(sys.argv),
+        "data": prepared.info,
+        "model": {"parameters": sum(p.numel() for p in model.parameters()),
+                  "aux_weights": list(aux_weights)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed": [],
+    }
+
+
+# --- resume
+
+
+def resume_checkpoint_path(run: str | os.PathLike) -> Path:
+    path = Path(run)
+    path = path / LAST if path.is_dir() else path
+    if not path.is_file():
+        raise CheckpointError(f"{run}: nothing to resume (no {LAST})")
+    return path
+
+
+def resume_config(run: str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """The configuration a run was started with, with runtime options (device, threads,
+    epochs, ...) replaced by ``overrides``; changing anything that alters the computation
+    (model, learning rate, ...) is refused."""
+    path = resume_checkpoint_path(run)
+    ckpt = load_checkpoint(path)
+    if "training" not in ckpt or "config" not in ckpt["training"]:
+        raise CheckpointError(f"{path}: holds no training state to resume from")
+    saved = TrainConfig.from_dict(ckpt["training"]["config"])
+    values = saved.to_dict()
+    values["stop_after_epochs"] = None  # a pause applies to the invocation that asked for it
+    for key, value in overrides.items():
+        if key not in values:
+            raise TrainingError(f"unknown training option {key!r}")
+        if key not in RUNTIME_FIELDS and value != values[key]:
+            raise TrainingError(
+                f"cannot change {key} when resuming (the run has {values[key]!r}, not "
+                f"{value!r}); start a new run instead")
+        values[key] = value
+    config = TrainConfig.from_dict(values)
+    validate(config)
+    return config
+
+
+def _check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
+    for key, value in config.to_dict().items():
+        if key not in RUNTIME_FIELDS and key in saved and saved[key] != value:
+            raise TrainingError(f"{path}: the run was trained with {key}={saved[key]!r}, "
+                                f"not {value!r}; start a new run instead")
+
+
+# --- the loop
+
+
+@dataclass
+class Position:
+    """Where training stands: completed epochs, steps into the next epoch, partial sums."""
+
+    epoch: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    seconds: float = 0.0
+    best_val_acc: float | None = None
+    best_epoch: int | None = None
+
+
+def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
+    if config.num_threads:
+        return config.num_threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores // ctx.world_size)
+
+
+def train(config: TrainConfig | None = None, data: Any = None, *,
+          resume: str | os.PathLike | None = None,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
+
+    ``data``: a loaded ``CIFAR10`` (default: ``load_cifar10(config.data_dir)``).
+    ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
+    run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
+    print; only rank 0 logs under torchrun).
+    """
+    if config is None:
+        if resume is None:
+            raise TrainingError("give a configuration or a run to resume")
+        config = resume_config(resume)
+    validate(config)
+    ctx = distributed.context_from_environment()
+    device = distributed.device_for(ctx, pick_device(config.device))
+    emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(_threads_for(config, ctx))
+    try:
+        distributed.init(ctx, device, config.dist_timeout)
+        return _train(config, data, resume, ctx, device, emit)
+    except CifarInceptionError as exc:
+        if ctx.enabled:  # say which rank failed; torchrun then stops the others
+            raise type(exc)(f"rank {ctx.rank}: {exc}") from None
+        raise
+    finally:
+        distributed.shutdown()
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
+           ctx: DistContext, device: torch.device, emit: Callable[[str], None]) -> TrainResult:
+    check_model(config)  # before the data is loaded: a typo should fail at once
+    # -- resume state first: it fixes the run folder and must match the configuration
+    ckpt, position = None, Position()
+    if resume is not None:
+        ckpt_path = resume_checkpoint_path(resume)
+        ckpt = load_checkpoint(ckpt_path)
+        if "training" not in ckpt:
+            raise CheckpointError(f"{ckpt_path}: holds no training state to resume from")
+        _check_resume_matches(config, ckpt["training"]["config"], ckpt_path)
+        position = Position(**ckpt["training"]["position"])
+        if position.epoch >= config.epochs:
+            raise TrainingError(f"{ckpt_path.parent}: all {config.epochs} epochs are done; "
+                                f"pass a larger --epochs to train further")
+
+    # -- data, once, on the device
+    if config.data_dir is not None:
+        config.data_dir = str(Path(config.data_dir).expanduser().resolve())
+    if data is None:
+        from cifar_inception.data import load_cifar10
+
+        with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
+            data = load_cifar10(config.data_dir, download=config.download,
+                                progress=ctx.is_main)
+    prepared = prepare_data(config, data, device)
+    n_train = prepared.train_x.shape[0]
+    per_rank = distributed.per_rank_batch(config.batch_size, ctx)
+    steps_per_epoch = n_train // config.batch_size  # the last incomplete batch is dropped
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training split has {n_train} images, fewer than one batch "
+                            f"of {config.batch_size}; lower --batch-size")
+
+    # -- model, optimiser, loss weights
+    model = build_model(config, len(prepared.classes), device, ctx)
+    aux_weights = resolve_aux_weights(config, model)
+    optimizer = build_optimizer(config, model)
+    if ckpt is not None:
+        if ckpt["model"]["name"] != config.model:
+            raise CheckpointError(f"checkpoint is for model {ckpt['model']['name']!r}")
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["training"]["optimizer"])
+        torch.set_rng_state(ckpt["training"]["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["training"]["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["training"]["rng"]["cuda"][0], device)
+    net = distributed.wrap(model, ctx, device)
+    if config.compile:
+        net = torch.compile(net)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if device.type == "cuda" and config.amp else nullcontext())
+    channels_last = device.type == "cuda" and config.channels_last
+    policy = AugmentPolicy(config.crop_padding, config.padding_mode, config.flip, config.cutout)
+    cutout_fill = [round(m * 255) for m in prepared.mean]  # normalises to about zero
+    total_steps = config.epochs * steps_per_epoch
+    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+
+    # -- run folder (rank 0 writes everything)
+    run_dir = Path(resume_checkpoint_path(resume)).parent if resume is not None else None
+    if ctx.is_main:
+        if run_dir is None:
+            run_dir = new_run_dir(config)
+            record = run_record(config, prepared, model, aux_weights, device, ctx)
+        else:
+            record = _read_record(run_dir)
+            record["config"] = config.to_dict()
+            record.setdefault("resumed", []).append(
+                {"at_epoch": position.epoch, "at_step": position.step, "command": sys.argv,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "hardware": hardware_info(device, ctx)})
+            _truncate_metrics(run_dir / METRICS_FILE, position.epoch)
+        atomic_write_json(run_dir / CONFIG_FILE, record)
+        what = "resuming" if resume is not None else "training"
+        emit(f"{what} {config.model} (recipe {config.recipe or 'none'}) on {device}"
+             f"{f' x{ctx.world_size}' if ctx.enabled else ''}: {n_train} training / "
+             f"{prepared.val_x.shape[0]} validation images, {config.epochs} epochs of "
+             f"{steps_per_epoch} steps, batch {config.batch_size}; run folder {run_dir}")
+
+    def checkpoint(pos: Position, metrics: dict | None, with_training: bool = True) -> dict:
+        training = {"config": config.to_dict(), "position": vars(pos).copy()}
+        if with_training:
+            training.update(
+                optimizer=optimizer.state_dict(),
+                rng={"cpu": torch.get_rng_state(),
+                     "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda"
+                     else []},
+                world_size=ctx.world_size)
+        return make_checkpoint(
+            model_name=config.model, model_options=config.model_options,
+            num_classes=len(prepared.classes), classes=list(prepared.classes),
+            mean=list(prepared.mean), std=list(prepared.std), state_dict=model.state_dict(),
+            training=training, metrics=metrics)
+
+    status, message = "completed", ""
+    stop = StopRequest()
+    check_every = 1 if device.type == "cpu" else 10  # a check syncs CUDA; the CPU pays nothing
+    with stop.installed():
+        for epoch in range(position.epoch, config.epochs):
+            if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
+                status = "paused"
+                break
+            started = time.perf_counter() - position.seconds
+            order = torch.randperm(n_train, device=device,
+                                   generator=seeded_generator(device, config.seed, "order", epoch))
+            # Partial sums of an interrupted epoch are global; rank 0 carries them on.
+            carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
+                else [0.0, 0.0, 0.0]
+            sums = torch.tensor(carried, dtype=torch.float64, device=device)
+            model.train()
+            bar = _progress(steps_per_epoch, position.step, epoch, config.epochs, ctx)
+            interrupted_at = None
+            for step in range(position.step, steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                lr = config.lr * lr_factor(global_step, total_steps, warmup_steps,
+                                           config.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                images = policy(prepared.train_x[index], fill=cutout_fill,
+                                generator=seeded_generator(device, config.seed, "augment",
+                                                           epoch, step))
+                images = distributed.shard(images, ctx)
+                targets = distributed.shard(prepared.train_y[index], ctx)
+                x = normalize(images, prepared.mean, prepared.std, channels_last=channels_last)
+                with autocast:
+                    output = net(x)
+                loss, logits = training_loss(output, targets, aux_weights,
+                                             config.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums += torch.stack([loss.detach().double() * per_rank,
+                                     (logits.argmax(1) == targets).sum().double(),
+                                     torch.tensor(float(per_rank), dtype=torch.float64,
+                                                  device=device)])
+                if (step + 1) % check_every and step + 1 != steps_per_epoch:
+                    continue
+                flags = distributed.all_reduce(torch.tensor(
+                    [float(stop.requested), float(not torch.isfinite(sums[0]))],
+                    device=device), ctx, op="max")
+                if flags[1]:
+                    raise TrainingError(_diverged_message(run_dir, epoch, step, lr, ctx))
+                bar.update(step + 1 - bar.n)
+                if bar.n % 10 == 0 or step + 1 == steps_per_epoch:
+                    bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
+                if flags[0] and step + 1 < steps_per_epoch:
+                    interrupted_at = step + 1
+                    break
+            bar.close()
+            totals = distributed.all_reduce(sums.clone(), ctx)
+            if interrupted_at is not None:
+                pos = Position(epoch, interrupted_at, float(totals[0]), float(totals[1]),
+                               float(totals[2]), time.perf_counter() - started,
+                               position.best_val_acc, position.best_epoch)
+                if ctx.is_main:
+                    save_checkpoint(run_dir / LAST, checkpoint(pos, None))
+                status = "interrupted"
+                message = (f"interrupted at epoch {epoch + 1}, step {interrupted_at} of "
+                           f"{steps_per_epoch}; saved {run_dir / LAST if run_dir else LAST}; "
+                           f"continue with: cifar-inception train --resume {run_dir}")
+                position = pos
+                break
+
+            # -- validate, log, save
+            val_loss, val_acc = validation_metrics(model, prepared, config, device, ctx)
+            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
+                   "train_loss": float(totals[0] / totals[2]),
+                   "train_acc": float(totals[1] / totals[2]),
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
+            score = val_acc if val_acc is not None else float(epoch + 1)  # none: the last
+            improved = position.best_val_acc is None or score > position.best_val_acc
+            position = Position(epoch + 1, 0, best_val_acc=score if improved else
+                                position.best_val_acc,
+                                best_epoch=epoch + 1 if improved else position.best_epoch)
+            if ctx.is_main:
+                emit(format_epoch_line(row, config.epochs))
+                append_jsonl(run_dir / METRICS_FILE, row)
+                if improved:
+                    save_checkpoint(run_dir / BEST, checkpoint(position, row,
+                                                               with_training=False))
+                save_checkpoint(run_dir / LAST, checkpoint(position, row))
+            if stop.requested:
+                status = "interrupted"
+                message = (f"interrupted after epoch {epoch + 1}; saved {run_dir / LAST}; "
+                           f"continue with: cifar-inception train --resume {run_dir}")
+                break
+
+    history = read_jsonl(run_dir / METRICS_FILE) if ctx.is_main else []
+    best = next((r for r in history if r["epoch"] == position.best_epoch), None)
+    test = None
+    if status == "paused":
+        message = (f"paused after epoch {position.epoch} of {config.epochs}; continue with: "
+                   f"cifar-inception train --resume {run_dir}")
+        emit(message)
+    if status == "completed" and ctx.is_main and config.test:
+        test = evaluate(run_dir / BEST, data, device=str(device),
+                        batch_size=config.eval_batch_size)
+        emit(f"test ({BEST}, epoch {position.best_epoch}): loss {test['test_loss']:.4f} - "
+             f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
+             f"({run_dir / EVAL_FILE})")
+    return TrainResult(run_dir if ctx.is_main else None, status, position.epoch, history,
+                       best, test, message)
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConfig,
+             device: torch.device, ctx: DistContext) -> tuple[float | None, float | None]:
+    """Validation loss (plain cross-entropy of the main head) and accuracy, over all ranks."""
+    if prepared.val_x.shape[0] == 0:
+        return None, None
+    distributed.broadcast_buffers(model, ctx)  # every rank evaluates rank 0's model
+    model.eval()
+    images = prepared.val_x[ctx.rank::ctx.world_size]
+    labels = prepared.val_y[ctx.rank::ctx.world_size]
+    log_probs = log_probabilities(model, images, prepared.mean, prepared.std,
+                                  batch_size=config.eval_batch_size, device=device)
+    labels_cpu = labels.cpu()
+    sums = torch.tensor([float(F.nll_loss(log_probs, labels_cpu, reduction="sum")),
+                         float((log_probs.argmax(1) == labels_cpu).sum()), float(len(labels))],
+                        dtype=torch.float64, device=device)
+    distributed.all_reduce(sums, ctx)
+    model.train()
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+
+def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
+    """A tqdm bar on a terminal; a silent stand-in elsewhere."""
+    from tqdm import tqdm
+
+    enabled = ctx.is_main and sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
+                unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float,
+                      ctx: DistContext) -> str:
+    last = run_dir / LAST if run_dir is not None else None
+    kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
+            else "no checkpoint was written")
+    return (f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}), "
+            f"learning rate {lr:.3g}; stopped, {kept}. Try a lower --lr")
+
+
+def _read_record(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {"resumed": []}  # a lost config.json is rebuilt from the checkpoint's config
+
+
+def _truncate_metrics(path: Path, epochs_done: int) -> None:
+    """Drop metrics of epochs after the checkpoint (written before a crash), keep the rest."""
+    if not path.exists():
+        return
+    rows = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epochs_done]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,284 @@
+"""export: ONNX parity with PyTorch, dynamic batch, metadata, torch-free inference, pt2, TorchScript."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from cifar_inception import checkpoint as ckpt_mod
+from cifar_inception.augment import normalize
+from cifar_inception.cli import main
+from cifar_inception.data import CLASSES
+from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.export import (
+    DEFAULT_OPSET,
+    METADATA_FILE,
+    OnnxClassifier,
+    default_output,
+    export_model,
+    export_onnx,
+    run_test_metrics,
+)
+from cifar_inception.images import load_cifar_array
+from cifar_inception.models import create_model
+from cifar_inception.predict import TorchClassifier, load_classifier
+
+MEAN, STD = [0.491, 0.482, 0.447], [0.247, 0.243, 0.262]
+OPTIONS = {"width": 0.25}
+PER_CLASS = 5  # real test images per class for the parity check
+
+
+def make_run(folder, *, seed: int = 0):
+    """A run folder holding a randomly initialised GoogLeNet-0.25 as best.pt, and its eval.json."""
+    torch.manual_seed(seed)
+    model = create_model("googlenet", **OPTIONS)
+    ckpt = ckpt_mod.make_checkpoint(
+        model_name="googlenet", model_options=OPTIONS, num_classes=10, classes=list(CLASSES),
+        mean=MEAN, std=STD, state_dict=model.state_dict(), metrics={"epoch": 1, "val_acc": 0.25})
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt_mod.save_checkpoint(folder / "best.pt", ckpt)
+    (folder / "eval.json").write_text(json.dumps(
+        {"test_top1": 0.8125, "test_top5": 0.975, "checkpoint": str(folder / "best.pt")}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("export") / "run")
+
+
+@pytest.fixture(scope="module")
+def onnx_path(run_dir):
+    return export_onnx(run_dir, run_dir / "model.onnx").path
+
+
+@pytest.fixture(scope="module")
+def torch_reference(run_dir):
+    """Eager PyTorch logits, computed as training and evaluation compute them."""
+    model, ckpt = ckpt_mod.load_trained_model(run_dir)
+
+    def logits(images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = normalize(torch.from_numpy(images), ckpt["data"]["mean"], ckpt["data"]["std"])
+            return model(x).numpy()
+
+    return logits
+
+
+def read_test_images(archive, per_class: int = PER_CLASS) -> np.ndarray:
+    """A few test images of every class, read straight from the JPEG tar (no full decode)."""
+    counts = {name: 0 for name in CLASSES}
+    images = []
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or parts[0] != "test":
+                if images and parts[0] == "train":
+                    break  # the test split is done
+                continue
+            if counts.get(parts[1], per_class) < per_class:
+                counts[parts[1]] += 1
+                images.append(load_cifar_array(tar.extractfile(member).read(), name=member.name))
+            if all(n == per_class for n in counts.values()):
+                break
+    assert len(images) == per_class * len(CLASSES)
+    return np.stack(images)
+
+
+def generated_images(n: int, seed: int = 0) -> np.ndarray:
+    """Smooth colour gradients with noise: more image-like than uniform noise."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 1, 32, dtype=np.float32)
+    images = []
+    for _ in range(n):
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        base = a + np.outer(ramp, np.ones(32))[..., None] * (b - a) + ramp[None, :, None] * (c - a)
+        images.append(np.clip(base + rng.normal(0, 12, (32, 32, 3)), 0, 255))
+    return np.stack(images).astype(np.uint8)
+
+
+def assert_parity(onnx_logits: np.ndarray, torch_logits: np.ndarray) -> None:
+    assert onnx_logits.dtype == np.float32 and onnx_logits.shape == torch_logits.shape
+    assert np.abs(onnx_logits - torch_logits).max() < 1e-4
+    np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
+
+
+def test_onnx_matches_pytorch_on_real_images(onnx_path, torch_reference, jpeg_archive):
+    images = read_test_images(jpeg_archive)
+    assert_parity(OnnxClassifier(onnx_path).predict_logits(images), torch_reference(images))
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnx_matches_pytorch_at_any_batch_size(onnx_path, torch_reference, batch):
+    images = generated_images(batch, seed=batch)
+    classifier = OnnxClassifier(onnx_path)
+    expected = torch_reference(images)
+    assert_parity(classifier.predict_logits(images), expected)
+    probs = classifier.predict_proba(images)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(1), expected.argmax(1))
+
+
+def test_onnx_batches_larger_than_its_chunk_match_one_by_one(onnx_path):
+    images = generated_images(5, seed=3)
+    chunked = OnnxClassifier(onnx_path, batch_size=2).predict_logits(images)
+    single = np.concatenate([OnnxClassifier(onnx_path).predict_logits(im[None]) for im in images])
+    np.testing.assert_allclose(chunked, single, atol=1e-5)
+
+
+def test_onnx_graph_takes_uint8_nhwc_with_a_dynamic_batch(onnx_path):
+    model = onnx.load(onnx_path)
+    onnx.checker.check_model(model)
+    assert {op.domain: op.version for op in model.opset_import}[""] == DEFAULT_OPSET
+    (image_input,) = model.graph.input
+    tensor = image_input.type.tensor_type
+    assert image_input.name == "images" and tensor.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+    assert isinstance(dims[0], str) and dims[0] and dims[1:] == [32, 32, 3]
+    assert [out.name for out in model.graph.output] == ["logits", "probabilities"]
+
+
+def test_onnx_file_is_usable_alone(onnx_path, torch_reference):
+    """Plain ONNX Runtime plus the file's metadata: class names and probabilities, no package."""
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    classes = json.loads(meta["classes"])
+    assert classes == list(CLASSES)
+    assert meta["model"] == "googlenet" and json.loads(meta["options"]) == OPTIONS
+    assert json.loads(meta["mean"]) == pytest.approx(MEAN)
+    assert json.loads(meta["std"]) == pytest.approx(STD)
+    assert "uint8 (N, 32, 32, 3)" in meta["input"] and "NHWC" in meta["input"]
+    metrics = json.loads(meta["metrics"])
+    assert metrics["test_top1"] == 0.8125 and metrics["val_acc"] == 0.25
+    assert json.loads(meta["params"]) == sum(
+        p.numel() for p in create_model("googlenet", **OPTIONS).parameters())
+
+    images = generated_images(5)
+    logits, probs = session.run(None, {"images": images})
+    expected = torch_reference(images)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(expected), 1).numpy(),
+                               atol=1e-5)
+
+
+def test_onnx_classifier_has_the_torch_classifier_interface(onnx_path, run_dir):
+    onnx_clf = load_classifier(onnx_path)
+    torch_clf = TorchClassifier.from_path(run_dir, device="cpu")
+    assert isinstance(onnx_clf, OnnxClassifier)
+    assert onnx_clf.classes == torch_clf.classes == CLASSES
+    assert onnx_clf.model_name == torch_clf.model_name == "googlenet"
+    assert set(onnx_clf.info) == set(torch_clf.info)
+    assert onnx_clf.info["params"] == torch_clf.info["params"]
+    assert onnx_clf.info["format"] == "onnx"
+    images = generated_images(3, seed=9)
+    np.testing.assert_allclose(onnx_clf.predict_proba(images), torch_clf.predict_proba(images),
+                               atol=1e-5)
+    assert onnx_clf.predict_proba(images[0]).shape == (1, 10)  # one image, no batch axis
+    with pytest.raises(CifarInceptionError, match="uint8 images of shape"):
+        onnx_clf.predict_proba(images.astype(np.float32))
+
+
+def test_onnx_prediction_runs_without_torch(onnx_path, tmp_path):
+    image = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.fromarray(generated_images(1)[0]).save(image)
+    script = (
+        "import sys\n"
+        "from cifar_inception.predict import load_classifier, predict_files\n"
+        f"clf = load_classifier({str(onnx_path)!r})\n"
+        f"(result,) = predict_files(clf, [{str(image)!r}])\n"
+        "assert result.ok and len(result.top) == 5, result\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('ok', result.top[0][0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ok ")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_cli_exports_torch_formats_that_reproduce_the_model(run_dir, torch_reference, fmt,
+                                                            capsys):
+    assert main(["export", str(run_dir), "--format", fmt]) == 0
+    path = default_output(run_dir / "best.pt", fmt)
+    printed = capsys.readouterr().out
+    assert f"wrote {path}" in printed and "googlenet" in printed and "checked against" in printed
+    extra = {METADATA_FILE: ""}
+    if fmt == "pt2":
+        module = torch.export.load(path, extra_files=extra).module()
+    else:
+        module = torch.jit.load(path, _extra_files=extra)
+    meta = json.loads(extra[METADATA_FILE])
+    assert meta["classes"] == list(CLASSES) and meta["mean"] == pytest.approx(MEAN)
+    for batch in (1, 7):
+        images = generated_images(batch, seed=batch)
+        with torch.inference_mode():
+            logits, probs = module(torch.from_numpy(images))
+        np.testing.assert_allclose(logits.numpy(), torch_reference(images), atol=1e-5)
+        np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
+
+
+def test_export_refuses_bad_requests(run_dir, tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        export_onnx(tmp_path / "missing.pt")
+    with pytest.raises(CifarInceptionError, match="refusing to overwrite the checkpoint"):
+        export_model(run_dir, run_dir / "best.pt", fmt="torchscript")
+    with pytest.raises(CifarInceptionError, match="opset must be from 18"):
+        export_onnx(run_dir, tmp_path / "old.onnx", opset=11)
+    with pytest.raises(CifarInceptionError, match="unknown export format"):
+        export_model(run_dir, fmt="tflite")
+    assert not list(tmp_path.iterdir())
+
+
+def test_onnx_classifier_refuses_foreign_and_corrupt_files(onnx_path, tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf at all")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        OnnxClassifier(garbage)
+    foreign = onnx.load(onnx_path)
+    del foreign.metadata_props[:]
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    with pytest.raises(CheckpointError, match="not an ONNX file exported by cifar-inception"):
+        OnnxClassifier(tmp_path / "foreign.onnx")
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        OnnxClassifier(tmp_path / "missing.onnx")
+
+
+def test_cli_export_reports_errors_in_one_line(tmp_path, capsys):
+    assert main(["export", str(tmp_path / "nothing"), "-o", str(tmp_path / "x.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error:") and "no such checkpoint" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_test_accuracy_comes_from_the_eval_json_of_the_same_checkpoint(tmp_path):
+    checkpoint = tmp_path / "best.pt"
+    (tmp_path / "eval.json").write_text(json.dumps(
+        {"test_top1": 0.5, "test_top5": 0.9, "checkpoint": "runs/x/best.pt"}))
+    assert run_test_metrics(checkpoint) == {"test_top1": 0.5, "test_top5": 0.9}
+    (tmp_path / "eval.json").write_text(json.dumps({"test_top1": 0.5, "checkpoint": "last.pt"}))
+    assert run_test_metrics(checkpoint) == {}
+    (tmp_path / "eval.json").write_text("{torn")
+    assert run_test_metrics(checkpoint) == {}
+
+
+def test_onnx_export_is_one_self_contained_file(onnx_path):
+    """The weights are inside the .onnx file: no external-data file to carry beside it."""
+    model = onnx.load_model_from_string(onnx_path.read_bytes())
+    assert model.graph.initializer
+    assert not any(init.data_location == onnx.TensorProto.EXTERNAL
+                   for init in model.graph.initializer)
+    assert [p.name for p in onnx_path.parent.iterdir() if p.name.startswith("model")] == [
+        "model.onnx"]

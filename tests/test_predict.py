@@ -1,0 +1,303 @@
+"""predict: the classifier interface, every image mode, bad files, safe checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_inception import checkpoint as ckpt_mod
+from cifar_inception.cli import main
+from cifar_inception.errors import CheckpointError
+from cifar_inception.models import create_model, list_models, register_model
+from cifar_inception.predict import (
+    Classifier,
+    TorchClassifier,
+    load_classifier,
+    predict_files,
+    top_classes,
+)
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+TINY = "test-predict-tiny"
+
+
+class TinyNet(torch.nn.Module):
+    """Small enough to build in milliseconds; mean colour decides the class."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 4):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, hidden, 3, padding=1)
+        self.head = torch.nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+if TINY not in list_models():
+    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
+
+
+def build_model(num_classes: int = 10, *, tiny: bool = False):
+    """The real GoogLeNet at a small width when it is registered; else the tiny stand-in."""
+    if "googlenet" in list_models() and not tiny:
+        return "googlenet", {"width": 0.25}, create_model("googlenet", num_classes, width=0.25)
+    torch.manual_seed(0)
+    return TINY, {"hidden": 4}, TinyNet(num_classes, hidden=4)
+
+
+def save_model_checkpoint(path, num_classes: int = 10, *, tiny: bool = False, **overrides):
+    name, options, model = build_model(num_classes, tiny=tiny)
+    fields = dict(model_name=name, model_options=options, num_classes=num_classes,
+                  classes=CLASSES[:num_classes], mean=[0.49, 0.48, 0.45],
+                  std=[0.25, 0.24, 0.26], state_dict=model.state_dict(),
+                  metrics={"epoch": 3, "val_acc": 0.5})
+    fields.update(overrides)
+    ckpt = ckpt_mod.make_checkpoint(**fields)
+    ckpt_mod.save_checkpoint(path, ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_model_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(checkpoint_path):
+    return load_classifier(checkpoint_path, device="cpu")
+
+
+def rgb_noise(size, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """One file per mode the command must accept, plus a corrupt one, in nested folders."""
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    rgb = Image.fromarray(rgb_noise((40, 30)))
+    rgb.save(root / "rgb.png")
+    rgba = np.dstack([rgb_noise((50, 50), 1), np.full((50, 50), 128, np.uint8)])
+    Image.fromarray(rgba, mode="RGBA").save(root / "rgba.png")
+    Image.fromarray(rgb_noise((33, 20), 2)[..., 0], mode="L").save(root / "grey.jpg")
+    rgb.quantize(16).save(root / "sub" / "palette.gif")
+    sixteen = np.random.default_rng(3).integers(0, 65536, (24, 24), dtype=np.uint16)
+    Image.fromarray(sixteen).save(root / "sub" / "sixteen.png")
+    Image.fromarray(rgb_noise((1600, 1200), 4)).save(root / "sub" / "large.jpg", quality=70)
+    Image.fromarray(rgb_noise((1, 1), 5)).save(root / "tiny.bmp")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a real png")
+    (root / "notes.txt").write_text("not an image: not collected from a folder")
+    return root
+
+
+EXPECTED = {"rgb.png", "rgba.png", "grey.jpg", "palette.gif", "sixteen.png", "large.jpg",
+            "tiny.bmp", "corrupt.png"}
+
+
+def test_classifier_interface(classifier, checkpoint_path):
+    assert isinstance(classifier, Classifier)
+    assert isinstance(classifier, TorchClassifier)
+    assert classifier.classes == tuple(CLASSES)
+    name, options, model = build_model()
+    assert classifier.model_name == name
+    assert classifier.info["options"] == options
+    assert classifier.info["params"] == sum(p.numel() for p in model.parameters())
+    assert classifier.info["metrics"] == {"epoch": 3, "val_acc": 0.5}
+    probs = classifier.predict_proba(np.stack([rgb_noise((32, 32), s) for s in range(5)]))
+    assert probs.shape == (5, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probs >= 0).all()
+    # A run folder stands for its best.pt: same predictions.
+    again = load_classifier(checkpoint_path.parent, device="cpu")
+    np.testing.assert_allclose(again.predict_proba(rgb_noise((32, 32))[None]), probs[:1],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_predictions_match_the_model_with_normalisation(classifier):
+    """predict_proba == softmax(model((x/255 - mean) / std)), computed independently."""
+    images = np.stack([rgb_noise((32, 32), s) for s in range(3)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor([0.49, 0.48, 0.45]).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.24, 0.26]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = torch.softmax(classifier.model((x - mean) / std), dim=1).numpy()
+    np.testing.assert_allclose(classifier.predict_proba(images), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_top_classes_sorted_and_clamped():
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    assert top_classes(probs, ["a", "b", "c"], 2) == [[("b", 0.6), ("c", 0.3)],
+                                                      [("a", 0.5), ("c", 0.3)]]
+    assert len(top_classes(probs, ["a", "b", "c"], 99)[0]) == 3
+
+
+def test_predict_files_every_mode_and_a_corrupt_file(classifier, image_folder):
+    results = predict_files(classifier, [image_folder], top_k=3)
+    by_name = {r.path.rsplit("/", 1)[-1]: r for r in results}
+    assert set(by_name) == EXPECTED
+    assert not by_name["corrupt.png"].ok and "corrupt.png" in by_name["corrupt.png"].error
+    for name in EXPECTED - {"corrupt.png"}:
+        result = by_name[name]
+        assert result.ok, result.error
+        assert len(result.top) == 3
+        assert [p for _, p in result.top] == sorted((p for _, p in result.top), reverse=True)
+        assert all(c in CLASSES for c, _ in result.top)
+
+
+def test_images_converted_like_images_module(classifier, image_folder):
+    """Each file is predicted exactly as its images.load_cifar_array array is."""
+    from cifar_inception.images import load_cifar_array
+
+    path = image_folder / "sub" / "sixteen.png"
+    [result] = predict_files(classifier, [path], top_k=10)
+    probs = classifier.predict_proba(load_cifar_array(path)[None])[0]
+    assert dict(result.top) == pytest.approx(dict(zip(CLASSES, probs.tolist())))
+
+
+def test_decompression_bomb_refused(classifier, tmp_path):
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(bomb)  # 81 megapixels in a few kilobytes
+    assert bomb.stat().st_size < 100_000
+    ok = tmp_path / "ok.png"
+    Image.fromarray(rgb_noise((32, 32))).save(ok)
+    bad, good = predict_files(classifier, [bomb, ok])
+    assert "decompression bomb" in bad.error and "bomb.png" in bad.error
+    assert good.ok
+
+
+def test_cli_text_output_and_exit_code(checkpoint_path, image_folder, capsys):
+    status = main(["predict", str(checkpoint_path), str(image_folder), "--top-k", "2",
+                   "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert "corrupt.png" in err and "1 file(s) could not be read" in err
+    assert "Traceback" not in err
+    assert "corrupt.png" not in out
+    for name in EXPECTED - {"corrupt.png"}:
+        assert name in out
+    # Each image: its path, then two ranked lines with a percentage.
+    ranked = [line for line in out.splitlines() if line.startswith("  ")]
+    assert len(ranked) == 2 * (len(EXPECTED) - 1)
+    assert all(line.strip()[:2] in ("1.", "2.") and "%" in line for line in ranked)
+
+
+def test_cli_json_output(checkpoint_path, image_folder, capsys):
+    status = main(["predict", str(checkpoint_path), str(image_folder / "rgb.png"),
+                   str(image_folder / "corrupt.png"), str(image_folder / "tiny.bmp"),
+                   "--json", "-k", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 1
+    doc = json.loads(out)
+    assert doc["classes"] == CLASSES and doc["top_k"] == 4
+    assert doc["model"]["model"] == build_model()[0]
+    first, bad, last = doc["results"]
+    assert first["path"].endswith("rgb.png") and len(first["predictions"]) == 4
+    assert set(first["predictions"][0]) == {"class", "probability"}
+    assert "error" in bad and bad["path"].endswith("corrupt.png")
+    assert last["path"].endswith("tiny.bmp")
+    assert "corrupt.png" in err
+
+
+def test_cli_all_good_exits_zero(checkpoint_path, image_folder, capsys):
+    status = main(["predict", str(checkpoint_path.parent), str(image_folder / "rgb.png"),
+                   "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 0 and len(doc["results"]) == 1
+
+
+@pytest.mark.parametrize("target", ["missing-checkpoint", "empty-folder"])
+def test_cli_user_errors_exit_two(tmp_path, checkpoint_path, target, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"missing-checkpoint": [str(tmp_path / "nope.pt"), str(checkpoint_path)],
+            "empty-folder": [str(checkpoint_path), str(empty)]}[target]
+    assert main(["predict", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error: ") and err.count("\n") == 1
+
+
+class Exploit:
+    """Unpickling this would run code: a weights-only load must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("pwned: code ran while loading",))
+
+
+def test_checkpoint_with_pickled_object_refused(tmp_path, checkpoint_path, capsys):
+    evil = tmp_path / "evil.pt"
+    ckpt = torch.load(checkpoint_path, weights_only=True)
+    ckpt["metrics"] = {"note": Exploit()}
+    torch.save(ckpt, evil)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_classifier(evil)
+    assert main(["predict", str(evil), str(checkpoint_path)]) == 2
+    captured = capsys.readouterr()
+    assert "pwned" not in captured.out + captured.err
+    assert captured.err.startswith("cifar-inception: error: ")
+    assert "evil.pt" in captured.err and "refused" in captured.err
+
+
+def test_not_a_checkpoint_refused(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a zip file")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_classifier(junk)
+    plain = tmp_path / "plain.pt"
+    torch.save({"state_dict": {}}, plain)
+    with pytest.raises(CheckpointError, match="not a cifar-inception checkpoint"):
+        load_classifier(plain)
+
+
+def test_checkpoint_for_other_class_count_refused(tmp_path):
+    path = tmp_path / "five.pt"
+    ckpt = save_model_checkpoint(path, num_classes=5)
+    with pytest.raises(CheckpointError, match="5 classes, not 10"):
+        ckpt_mod.check_compatible(ckpt, num_classes=10, where=str(path))
+    with pytest.raises(CheckpointError, match="is for model"):
+        ckpt_mod.check_compatible(ckpt, model_name="inception-v3")
+    # Weights from a 5-class model under a header that claims 10 classes do not load.
+    lying = tmp_path / "lying.pt"
+    ckpt["model"]["num_classes"] = 10
+    ckpt["data"]["classes"] = CLASSES
+    ckpt_mod.save_checkpoint(lying, ckpt)
+    with pytest.raises(CheckpointError, match="weights do not fit model"):
+        load_classifier(lying)
+
+
+def test_onnx_classifier_when_available(tmp_path, image_folder, capsys):
+    export = pytest.importorskip("cifar_inception.export")
+    if not hasattr(export, "OnnxClassifier"):
+        pytest.skip("export.OnnxClassifier is not available")
+    pytest.importorskip("onnxruntime")
+    checkpoint_path = tmp_path / "tiny.pt"  # the ONNX path, not the export of a big graph
+    save_model_checkpoint(checkpoint_path, tiny=True)
+    onnx_path = tmp_path / "model.onnx"
+    export.export_onnx(checkpoint_path, onnx_path)
+    onnx_clf = load_classifier(onnx_path)
+    assert isinstance(onnx_clf, export.OnnxClassifier) and isinstance(onnx_clf, Classifier)
+    torch_clf = load_classifier(checkpoint_path, device="cpu")
+    assert tuple(onnx_clf.classes) == torch_clf.classes
+    assert onnx_clf.model_name == torch_clf.model_name
+    images = np.stack([rgb_noise((32, 32), s) for s in range(4)])
+    np.testing.assert_allclose(onnx_clf.predict_proba(images), torch_clf.predict_proba(images),
+                               rtol=1e-3, atol=1e-4)
+    assert main(["predict", str(onnx_path), str(image_folder), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["model"]["format"] == "onnx"
+    assert sum("error" in r for r in doc["results"]) == 1
+
+
+def test_bad_onnx_and_device_are_user_errors(tmp_path, checkpoint_path, capsys):
+    assert main(["predict", str(tmp_path / "absent.onnx"), str(checkpoint_path)]) == 2
+    assert "absent.onnx" in capsys.readouterr().err
+    assert main(["predict", str(checkpoint_path), str(checkpoint_path), "--device", "tpu9"]) == 2
+    assert "device" in capsys.readouterr().err

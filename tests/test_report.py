@@ -1,0 +1,300 @@
+"""report: figures and a self-contained report.html from a (generated) run folder."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cifar_inception import checkpoint as ckpt_mod
+from cifar_inception import report
+from cifar_inception.cli import main
+from cifar_inception.models import list_models, register_model
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = "test-report-tiny"
+
+
+class TinyNet(torch.nn.Module):
+    """A registered model small enough that predicting the test set costs nothing."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 6):
+        super().__init__()
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, hidden, 3, padding=1),
+                                            torch.nn.ReLU())
+        self.head = torch.nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+if TINY not in list_models():
+    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def class_image(rng, label: int) -> np.ndarray:
+    """Noise around a colour of the class's own, so the classes look different."""
+    hue = np.array([(label * 37) % 256, (label * 91) % 256, (label * 157) % 256])
+    return np.clip(hue + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def data_tree(tmp_path_factory):
+    """An image-folder CIFAR-10 look-alike: train/<class>/*.png and test/<class>/*.png."""
+    root = tmp_path_factory.mktemp("cifar-tree")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(class_image(rng, label)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Decoded arrays go to a temporary cache, never the user's."""
+    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+
+
+METRICS = [
+    {"epoch": 1, "seconds": 10.5, "train_loss": 2.1, "train_acc": 0.22, "val_loss": 1.9,
+     "val_acc": 0.31, "lr": 0.05},
+    {"epoch": 2, "seconds": 10.1, "train_loss": 1.6, "train_acc": 0.41, "val_loss": 1.5,
+     "val_acc": 0.47, "lr": 0.1},
+    {"epoch": 3, "seconds": 9.9, "train_loss": 1.3, "train_acc": 0.53, "val_loss": 1.4,
+     "val_acc": 0.52, "lr": 0.05},
+    {"epoch": 4, "seconds": 10.0, "train_loss": 1.1, "train_acc": 0.61, "val_loss": 1.45,
+     "val_acc": 0.5, "lr": 0.0},
+]
+
+
+def make_confusion(seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    confusion = rng.integers(0, 30, (10, 10))
+    confusion[np.diag_indices(10)] = rng.integers(500, 900, 10)
+    return confusion
+
+
+def eval_document(confusion: np.ndarray) -> dict:
+    totals = confusion.sum(axis=1)
+    return {
+        "test_loss": 0.98765, "test_top1": float(np.trace(confusion) / confusion.sum()),
+        "test_top5": 0.9712,
+        "per_class": {c: float(confusion[i, i] / totals[i]) for i, c in enumerate(CLASSES)},
+        "confusion": confusion.tolist(), "tta": False, "num_images": int(confusion.sum()),
+        "checkpoint": "best.pt",
+    }
+
+
+def write_run(folder, data_dir, *, eval_json: bool = True, metrics=METRICS):
+    """A run folder as train and evaluate write it (the model is not trained: no need)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = TinyNet(hidden=6)
+    ckpt = ckpt_mod.make_checkpoint(
+        model_name=TINY, model_options={"hidden": 6}, num_classes=10,
+        classes=list(CLASSES), mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
+        state_dict=model.state_dict(), metrics={"epoch": 3, "val_acc": 0.52})
+    ckpt_mod.save_checkpoint(folder / "best.pt", ckpt)
+    config = {"model": "googlenet", "model_options": {"width": 0.25}, "recipe": "default",
+              "epochs": len(metrics), "batch_size": 128, "data_dir": str(data_dir),
+              "note": "<script>alert(1)</script>",
+              "versions": {"torch": torch.__version__},
+              "command": ["cifar-inception", "train", "googlenet", "--width", "0.25"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    lines = [json.dumps(row) for row in metrics]
+    # A torn last line, as a crash mid-write leaves it: ignored, not fatal.
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 5, "tra')
+    if eval_json:
+        (folder / "eval.json").write_text(json.dumps(eval_document(make_confusion())))
+    return folder
+
+
+class PageParser(HTMLParser):
+    """Collects what a self-contained page must (not) have."""
+
+    def __init__(self):
+        super().__init__()
+        self.images, self.external, self.scripts, self.rows, self.text = [], [], [], 0, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "script":
+            self.scripts.append(attrs)
+        if tag == "tr":
+            self.rows += 1
+        for key in ("src", "href"):
+            value = attrs.get(key) or ""
+            if value and not value.startswith("data:") and not value.startswith("#"):
+                self.external.append(value)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse_page(path) -> PageParser:
+    parser = PageParser()
+    parser.feed(path.read_text())
+    parser.text = " ".join(" ".join(parser.text).split())
+    return parser
+
+
+def check_png(path, min_size=(200, 150)):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+        # A figure, not a blank canvas.
+        assert np.asarray(image.convert("L")).std() > 5
+
+
+# --------------------------------------------------------------------------- the whole report
+
+
+def test_report_files_and_page(tmp_path, data_tree):
+    run = write_run(tmp_path / "run", data_tree)
+    result = report.build_report(run, device="cpu")
+    assert result.folder == run / "report"
+    assert set(result.figures) == {"curves", "confusion", "misclassified", "samples"}
+    for path in result.figures.values():
+        assert path.parent == run / "report"
+        check_png(path)
+    leftovers = [p.name for p in result.folder.iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # atomic writes leave no temporary files
+
+    page = parse_page(result.html)
+    assert len(page.images) == 4
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    assert page.external == [] and page.scripts == []
+    html_text = result.html.read_text()
+    assert "<link" not in html_text and "@import" not in html_text and "url(" not in html_text
+    # The configuration is shown, escaped.
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
+    assert "data_dir" in page.text and "cifar-inception train googlenet --width 0.25" in page.text
+    # Metrics from eval.json and metrics.jsonl (best epoch by validation accuracy: 3).
+    ev = eval_document(make_confusion())
+    assert f"{ev['test_top1'] * 100:.2f}%" in page.text
+    assert "97.12%" in page.text and "0.9877" in page.text
+    assert "3 of 4" in page.text and "52.00%" in page.text
+    # Per-class table: header + 10 classes, each with its accuracy.
+    for name, acc in ev["per_class"].items():
+        assert re.search(rf"{name} {acc * 100:.1f}%", page.text), name
+    assert f"{TINY}(hidden=6)" in page.text
+
+
+def test_report_without_eval_json_evaluates_the_test_set(tmp_path, data_tree):
+    """The metrics are those of the checkpoint's own predictions on the test images."""
+    from cifar_inception.data import load_cifar10
+    from cifar_inception.predict import load_classifier
+
+    run = write_run(tmp_path / "run", data_tree, eval_json=False)
+    data = report.gather(run, device="cpu")
+    ev = data.evaluation
+    assert ev["num_images"] == 10 * TEST_PER_CLASS and ev["tta"] is False
+
+    test = load_cifar10(data_tree, download=False, progress=False)
+    probs = load_classifier(run, device="cpu").predict_proba(test.test_images)
+    predicted = probs.argmax(axis=1)
+    expected_top1 = float((predicted == np.asarray(test.test_labels)).mean())
+    assert ev["test_top1"] == pytest.approx(expected_top1)
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (np.asarray(test.test_labels), predicted), 1)
+    assert np.array_equal(np.asarray(ev["confusion"]), confusion)
+    np.testing.assert_allclose(data.test_probs, probs, rtol=1e-4, atol=1e-6)
+    assert not (run / "eval.json").exists()  # the report writes only into its own folder
+
+
+def test_cli_report(tmp_path, data_tree, capsys):
+    run = write_run(tmp_path / "run", data_tree)
+    (run / "config.json").write_text(json.dumps({"model": "googlenet"}))  # no data_dir in it
+    out_dir = tmp_path / "elsewhere"
+    status = main(["report", str(run), "--data-dir", str(data_tree), "--no-download",
+                   "--output", str(out_dir), "--misclassified", "8", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert f"wrote {out_dir / 'report.html'}" in out
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "confusion_matrix.png", "misclassified.png", "report.html", "samples.png",
+        "training_curves.png"]
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("target", ["missing", "checkpoint-file", "empty-folder"])
+def test_cli_report_user_errors(tmp_path, data_tree, target, capsys):
+    run = write_run(tmp_path / "run", data_tree)
+    (tmp_path / "empty").mkdir()
+    path = {"missing": tmp_path / "nope", "checkpoint-file": run / "best.pt",
+            "empty-folder": tmp_path / "empty"}[target]
+    assert main(["report", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error: ") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- the parts
+
+
+def test_best_epoch():
+    assert report.best_epoch(METRICS)["epoch"] == 3
+    no_val = [dict(row, val_acc=None, val_loss=None) for row in METRICS]
+    assert report.best_epoch(no_val)["epoch"] == 4
+    assert report.best_epoch([]) is None
+
+
+def test_most_confident_mistakes():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.05, 0.95], [0.7, 0.3]])
+    labels = np.array([0, 0, 1, 0, 1])
+    # Wrong: 1 (0.8 sure), 2 (0.6), 3 (0.95), 4 (0.7); most confident first.
+    assert report.most_confident_mistakes(probs, labels, 3).tolist() == [3, 1, 4]
+    assert report.most_confident_mistakes(probs[:1], labels[:1], 5).tolist() == []
+
+
+def test_per_class_rows_from_confusion():
+    confusion = np.array([[8, 2, 0], [1, 5, 4], [0, 0, 10]])
+    data = report.RunData(run=None, checkpoint=None, classes=("a", "b", "c"), config={},
+                          metrics=[], evaluation={"confusion": confusion.tolist()},
+                          model_info={"model": "m"})
+    a, b, c = report.per_class_rows(data)
+    assert a["accuracy"] == pytest.approx(0.8) and a["precision"] == pytest.approx(8 / 9)
+    assert b["confused"] == ("c", 4) and b["correct"] == 5 and b["total"] == 10
+    assert c["confused"] is None and c["precision"] == pytest.approx(10 / 14)
+
+
+def test_curves_without_validation_and_single_epoch(tmp_path):
+    no_val = [dict(row, val_acc=None, val_loss=None) for row in METRICS]
+    check_png(report.plot_training_curves(no_val, tmp_path / "a.png"))
+    check_png(report.plot_training_curves(METRICS[:1], tmp_path / "b.png"))
+
+
+def test_misclassified_grid_when_nothing_is_wrong(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(6) % 3
+    probs = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    path = report.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png")
+    check_png(path, min_size=(100, 20))
+
+
+def test_confusion_figure_large_counts(tmp_path):
+    check_png(report.plot_confusion_matrix(make_confusion() * 100, CLASSES, tmp_path / "c.png"))
+
+
+def test_format_duration():
+    assert report.format_duration(42) == "42s"
+    assert report.format_duration(630) == "10m 30s"
+    assert report.format_duration(3 * 3600 + 5 * 60) == "3h 05m"

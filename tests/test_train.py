@@ -1,0 +1,405 @@
+"""The training loop on generated data: it learns, resumes exactly, survives kills, stops on NaN."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_inception import train as train_mod
+from cifar_inception.checkpoint import load_checkpoint
+from cifar_inception.cli import main
+from cifar_inception.models import create_model, list_models
+from cifar_inception.recipes import build_config
+from cifar_inception.train import (
+    TrainingError,
+    build_optimizer,
+    lr_factor,
+    resolve_aux_weights,
+    resume_config,
+    train,
+    training_loss,
+)
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
+
+METRIC_KEYS = {"epoch", "seconds", "train_loss", "train_acc", "val_loss", "val_acc", "lr"}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Decoded arrays go to a temporary cache, never the user's."""
+    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return easy_data(n_train=300, n_test=100)
+
+
+def tiny_config(tmp_path, **overrides):
+    settings = dict(epochs=3, batch_size=32, lr=0.1, val_size=60, warmup_epochs=0.5,
+                    out_dir=str(tmp_path / "runs"), name="run", test=False)
+    settings.update(overrides)
+    return build_config(TINY, "default", **settings)
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def weights(run_dir: Path, name: str = "last.pt") -> dict:
+    return load_checkpoint(run_dir / name)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_lr_schedules():
+    total, warmup = 100, 10
+    assert lr_factor(0, total, warmup, "onecycle") == pytest.approx(0.1)
+    assert lr_factor(10, total, warmup, "onecycle") == pytest.approx(1.0)
+    assert lr_factor(55, total, warmup, "onecycle") == pytest.approx(0.5)
+    assert lr_factor(99, total, warmup, "onecycle") < 0.02
+    assert lr_factor(55, total, warmup, "cosine") == pytest.approx(0.5)
+    assert lr_factor(99, total, warmup, "cosine") < 0.001
+    assert lr_factor(99, total, warmup, "constant") == 1.0
+    assert lr_factor(0, total, 0, "constant") == 1.0
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = create_model("googlenet", width=0.125)
+    optimizer = build_optimizer(tiny_config(Path("/unused"), weight_decay=1e-3), model)
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-3 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"])
+    assert all(p.ndim <= 1 for p in plain["params"]) and len(plain["params"]) > 0
+    assert isinstance(optimizer, torch.optim.SGD) and decayed["nesterov"]
+
+
+def test_aux_weights_resolution(tmp_path):
+    model = create_model("googlenet", width=0.125)  # two auxiliary heads, 0.3 each
+    assert resolve_aux_weights(tiny_config(tmp_path), model) == (0.3, 0.3)
+    assert resolve_aux_weights(tiny_config(tmp_path, aux_weights=1.0), model) == (1.0, 1.0)
+    assert resolve_aux_weights(tiny_config(tmp_path, aux_weights=[0.1, 0.2]), model) == (0.1, 0.2)
+    with pytest.raises(TrainingError, match="2 auxiliary head"):
+        resolve_aux_weights(tiny_config(tmp_path, aux_weights=[0.1]), model)
+
+
+def test_training_loss_adds_weighted_aux_losses():
+    targets = torch.tensor([0, 1])
+    main_logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    aux = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    output = create_model  # placeholder replaced below
+    from cifar_inception.models import InceptionOutputs
+
+    output = InceptionOutputs(main_logits, (aux,))
+    loss, logits = training_loss(output, targets, (0.5,), 0.0)
+    ce = torch.nn.functional.cross_entropy
+    assert torch.allclose(loss, ce(main_logits, targets) + 0.5 * ce(aux, targets))
+    assert logits is main_logits
+    plain, _ = training_loss(main_logits, targets, (), 0.0)
+    assert torch.allclose(plain, ce(main_logits, targets))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_run_folder_contents_and_learning(tmp_path, data):
+    lines = []
+    result = train(tiny_config(tmp_path, test=True), data, log=lines.append)
+    run = result.run_dir
+    assert result.status == "completed" and result.epoch == 3
+    assert {p.name for p in run.iterdir()} >= {"config.json", "metrics.jsonl", "last.pt",
+                                               "best.pt", "eval.json"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(set(r) == METRIC_KEYS for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert max(r["val_acc"] for r in rows) > 0.5  # chance is 0.1
+    record = json.loads((run / "config.json").read_text())
+    assert record["config"]["model"] == TINY and record["config"]["lr"] == 0.1
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["hardware"]["device"] == "cpu" and record["data"]["val_images"] == 60
+    best = load_checkpoint(run / "best.pt")
+    assert best["metrics"]["val_acc"] == max(r["val_acc"] for r in rows)
+    assert best["data"]["classes"] == list(data.classes) and len(best["data"]["mean"]) == 3
+    assert "optimizer" in load_checkpoint(run / "last.pt")["training"]
+    evaluation = json.loads((run / "eval.json").read_text())
+    assert evaluation["num_images"] == 100 and evaluation["test_top1"] > 0.5
+    epoch_lines = [line for line in lines if line.startswith("Epoch ")]
+    assert len(epoch_lines) == 3
+    assert epoch_lines[0].startswith("Epoch 1/3 - ") and " - val_acc: " in epoch_lines[0]
+    assert " - lr: " in epoch_lines[-1]
+
+
+def test_no_validation_split_keeps_last_epoch_as_best(tmp_path, data):
+    result = train(tiny_config(tmp_path, val_size=0, epochs=2), data, log=quiet)
+    rows = result.history
+    assert all(r["val_loss"] is None and r["val_acc"] is None for r in rows)
+    assert load_checkpoint(result.run_dir / "best.pt")["metrics"]["epoch"] == 2
+
+
+SMALL_MODELS = {"googlenet": {"width": 0.125}, "inception-v3": {"width": 0.125},
+                "seed-googlenet": {}}
+HEAVY_MODELS = ("seed-naive", "seed-inception-v2")  # 232M and 142M parameters
+
+
+def test_every_registered_model_is_covered():
+    real = set(list_models()) - {TINY}
+    assert real == set(SMALL_MODELS) | set(HEAVY_MODELS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SMALL_MODELS))
+def test_small_models_beat_chance(tmp_path, name):
+    """A short real run on the easy generated task: validation accuracy above chance."""
+    data = easy_data(n_train=260, n_test=20, seed=1)
+    recipe = "seed" if name.startswith("seed-") else "default"
+    settings = dict(epochs=2, batch_size=20, val_size=60, out_dir=str(tmp_path), name=name,
+                    test=False, model_options=SMALL_MODELS[name])
+    if recipe == "default":
+        settings.update(lr=0.05, warmup_epochs=0.2)
+    result = train(build_config(name, recipe, **settings), data, log=quiet)
+    best = max(r["val_acc"] for r in result.history)
+    assert best > 0.3, f"{name}: best validation accuracy {best}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAVY_MODELS)
+def test_heavy_seed_models_lower_the_loss(name):
+    """The report's two huge networks: the real loss, optimiser and recipe on one small batch;
+    a few steps must lower the loss (a full run here would take minutes per epoch)."""
+    config = build_config(name, "seed")
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    optimizer = build_optimizer(config, model)
+    weights_ = resolve_aux_weights(config, model)
+    data = easy_data(n_train=8, n_test=1, seed=2)
+    x = (torch.as_tensor(data.train_images).permute(0, 3, 1, 2).float() - 128) / 64
+    y = torch.as_tensor(data.train_labels)
+    losses = []
+    for _ in range(3):
+        loss, _ = training_loss(model(x), y, weights_, config.label_smoothing)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0], losses
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_pause_and_resume_equals_uninterrupted(tmp_path, data):
+    options = {"dropout": 0.3}  # dropout draws from the global RNG: it must be restored too
+    straight = train(tiny_config(tmp_path / "a", model_options=options), data, log=quiet)
+    paused = train(tiny_config(tmp_path / "b", model_options=options, stop_after_epochs=1),
+                   data, log=quiet)
+    assert paused.status == "paused" and paused.epoch == 1
+    assert "--resume" in paused.message
+    resumed = train(resume_config(paused.run_dir), data, resume=paused.run_dir, log=quiet)
+    assert resumed.status == "completed" and resumed.epoch == 3
+    assert_same_weights(weights(straight.run_dir), weights(resumed.run_dir))
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip
+
+
+def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, data, monkeypatch):
+    options = {"dropout": 0.3}
+    straight = train(tiny_config(tmp_path / "a", model_options=options), data, log=quiet)
+
+    calls = {"n": 0}
+    real_loss = train_mod.training_loss
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 9:  # epoch 2, step 2 of 7: as if the user pressed Ctrl-C here
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "training_loss", loss_then_ctrl_c)
+    stopped = train(tiny_config(tmp_path / "b", model_options=options), data, log=quiet)
+    monkeypatch.setattr(train_mod, "training_loss", real_loss)
+    assert stopped.status == "interrupted" and stopped.epoch == 1
+    position = load_checkpoint(stopped.run_dir / "last.pt")["training"]["position"]
+    assert (position["epoch"], position["step"]) == (1, 2)
+    assert "--resume" in stopped.message
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler removed
+    resumed = train(None, data, resume=stopped.run_dir, log=quiet)
+    assert_same_weights(weights(straight.run_dir), weights(resumed.run_dir))
+    assert resumed.history[1]["train_loss"] == pytest.approx(
+        straight.history[1]["train_loss"], rel=1e-12)
+
+
+def test_resume_refuses_changes_and_finished_runs(tmp_path, data):
+    run = train(tiny_config(tmp_path, epochs=1), data, log=quiet).run_dir
+    with pytest.raises(TrainingError, match="cannot change lr"):
+        resume_config(run, lr=0.5)
+    with pytest.raises(TrainingError, match="all 1 epochs are done"):
+        train(resume_config(run), data, resume=run, log=quiet)
+    longer = train(resume_config(run, epochs=2), data, resume=run, log=quiet)
+    assert longer.epoch == 2 and [r["epoch"] for r in longer.history] == [1, 2]
+
+
+def test_existing_run_name_is_refused(tmp_path, data):
+    train(tiny_config(tmp_path, epochs=1), data, log=quiet)
+    with pytest.raises(TrainingError, match="already exists"):
+        train(tiny_config(tmp_path, epochs=1), data, log=quiet)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):
+    calls = {"n": 0}
+    real_loss = train_mod.training_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, logits = real_loss(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] > 10 else loss), logits  # epoch 2
+
+    monkeypatch.setattr(train_mod, "training_loss", poisoned)
+    with pytest.raises(TrainingError, match="NaN or infinite in epoch 2") as info:
+        train(tiny_config(tmp_path), data, log=quiet)
+    assert "last good checkpoint" in str(info.value)
+    run = tmp_path / "runs" / "run"
+    last = load_checkpoint(run / "last.pt")
+    assert last["metrics"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values())
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_huge_learning_rate_diverges_with_a_clear_message(tmp_path, data):
+    with pytest.raises(TrainingError, match="NaN or infinite.*lower --lr"):
+        train(tiny_config(tmp_path, lr=1e12, warmup_epochs=0), data, log=quiet)
+
+
+def test_training_split_smaller_than_a_batch(tmp_path, data):
+    with pytest.raises(TrainingError, match="fewer than one batch"):
+        train(tiny_config(tmp_path, batch_size=1024), data, log=quiet)
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import synthetic_data  # registers the tiny model
+from cifar_inception.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigkill_between_epochs_leaves_a_resumable_run(tmp_path):
+    """Kill -9 while training: last.pt is whole (atomic writes) and the run resumes."""
+    tree = tmp_path / "tree"
+    write_image_tree(easy_data(n_train=300, n_test=20), tree)
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(TESTS)))
+    env = dict(os.environ, CIFAR_INCEPTION_CACHE=str(tmp_path / "cache"))
+    args = ["train", TINY, "--data-dir", str(tree), "--epochs", "400", "--batch-size", "20",
+            "--val-size", "0", "--output", str(tmp_path / "runs"), "--name", "run", "--no-test",
+            "--threads", "1"]
+    process = subprocess.Popen([sys.executable, str(script), *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "runs" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
+    process.wait()
+    run = metrics.parent
+    last = load_checkpoint(run / "last.pt")
+    done = last["training"]["position"]["epoch"]
+    assert done >= 2
+    code = subprocess.run([sys.executable, str(script), "train", "--resume", str(run),
+                           "--epochs", str(done + 1)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert code.returncode == 0, code.stderr
+    assert load_checkpoint(run / "last.pt")["training"]["position"]["epoch"] == done + 1
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(1, done + 2))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    tree = tmp_path / "tree"
+    write_image_tree(easy_data(n_train=200, n_test=30), tree)
+    code = main(["train", TINY, "--data-dir", str(tree), "--epochs", "2", "--batch-size",
+                 "20", "--lr", "0.1", "--val-size", "40", "--output", str(tmp_path / "runs"),
+                 "--name", "cli", "--option", "channels=4", "--aux-weights", "0.25"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "Epoch 2/2 - " in out and "test (best.pt" in out
+    run = tmp_path / "runs" / "cli"
+    config = json.loads((run / "config.json").read_text())["config"]
+    assert config["model_options"] == {"channels": 4} and config["aux_weights"] == 0.25
+    assert config["recipe"] == "default" and config["lr"] == 0.1
+    assert config["data_dir"] == str(tree.resolve())
+    assert main(["evaluate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "confusion matrix" in out and "airplane" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "no-such-model", "--epochs", "1"], "unknown model"),
+    (["train", TINY, "--epochs", "0"], "epochs must be >= 1"),
+    (["train", TINY, "--lr", "-1"], "learning rate must be > 0"),
+    (["train", TINY, "--device", "cuda:0", "--no-download", "--data-dir", "/nonexistent"],
+     "CUDA is not available"),
+    (["train", "--resume", "/nonexistent/run"], "nothing to resume"),
+    (["train", TINY, "--resume", "/nonexistent/run"], "give no MODEL"),
+    (["train", TINY, "--option", "nonsense"], "not of the form key=value"),
+])
+def test_cli_user_errors_exit_2(argv, message, capsys):
+    if "CUDA" in message and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error: ") and message in err
+    assert "Traceback" not in err
+
+
+def test_cli_resume_with_changed_option_exits_2(tmp_path, data, capsys):
+    run = train(tiny_config(tmp_path, epochs=1), data, log=quiet).run_dir
+    assert main(["train", "--resume", str(run), "--lr", "0.3"]) == 2
+    assert "cannot change lr" in capsys.readouterr().err
+
+
+def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
+    """No MODEL and no recipe: the CPU recipe, said out loud (shrunk here to a few steps)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    tree = tmp_path / "tree"
+    write_image_tree(easy_data(n_train=60, n_test=10), tree)
+    code = main(["train", "--data-dir", str(tree), "--epochs", "1", "--batch-size", "20",
+                 "--val-size", "20", "--width", "0.125", "--output", str(tmp_path / "runs"),
+                 "--name", "auto", "--no-test"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "found no GPU, so recipe 'cpu'" in out
+    config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())["config"]
+    assert config["model"] == "googlenet" and config["recipe"] == "cpu"
+    assert config["model_options"] == {"width": 0.125}
