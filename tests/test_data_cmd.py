@@ -28,11 +28,11 @@ def run(capsys, *argv):
 
 
 def table(out: str) -> dict[str, list[int]]:
-    """The per-class table: name -> [train, val, test]."""
+    """The per-class table: name -> [training, test, train, val]."""
     rows = {}
     for line in out.splitlines():
         fields = line.split()
-        if fields and fields[0] in (*CLASSES, "total") and len(fields) == 4:
+        if fields and fields[0] in (*CLASSES, "total") and len(fields) == 5:
             rows[fields[0]] = [int(f.replace(",", "")) for f in fields[1:]]
     return rows
 
@@ -59,10 +59,11 @@ def test_data_reports_source_counts_and_statistics(tmp_path, capsys):
     assert list(rows) == [*CLASSES, "total"]
     all_train = np.bincount(expected["train_labels"], minlength=10)
     for index, cls in enumerate(CLASSES):
-        train, val, test = rows[cls]
+        training, test, train, val = rows[cls]
+        assert training == all_train[index]
         assert train + val == all_train[index]
         assert test == np.bincount(expected["test_labels"], minlength=10)[index]
-    assert rows["total"] == [80, 20, 10]
+    assert rows["total"] == [100, 10, 80, 20]
 
     # The statistics are those of the 80 training images left after the split.
     train_x = data.split_train_val(expected["train_images"], expected["train_labels"],
@@ -83,8 +84,8 @@ def test_val_size_zero_keeps_every_training_image(tmp_path, capsys):
     files, _ = image_tree_files(train_per_class=3, test_per_class=1)
     code, out, _ = run(capsys, "--data-dir", pack(files, tmp_path / "t.zip"), "--val-size", 0)
     assert code == 0
-    assert table(out)["total"] == [30, 0, 10]
-    assert all(table(out)[c] == [3, 0, 1] for c in CLASSES)
+    assert table(out)["total"] == [30, 10, 30, 0]
+    assert all(table(out)[c] == [3, 1, 3, 0] for c in CLASSES)
     assert "validation: none" in out and "30 training images" in out
 
 
@@ -137,8 +138,8 @@ def test_data_on_the_jpeg_copy(jpeg_archive, capsys, monkeypatch, tmp_path):
                          "--grid", tmp_path / "grid.png")
     assert code == 0, err
     rows = table(out)
-    assert all(rows[c] == [5000, 0, 1000] for c in CLASSES)
-    assert rows["total"] == [50000, 0, 10000]
+    assert all(rows[c] == [5000, 1000, 5000, 0] for c in CLASSES)
+    assert rows["total"] == [50000, 10000, 50000, 0]
     assert "sha256:0bfcb68717a0ecb0d51ed61034906a773d48d424d94b766a46d7d1c55702a4d9" in out
     std = printed_stats(out)["std 0-1"]
     np.testing.assert_allclose(std, [0.2452, 0.2428, 0.2606], atol=2e-4)  # not 0.2023/...

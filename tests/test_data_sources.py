@@ -76,6 +76,13 @@ def test_folder_holding_a_tree_in_one_subfolder(tmp_path):
     assert_arrays_equal(load_cifar10(tmp_path / "data", progress=False), expected)
 
 
+def test_folder_with_several_trees_is_refused(tmp_path):
+    files, _ = image_tree_files()
+    write_tree(tmp_path / "data" / "copy-a", files)
+    write_tree(tmp_path / "data" / "copy-b", files)
+    assert "several image-folder trees (copy-a, copy-b)" in load_error(tmp_path / "data")
+
+
 def test_hidden_files_and_macos_forks_are_ignored(tmp_path):
     files, expected = image_tree_files()
     files["train/cat/.DS_Store"] = b"junk"

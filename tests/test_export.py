@@ -1,4 +1,5 @@
-"""export: ONNX parity with PyTorch, dynamic batch, metadata, torch-free inference, pt2, TorchScript."""
+"""export: ONNX parity with PyTorch, dynamic batch, metadata, torch-free ONNX inference,
+and the pt2 and TorchScript formats."""
 
 from __future__ import annotations
 
@@ -28,12 +29,13 @@ from cifar_inception.export import (
     run_test_metrics,
 )
 from cifar_inception.images import load_cifar_array
-from cifar_inception.models import create_model
+from cifar_inception.models import create_model, list_models, register_model
 from cifar_inception.predict import TorchClassifier, load_classifier
 
 MEAN, STD = [0.491, 0.482, 0.447], [0.247, 0.243, 0.262]
 OPTIONS = {"width": 0.25}
 PER_CLASS = 5  # real test images per class for the parity check
+TINY = "test-export-tiny"
 
 
 def make_run(folder, *, seed: int = 0):
@@ -58,6 +60,11 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def onnx_path(run_dir):
     return export_onnx(run_dir, run_dir / "model.onnx").path
+
+
+@pytest.fixture(scope="module")
+def onnx_classifier(onnx_path):
+    return OnnxClassifier(onnx_path)
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +118,15 @@ def assert_parity(onnx_logits: np.ndarray, torch_logits: np.ndarray) -> None:
     np.testing.assert_array_equal(onnx_logits.argmax(1), torch_logits.argmax(1))
 
 
-def test_onnx_matches_pytorch_on_real_images(onnx_path, torch_reference, jpeg_archive):
+def test_onnx_matches_pytorch_on_real_images(onnx_classifier, torch_reference, jpeg_archive):
     images = read_test_images(jpeg_archive)
-    assert_parity(OnnxClassifier(onnx_path).predict_logits(images), torch_reference(images))
+    assert_parity(onnx_classifier.predict_logits(images), torch_reference(images))
 
 
 @pytest.mark.parametrize("batch", [1, 7])
-def test_onnx_matches_pytorch_at_any_batch_size(onnx_path, torch_reference, batch):
+def test_onnx_matches_pytorch_at_any_batch_size(onnx_classifier, torch_reference, batch):
     images = generated_images(batch, seed=batch)
-    classifier = OnnxClassifier(onnx_path)
+    classifier = onnx_classifier
     expected = torch_reference(images)
     assert_parity(classifier.predict_logits(images), expected)
     probs = classifier.predict_proba(images)
@@ -127,10 +134,10 @@ def test_onnx_matches_pytorch_at_any_batch_size(onnx_path, torch_reference, batc
     np.testing.assert_array_equal(probs.argmax(1), expected.argmax(1))
 
 
-def test_onnx_batches_larger_than_its_chunk_match_one_by_one(onnx_path):
+def test_onnx_batches_larger_than_its_chunk_match_one_by_one(onnx_path, onnx_classifier):
     images = generated_images(5, seed=3)
     chunked = OnnxClassifier(onnx_path, batch_size=2).predict_logits(images)
-    single = np.concatenate([OnnxClassifier(onnx_path).predict_logits(im[None]) for im in images])
+    single = np.concatenate([onnx_classifier.predict_logits(im[None]) for im in images])
     np.testing.assert_allclose(chunked, single, atol=1e-5)
 
 
@@ -206,14 +213,50 @@ def test_onnx_prediction_runs_without_torch(onnx_path, tmp_path):
     assert done.stdout.startswith("ok ")
 
 
+class TinyNet(torch.nn.Module):
+    """Conv, batch norm, pooling, linear: the layer kinds of the real networks, at toy size.
+
+    The torch formats are checked on it: tracing and torch.export of a full GoogLeNet cost
+    tens of seconds on a small CPU, and ONNX parity above already covers GoogLeNet itself.
+    """
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(), torch.nn.MaxPool2d(2))
+        self.head = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+if TINY not in list_models():
+    register_model(TINY)(lambda num_classes=10: TinyNet(num_classes))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():  # non-trivial batch-norm statistics, so normalisation shows
+        model.features[1].running_mean.uniform_(-1, 1)
+        model.features[1].running_var.uniform_(0.5, 2)
+    folder = tmp_path_factory.mktemp("tiny")
+    ckpt_mod.save_checkpoint(folder / "best.pt", ckpt_mod.make_checkpoint(
+        model_name=TINY, model_options={}, num_classes=10, classes=list(CLASSES),
+        mean=MEAN, std=STD, state_dict=model.state_dict()))
+    return folder, model.eval()
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
-def test_cli_exports_torch_formats_that_reproduce_the_model(run_dir, torch_reference, fmt,
-                                                            capsys):
-    assert main(["export", str(run_dir), "--format", fmt]) == 0
-    path = default_output(run_dir / "best.pt", fmt)
+def test_cli_exports_torch_formats_that_reproduce_the_model(tiny_run, fmt, capsys):
+    folder, model = tiny_run
+    assert main(["export", str(folder), "--format", fmt]) == 0
+    path = default_output(folder / "best.pt", fmt)
     printed = capsys.readouterr().out
-    assert f"wrote {path}" in printed and "googlenet" in printed and "checked against" in printed
+    assert f"wrote {path}" in printed and TINY in printed and "checked against" in printed
     extra = {METADATA_FILE: ""}
     if fmt == "pt2":
         module = torch.export.load(path, extra_files=extra).module()
@@ -221,11 +264,13 @@ def test_cli_exports_torch_formats_that_reproduce_the_model(run_dir, torch_refer
         module = torch.jit.load(path, _extra_files=extra)
     meta = json.loads(extra[METADATA_FILE])
     assert meta["classes"] == list(CLASSES) and meta["mean"] == pytest.approx(MEAN)
+    assert meta["model"] == TINY and meta["params"] == sum(p.numel() for p in model.parameters())
     for batch in (1, 7):
-        images = generated_images(batch, seed=batch)
+        images = torch.from_numpy(generated_images(batch, seed=batch))
         with torch.inference_mode():
-            logits, probs = module(torch.from_numpy(images))
-        np.testing.assert_allclose(logits.numpy(), torch_reference(images), atol=1e-5)
+            logits, probs = module(images)
+            expected = model(normalize(images, MEAN, STD))
+        np.testing.assert_allclose(logits.numpy(), expected.numpy(), atol=1e-5)
         np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
 
 
@@ -233,7 +278,7 @@ def test_export_refuses_bad_requests(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         export_onnx(tmp_path / "missing.pt")
     with pytest.raises(CifarInceptionError, match="refusing to overwrite the checkpoint"):
-        export_model(run_dir, run_dir / "best.pt", fmt="torchscript")
+        export_model(run_dir, run_dir / "best.pt", fmt="onnx")
     with pytest.raises(CifarInceptionError, match="opset must be from 18"):
         export_onnx(run_dir, tmp_path / "old.onnx", opset=11)
     with pytest.raises(CifarInceptionError, match="unknown export format"):
@@ -251,6 +296,13 @@ def test_onnx_classifier_refuses_foreign_and_corrupt_files(onnx_path, tmp_path):
     onnx.save(foreign, tmp_path / "foreign.onnx")
     with pytest.raises(CheckpointError, match="not an ONNX file exported by cifar-inception"):
         OnnxClassifier(tmp_path / "foreign.onnx")
+    lying = onnx.load(onnx_path)
+    for entry in lying.metadata_props:
+        if entry.key == "classes":
+            entry.value = json.dumps(["cat", "dog"])
+    onnx.save(lying, tmp_path / "lying.onnx")
+    with pytest.raises(CheckpointError, match="10 outputs but its metadata names 2 classes"):
+        OnnxClassifier(tmp_path / "lying.onnx")
     with pytest.raises(CheckpointError, match="no such ONNX file"):
         OnnxClassifier(tmp_path / "missing.onnx")
 

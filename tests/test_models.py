@@ -203,6 +203,8 @@ def test_wrong_input_shapes_name_the_expected_shape(built, name):
             model(bad)
     with pytest.raises(ModelError, match="float"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ModelError, match="channels first"):
+        model(torch.zeros(2, 32, 32, 3))
 
 
 def test_report_aux_weights_are_one_and_tuned_are_small(built):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,16 +43,16 @@ if TINY not in list_models():
     register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
 
 
-def build_model(num_classes: int = 10, *, tiny: bool = False):
-    """The real GoogLeNet at a small width when it is registered; else the tiny stand-in."""
-    if "googlenet" in list_models() and not tiny:
-        return "googlenet", {"width": 0.25}, create_model("googlenet", num_classes, width=0.25)
+def build_model(num_classes: int = 10, *, real: bool = False):
+    """The tiny stand-in (fast on any CPU), or the real GoogLeNet at a small width."""
     torch.manual_seed(0)
+    if real:
+        return "googlenet", {"width": 0.25}, create_model("googlenet", num_classes, width=0.25)
     return TINY, {"hidden": 4}, TinyNet(num_classes, hidden=4)
 
 
-def save_model_checkpoint(path, num_classes: int = 10, *, tiny: bool = False, **overrides):
-    name, options, model = build_model(num_classes, tiny=tiny)
+def save_model_checkpoint(path, num_classes: int = 10, *, real: bool = False, **overrides):
+    name, options, model = build_model(num_classes, real=real)
     fields = dict(model_name=name, model_options=options, num_classes=num_classes,
                   classes=CLASSES[:num_classes], mean=[0.49, 0.48, 0.45],
                   std=[0.25, 0.24, 0.26], state_dict=model.state_dict(),
@@ -122,6 +123,21 @@ def test_classifier_interface(classifier, checkpoint_path):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_real_model_checkpoint(tmp_path, image_folder, capsys):
+    """A registered Inception network at a small width, end to end through the command."""
+    path = tmp_path / "googlenet.pt"
+    save_model_checkpoint(path, real=True)
+    status = main(["predict", str(path), str(image_folder / "rgb.png"),
+                   str(image_folder / "sub" / "palette.gif"), "--json", "--device", "cpu"])
+    doc = json.loads(capsys.readouterr().out)
+    assert status == 0
+    assert doc["model"]["model"] == "googlenet" and doc["model"]["options"] == {"width": 0.25}
+    assert doc["model"]["params"] == sum(p.numel() for p in build_model(real=True)[2].parameters())
+    for result in doc["results"]:
+        probs = [p["probability"] for p in result["predictions"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-6
+
+
 def test_predictions_match_the_model_with_normalisation(classifier):
     """predict_proba == softmax(model((x/255 - mean) / std)), computed independently."""
     images = np.stack([rgb_noise((32, 32), s) for s in range(3)])
@@ -142,7 +158,7 @@ def test_top_classes_sorted_and_clamped():
 
 def test_predict_files_every_mode_and_a_corrupt_file(classifier, image_folder):
     results = predict_files(classifier, [image_folder], top_k=3)
-    by_name = {r.path.rsplit("/", 1)[-1]: r for r in results}
+    by_name = {Path(r.path).name: r for r in results}
     assert set(by_name) == EXPECTED
     assert not by_name["corrupt.png"].ok and "corrupt.png" in by_name["corrupt.png"].error
     for name in EXPECTED - {"corrupt.png"}:
@@ -278,8 +294,8 @@ def test_onnx_classifier_when_available(tmp_path, image_folder, capsys):
     if not hasattr(export, "OnnxClassifier"):
         pytest.skip("export.OnnxClassifier is not available")
     pytest.importorskip("onnxruntime")
-    checkpoint_path = tmp_path / "tiny.pt"  # the ONNX path, not the export of a big graph
-    save_model_checkpoint(checkpoint_path, tiny=True)
+    checkpoint_path = tmp_path / "tiny.pt"
+    save_model_checkpoint(checkpoint_path)
     onnx_path = tmp_path / "model.onnx"
     export.export_onnx(checkpoint_path, onnx_path)
     onnx_clf = load_classifier(onnx_path)

@@ -81,10 +81,12 @@ METRICS = [
 ]
 
 
-def make_confusion(seed: int = 1) -> np.ndarray:
+def make_confusion(seed: int = 1, per_class: int = 1000) -> np.ndarray:
+    """Random counts, mostly on the diagonal, ``per_class`` images per true class."""
     rng = np.random.default_rng(seed)
-    confusion = rng.integers(0, 30, (10, 10))
-    confusion[np.diag_indices(10)] = rng.integers(500, 900, 10)
+    confusion = rng.integers(0, per_class // 30 + 1, (10, 10))
+    confusion[np.diag_indices(10)] = 0
+    confusion[np.diag_indices(10)] = per_class - confusion.sum(axis=1)
     return confusion
 
 
@@ -99,7 +101,8 @@ def eval_document(confusion: np.ndarray) -> dict:
     }
 
 
-def write_run(folder, data_dir, *, eval_json: bool = True, metrics=METRICS):
+def write_run(folder, data_dir, *, eval_json: bool = True, fitting_eval: bool = False,
+              metrics=METRICS):
     """A run folder as train and evaluate write it (the model is not trained: no need)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -119,7 +122,8 @@ def write_run(folder, data_dir, *, eval_json: bool = True, metrics=METRICS):
     # A torn last line, as a crash mid-write leaves it: ignored, not fatal.
     (folder / "metrics.jsonl").write_text("\n".join(lines) + '\n{"epoch": 5, "tra')
     if eval_json:
-        (folder / "eval.json").write_text(json.dumps(eval_document(make_confusion())))
+        confusion = make_confusion(per_class=TEST_PER_CLASS if fitting_eval else 1000)
+        (folder / "eval.json").write_text(json.dumps(eval_document(confusion)))
     return folder
 
 
@@ -168,7 +172,7 @@ def check_png(path, min_size=(200, 150)):
 
 
 def test_report_files_and_page(tmp_path, data_tree):
-    run = write_run(tmp_path / "run", data_tree)
+    run = write_run(tmp_path / "run", data_tree, fitting_eval=True)
     result = report.build_report(run, device="cpu")
     assert result.folder == run / "report"
     assert set(result.figures) == {"curves", "confusion", "misclassified", "samples"}
@@ -188,7 +192,8 @@ def test_report_files_and_page(tmp_path, data_tree):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html_text
     assert "data_dir" in page.text and "cifar-inception train googlenet --width 0.25" in page.text
     # Metrics from eval.json and metrics.jsonl (best epoch by validation accuracy: 3).
-    ev = eval_document(make_confusion())
+    ev = eval_document(make_confusion(per_class=TEST_PER_CLASS))
+    assert "Source: eval.json." in page.text
     assert f"{ev['test_top1'] * 100:.2f}%" in page.text
     assert "97.12%" in page.text and "0.9877" in page.text
     assert "3 of 4" in page.text and "52.00%" in page.text
@@ -218,6 +223,22 @@ def test_report_without_eval_json_evaluates_the_test_set(tmp_path, data_tree):
     assert np.array_equal(np.asarray(ev["confusion"]), confusion)
     np.testing.assert_allclose(data.test_probs, probs, rtol=1e-4, atol=1e-6)
     assert not (run / "eval.json").exists()  # the report writes only into its own folder
+
+
+def test_stale_eval_json_is_not_used(tmp_path, data_tree):
+    """An eval.json for another test set (or another checkpoint) would not match the figures."""
+    run = write_run(tmp_path / "run", data_tree)  # its eval.json counts thousands of images
+    data = report.gather(run, device="cpu")
+    assert data.evaluation["num_images"] == 10 * TEST_PER_CLASS
+    assert "eval.json is for" in data.evaluation_source
+    fitting = eval_document(np.eye(10, dtype=int) * TEST_PER_CLASS)
+    fitting["checkpoint"] = str(run / "last.pt")
+    (run / "eval.json").write_text(json.dumps(fitting))
+    assert "last.pt" in report.gather(run, device="cpu").evaluation_source
+    fitting["checkpoint"] = str(run / "best.pt")
+    (run / "eval.json").write_text(json.dumps(fitting))
+    data = report.gather(run, device="cpu")
+    assert data.evaluation_source == "eval.json" and data.evaluation == fitting
 
 
 def test_cli_report(tmp_path, data_tree, capsys):
@@ -268,6 +289,7 @@ def test_per_class_rows_from_confusion():
     confusion = np.array([[8, 2, 0], [1, 5, 4], [0, 0, 10]])
     data = report.RunData(run=None, checkpoint=None, classes=("a", "b", "c"), config={},
                           metrics=[], evaluation={"confusion": confusion.tolist()},
+                          evaluation_source="eval.json",
                           model_info={"model": "m"})
     a, b, c = report.per_class_rows(data)
     assert a["accuracy"] == pytest.approx(0.8) and a["precision"] == pytest.approx(8 / 9)

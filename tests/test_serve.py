@@ -114,6 +114,13 @@ def test_page_and_its_assets_are_served_with_a_strict_policy(client):
     assert style.status_code == 200 and "image-rendering: pixelated" in style.text
 
 
+def test_model_info_survives_nan_metrics(classifier):
+    classifier.info["metrics"] = {"train_loss": float("nan"), "val_acc": 0.5}
+    with TestClient(create_app(classifier)) as client:
+        info = client.get("/api/model").json()
+    assert info["metrics"] == {"train_loss": None, "val_acc": 0.5} and info["test_top1"] is None
+
+
 def test_health_and_model(client):
     assert client.get("/api/health").json() == {"status": "ok", "model": "fake-net"}
     model = client.get("/api/model").json()

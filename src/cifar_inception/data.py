@@ -338,9 +338,8 @@ def _find_source(root: Path, explicit: bool) -> _Source | None:
         return _Source("archive", root)
     if not root.exists():
         if explicit:
-            raise DataError(f"data folder {root} does not exist (point --data-dir or "
-                            f"${ENV_DATA} at a CIFAR-10 copy, or create the folder to "
-                            "download into it)")
+            raise DataError(f"{root} does not exist (point --data-dir or ${ENV_DATA} at a "
+                            "CIFAR-10 copy, or at an existing folder to download it into)")
         return None
     if not root.is_dir():
         raise DataError(f"{root} is neither a folder nor a file")

@@ -87,6 +87,25 @@ def init(ctx: DistContext, device: torch.device, timeout_s: float) -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **options)
 
 
+_COMMUNICATION_SIGNS = ("gloo", "nccl", "connection closed", "connection reset",
+                       "timed out", "timeout", "broken pipe")
+
+
+def is_communication_failure(exc: BaseException) -> bool:
+    """A collective that failed because another rank died, hung or became unreachable."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(
+        sign in str(exc).lower() for sign in _COMMUNICATION_SIGNS)
+
+
+def communication_error(ctx: DistContext, exc: BaseException) -> DistributedError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return DistributedError(
+        f"rank {ctx.rank}: lost contact with the other processes ({first}); another rank "
+        f"probably failed first: look for its message")
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -241,7 +241,8 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
 
     if fmt not in FORMATS:
-        raise CifarInceptionError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+        raise CifarInceptionError(
+            f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "onnx":
         _check_opset(opset)
     source = resolve_checkpoint(checkpoint_path)
@@ -310,7 +311,8 @@ def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[st
     """Decode the metadata an export wrote; refuse files that do not carry it."""
     if metadata_props.get("format") != EXPORT_FORMAT:
         raise CheckpointError(
-            f"{where}: not an ONNX file exported by cifar-inception (no '{EXPORT_FORMAT}' metadata)")
+            f"{where}: not an ONNX file exported by cifar-inception "
+            f"(no '{EXPORT_FORMAT}' metadata)")
     meta: dict[str, Any] = dict(metadata_props)
     for key in JSON_KEYS:
         if key in meta:
@@ -347,9 +349,11 @@ class OnnxClassifier:
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime raises its own, undocumented exception types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"{self.path}: not a readable ONNX model ({first[:160]})") from None
+            raise CheckpointError(
+                f"{self.path}: not a readable ONNX model ({first[:160]})") from None
         meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
                                   where=str(self.path))
+        self._check_signature(len(meta["classes"]))
         self.metadata = meta
         self.classes = tuple(meta["classes"])
         self.model_name = str(meta.get("model", ""))
@@ -363,6 +367,17 @@ class OnnxClassifier:
             "format": "onnx",
             "source": str(self.path),
         }
+
+    def _check_signature(self, num_classes: int) -> None:
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs.keys():
+            raise CheckpointError(f"{self.path}: expected input '{INPUT_NAME}' and outputs "
+                                  f"{', '.join(OUTPUT_NAMES)}; found {inputs}, {list(outputs)}")
+        width = outputs[OUTPUT_NAMES[1]][-1]
+        if isinstance(width, int) and width != num_classes:
+            raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
+                                  f"metadata names {num_classes} classes")
 
     def _run(self, output: str, images: np.ndarray) -> np.ndarray:
         images = np.ascontiguousarray(check_images(images))

@@ -154,7 +154,7 @@ def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
 
 
 def iter_predictions(classifier: Classifier, paths: Iterable[str | os.PathLike], *,
-                     top_k_classes: int = 5, max_pixels: int = MAX_PIXELS) -> Iterator[Prediction]:
+                     top_k: int = 5, max_pixels: int = MAX_PIXELS) -> Iterator[Prediction]:
     """Like :func:`predict_files`, but yields results chunk by chunk, in input order."""
     files = find_images(list(paths))
     for chunk in _chunks(files, FILE_CHUNK):
@@ -170,7 +170,7 @@ def iter_predictions(classifier: Classifier, paths: Iterable[str | os.PathLike],
                 result.error = f"{file}: cannot convert to RGB ({exc})"
         if arrays:
             probs = classifier.predict_proba(np.stack(arrays))
-            tops = top_classes(probs, classifier.classes, top_k_classes)
+            tops = top_classes(probs, classifier.classes, top_k)
             for result, top in zip(readable, tops):
                 result.top = top
         yield from results
@@ -183,4 +183,4 @@ def predict_files(classifier: Classifier, paths: Iterable[str | os.PathLike], to
     A file that cannot be read (missing, corrupt, not an image, a decompression bomb) gets
     its ``error`` set; the other files are still predicted.
     """
-    return list(iter_predictions(classifier, paths, top_k_classes=top_k, max_pixels=max_pixels))
+    return list(iter_predictions(classifier, paths, top_k=top_k, max_pixels=max_pixels))

@@ -43,8 +43,8 @@ class RunData:
     config: dict
     metrics: list[dict]
     evaluation: dict
+    evaluation_source: str
     model_info: dict
-    evaluation_source: str = "eval.json"
     data_source: str = ""
     test_images: np.ndarray | None = None
     test_labels: np.ndarray | None = None
@@ -62,9 +62,12 @@ class Report:
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CifarInceptionError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise CifarInceptionError(f"{path}: expected a JSON object")
+    return content
 
 
 def best_epoch(metrics: list[dict]) -> dict | None:
@@ -81,6 +84,25 @@ def recorded_data_dir(config: dict, ckpt: dict) -> str | None:
         if isinstance(settings, dict) and settings.get("data_dir"):
             return settings["data_dir"]
     return None
+
+
+def predict_test_set(classifier, images: np.ndarray, *, progress: bool,
+                     chunk: int = 1000):
+    """Log-probabilities of every test image, as ``evaluate`` computes them, with a bar."""
+    import torch
+    from tqdm import tqdm
+
+    from cifar_inception.evaluate import log_probabilities
+
+    parts = []
+    with tqdm(total=len(images), desc="predicting the test set", unit="img", leave=False,
+              disable=not progress) as bar:
+        for start in range(0, len(images), chunk):
+            batch = torch.as_tensor(images[start:start + chunk])
+            parts.append(log_probabilities(classifier.model, batch, classifier.mean,
+                                           classifier.std, device=classifier.device))
+            bar.update(len(batch))
+    return torch.cat(parts)
 
 
 def saved_evaluation(path: Path, checkpoint: Path,
@@ -105,13 +127,14 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     """Read the run folder, load the data it was trained on and predict the test set once.
 
     The test-set probabilities feed the misclassified-images figure and, when the run has no
-    eval.json, the metrics, which are then computed exactly as ``evaluate`` does (no TTA).
+    eval.json for this checkpoint and test set, the metrics, which are then computed as
+    ``evaluate`` does (without TTA).
     """
     import torch
 
     from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
     from cifar_inception.data import load_cifar10
-    from cifar_inception.evaluate import classification_metrics, log_probabilities
+    from cifar_inception.evaluate import classification_metrics
     from cifar_inception.predict import TorchClassifier
 
     run = Path(run)
@@ -132,16 +155,15 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
             f"the data has {', '.join(data.classes)}")
 
     labels = torch.as_tensor(np.asarray(data.test_labels))
-    log_probs = log_probabilities(classifier.model, torch.as_tensor(data.test_images),
-                                  classifier.mean, classifier.std, device=classifier.device)
+    log_probs = predict_test_set(classifier, data.test_images, progress=progress)
     evaluation, evaluation_source = saved_evaluation(run / "eval.json", checkpoint, len(labels))
     if evaluation is None:
         evaluation = classification_metrics(log_probs, labels, data.classes)
         evaluation.update(tta=False, num_images=len(labels), checkpoint=str(checkpoint))
     return RunData(
-        evaluation_source=evaluation_source,
         run=run, checkpoint=checkpoint, classes=classifier.classes, config=config,
-        metrics=metrics, evaluation=evaluation, model_info=classifier.info,
+        metrics=metrics, evaluation=evaluation, evaluation_source=evaluation_source,
+        model_info=classifier.info,
         data_source=getattr(data, "source", ""),
         test_images=data.test_images, test_labels=labels.numpy(),
         test_probs=log_probs.exp().numpy(),
@@ -490,6 +512,8 @@ def config_value(value: Any) -> str:
         return '<span class="none">none</span>'
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return f"<code>{esc(' '.join(value))}</code>"
+    if isinstance(value, list) and all(isinstance(v, float) for v in value):
+        return f"<code>[{esc(', '.join(f'{v:.6g}' for v in value))}]</code>"
     if isinstance(value, (dict, list, bool)):  # as config.json has them: true, [0.3, 0.3]
         return f"<code>{esc(json.dumps(value))}</code>"
     return esc(value)

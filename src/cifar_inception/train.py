@@ -57,6 +57,7 @@ from cifar_inception.models import create_model
 from cifar_inception.recipes import RUNTIME_FIELDS, TrainConfig, get_recipe, validate
 
 SPLIT_SEED = 0  # every run holds out the same validation images, so runs compare
+INIT_IMAGES = 5000  # images a model's init_from_data hook sees
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LAST, BEST = "last.pt", "best.pt"
@@ -246,6 +247,14 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device,
     return model
 
 
+def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
+    """Models that set layers from the data (e.g. a whitening stem) see the first training
+    images once, before the first step (a resumed run has its weights already)."""
+    if hasattr(model, "init_from_data"):
+        images = prepared.train_x[:INIT_IMAGES]
+        model.init_from_data(normalize(images, prepared.mean, prepared.std))
+
+
 def check_model(config: TrainConfig) -> None:
     """Refuse an unknown model name or option at once, before the data is loaded."""
     import inspect
@@ -401,6 +410,10 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
         if ctx.enabled:  # say which rank failed; torchrun then stops the others
             raise type(exc)(f"rank {ctx.rank}: {exc}") from None
         raise
+    except RuntimeError as exc:
+        if ctx.enabled and distributed.is_communication_failure(exc):
+            raise distributed.communication_error(ctx, exc) from None
+        raise
     finally:
         distributed.shutdown()
         torch.set_num_threads(threads_before)
@@ -443,7 +456,9 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     model = build_model(config, len(prepared.classes), device, ctx)
     aux_weights = resolve_aux_weights(config, model)
     optimizer = build_optimizer(config, model)
-    if ckpt is not None:
+    if ckpt is None:
+        init_from_data(model, prepared)
+    else:
         if ckpt["model"]["name"] != config.model:
             raise CheckpointError(f"checkpoint is for model {ckpt['model']['name']!r}")
         model.load_state_dict(ckpt["state_dict"])

@@ -46,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         state = "read from the cache" if data.from_cache else "decoded, now cached"
         print(f"cache     {data.cache_file} ({state})")
     print()
-    _print_counts(data.classes, {"train": train_y, "val": val_y, "test": data.test_labels})
+    # The official splits first (training, test), then how training is divided for model selection.
+    _print_counts(data.classes, {"training": data.train_labels, "test": data.test_labels,
+                                 "train": train_y, "val": val_y})
     print()
     if len(val_y):
         print(f"validation: {len(val_y):,} of the {len(data.train_labels):,} training images, "
@@ -78,7 +80,7 @@ def _print_counts(classes: tuple[str, ...], splits: dict) -> None:
     counts = {name: np.bincount(labels, minlength=len(classes)) for name, labels in
               splits.items()}
     width = max(len(c) for c in classes) + 2
-    print(f"{'class':<{width}}" + "".join(f"{name:>9}" for name in splits))
+    print(f"{'class':<{width}}" + "".join(f"{name:>10}" for name in splits))
     for index, cls in enumerate(classes):
-        print(f"{cls:<{width}}" + "".join(f"{counts[name][index]:>9,}" for name in splits))
-    print(f"{'total':<{width}}" + "".join(f"{len(labels):>9,}" for labels in splits.values()))
+        print(f"{cls:<{width}}" + "".join(f"{counts[name][index]:>10,}" for name in splits))
+    print(f"{'total':<{width}}" + "".join(f"{len(labels):>10,}" for labels in splits.values()))

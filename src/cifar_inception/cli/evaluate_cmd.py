@@ -41,9 +41,9 @@ def format_table(result: dict) -> str:
         f"checkpoint  {result['checkpoint']}",
         f"images      {result['num_images']} (test set)"
         f"{', test-time augmentation' if result['tta'] else ''}",
-        f"loss        {result['test_loss']:.4f}  (cross-entropy)",
-        f"top-1       {100 * result['test_top1']:.2f}%",
-        f"top-5       {100 * result['test_top5']:.2f}%",
+        f"loss        {result['test_loss']:.4f} (cross-entropy)",
+        f"top-1       {100 * result['test_top1']:6.2f}%",
+        f"top-5       {100 * result['test_top5']:6.2f}%",
         "",
         f"{'class':<12}{'accuracy':>9}",
     ]

@@ -44,8 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document instead of text")
     parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device for a PyTorch checkpoint (default: cuda if "
-                             "available, else cpu)")
+                        help="torch device for a PyTorch checkpoint: auto, cpu, cuda, "
+                             "cuda:1... (default: auto, the GPU when there is one)")
     parser.set_defaults(func=run)
 
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(name) for name in classifier.classes)
 
     results, failed = [], 0
-    for result in iter_predictions(classifier, args.paths, top_k_classes=args.top_k):
+    for result in iter_predictions(classifier, args.paths, top_k=args.top_k):
         if not result.ok:
             failed += 1
             print(f"cifar-inception: skipped {result.error}", file=sys.stderr)

@@ -13,7 +13,9 @@ and the run's configuration into one self-contained report.html (images embedded
 external requests).
 
 The data is the run's own (config.json's data_dir) unless --data-dir is given. The test
-metrics come from eval.json; without one, the test set is evaluated now.
+metrics come from the run's eval.json when it is for this checkpoint and this test set;
+otherwise the test set is evaluated now, without TTA (eval.json is left as it is). Only
+RUN/report/ (or --output) is written.
 """
 
 
@@ -31,8 +33,8 @@ def register(subparsers) -> None:
     parser.add_argument("--misclassified", type=int, default=40, metavar="N",
                         help="how many misclassified test images to show (default: 40)")
     parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device for predicting the test set (default: cuda if "
-                             "available, else cpu)")
+                        help="torch device for predicting the test set: auto, cpu, cuda, "
+                             "cuda:1... (default: auto, the GPU when there is one)")
     parser.set_defaults(func=run)
 
 

@@ -40,13 +40,15 @@ def check_input(x: torch.Tensor) -> None:
     """
     if torch.jit.is_tracing():
         return
+    expected = f"(N, {INPUT_CHANNELS}, {IMAGE_SIZE}, {IMAGE_SIZE})"
     if not isinstance(x, torch.Tensor):
-        raise ModelError(f"expected a tensor of shape (N, 3, 32, 32), got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != INPUT_CHANNELS or x.shape[2] != IMAGE_SIZE \
-            or x.shape[3] != IMAGE_SIZE:
-        raise ModelError(
-            f"expected input of shape (N, {INPUT_CHANNELS}, {IMAGE_SIZE}, {IMAGE_SIZE}), "
-            f"got {tuple(x.shape)}")
+        raise ModelError(f"expected a tensor of shape {expected}, got {type(x).__name__}")
+    image_shape = tuple(x.shape[1:])
+    if x.dim() != 4 or image_shape != (INPUT_CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
+        hint = ""
+        if image_shape == (IMAGE_SIZE, IMAGE_SIZE, INPUT_CHANNELS):
+            hint = " (channels last: permute to channels first)"
+        raise ModelError(f"expected input of shape {expected}, got {tuple(x.shape)}{hint}")
     if not x.is_floating_point():
         raise ModelError(f"expected a float tensor (normalised images), got {x.dtype}")
 

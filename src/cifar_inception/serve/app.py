@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,7 +104,9 @@ def model_summary(classifier: Classifier) -> dict[str, Any]:
     ``eval.json`` of the run folder the checkpoint is in.
     """
     info = dict(classifier.info)
-    metrics = dict(info.get("metrics") or {})
+    # A diverged run can leave NaN in its metrics; JSON has no NaN, so they become null.
+    metrics = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+               for key, value in (info.get("metrics") or {}).items()}
     source = info.get("source")
     if "test_top1" not in metrics and source and info.get("format") != "onnx":
         metrics.update(run_test_metrics(Path(source)))

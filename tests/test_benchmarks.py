@@ -1,0 +1,124 @@
+"""The benchmark harness runs, on a tiny setting: throughput, time to accuracy, profile, gpu.sh.
+
+These check that the scripts work and write what they promise, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+BENCHMARKS = TESTS.parent / "benchmarks"
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(BENCHMARKS))
+
+import throughput  # noqa: E402
+import time_to_accuracy  # noqa: E402
+from synthetic_data import easy_data, write_image_tree  # noqa: E402
+
+TINY_MODEL = ["--set", 'model_options={"width": 0.25}']
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tree")
+    write_image_tree(easy_data(n_train=200, n_test=40), root)
+    return root
+
+
+def test_throughput_table_and_json(tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    result = throughput.main(["--models", "inception-cpu:width=0.25", "--batch-size", "4",
+                              "--steps", "1", "--warmup", "1", "--device", "cpu",
+                              "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"]
+    row = saved["rows"][0]
+    assert row["model"] == "inception-cpu:width=0.25" and row["batch"] == 4
+    assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["mmacs"] > 0
+    assert saved["environment"]["torch"] and saved["environment"]["date"]
+    assert "| inception-cpu:width=0.25 |" in capsys.readouterr().out
+
+
+def test_throughput_spec_parsing():
+    assert throughput.parse_spec("googlenet:width=0.25,aux_logits=false") == (
+        "googlenet", {"width": 0.25, "aux_logits": False})
+    assert throughput.parse_spec("inception-cpu") == ("inception-cpu", {})
+
+
+def test_settings_are_typed_like_the_config():
+    settings = time_to_accuracy.parse_settings(
+        ["epochs=2", "lr=0.5", "flip=false", "name=none", 'model_options={"width": 0.5}'])
+    assert settings == {"epochs": 2, "lr": 0.5, "flip": False, "name": None,
+                        "model_options": {"width": 0.5}}
+    with pytest.raises(SystemExit, match="training option"):
+        time_to_accuracy.parse_settings(["no_such_option=1"])
+
+
+def test_seed_summary_checkpoints_and_targets():
+    points = [{"train_seconds": 50.0, "test_acc": 0.80}, {"train_seconds": 110.0, "test_acc": 0.905},
+              {"train_seconds": 170.0, "test_acc": 0.93}]
+    summary = time_to_accuracy.summarise_seed(points, (100.0, 200.0), (0.90, 0.92, 0.95))
+    assert summary["final"] == 0.93 and summary["epochs"] == 3
+    assert summary["at_100s"] == 0.80 and summary["at_200s"] == 0.93
+    assert summary["to_0.90"] == 110.0 and summary["to_0.92"] == 170.0
+    assert summary["to_0.95"] is None
+    table = {r["metric"]: r for r in time_to_accuracy.aggregate([summary, summary])}
+    assert table["final"]["mean"] == pytest.approx(0.93) and table["final"]["std"] == 0.0
+    assert table["to_0.95"]["n"] == "0/2"
+
+
+def test_time_to_accuracy_runs_seeds_and_an_ablation(tmp_path, image_tree, capsys):
+    out = tmp_path / "tta.json"
+    result = time_to_accuracy.main([
+        "--recipe", "cpu10", "--seeds", "2", "--data-dir", str(image_tree), "--device", "cpu",
+        "--set", "epochs=2", "--set", "batch_size=32", "--set", "val_size=20", *TINY_MODEL,
+        "--ablate", "no-lookahead:lookahead=false", "--quiet", "--checkpoints", "1000",
+        "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [v["label"] for v in saved["variants"]] == ["recipe", "no-lookahead"]
+    assert saved["variants"][1]["settings"]["lookahead"] is False
+    runs = saved["variants"][0]["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for run in runs:
+        assert [p["epoch"] for p in run["points"]] == [1, 2]
+        times = [p["train_seconds"] for p in run["points"]]
+        assert 0 < times[0] < times[1]
+        assert all(0 <= p["test_acc"] <= 1 for p in run["points"])
+        assert run["summary"]["at_1000s"] == run["points"][-1]["test_acc"]
+    assert len(result["ablation"]) == 2
+    printed = capsys.readouterr().out
+    assert "Ablation" in printed and "Time to accuracy" in printed
+
+
+@pytest.mark.slow
+def test_gpu_script_falls_back_on_the_cpu(tmp_path, image_tree):
+    env = {**os.environ, "PYTHON": sys.executable, "INSTALL": "0", "BUDGET_S": "300",
+           "PYTHONPATH": str(TESTS.parent / "src")}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(image_tree),
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "no CUDA device" in done.stdout
+    tail = done.stdout[done.stdout.index("==== results"):]
+    for title in ("Time to accuracy", "Throughput", "Ablation"):
+        assert title in tail
+    for name in ("fast.json", "throughput.json", "ablation.json"):
+        assert json.loads((tmp_path / "out" / name).read_text())["environment"]
+
+
+def test_gpu_script_refuses_missing_data(tmp_path):
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "nothing")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no data" in done.stderr

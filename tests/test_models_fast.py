@@ -1,0 +1,140 @@
+"""The time-to-accuracy models: inception-cpu and inception-fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cifar_inception.errors import ModelError
+from cifar_inception.models import create_model, list_models
+from cifar_inception.models.blocks import Branches
+from cifar_inception.models.registry import model_purpose
+from cifar_inception.models.fast import STEM_CHANNELS, FastInception
+from cifar_inception.summary import count_macs
+
+NAMES = ("inception-cpu", "inception-fast")
+
+
+def small(name: str, **options) -> FastInception:
+    torch.manual_seed(0)
+    return create_model(name, **{"width": 0.25, **options})
+
+
+def test_registered_with_a_purpose():
+    assert set(NAMES) <= set(list_models())
+    assert all(model_purpose(name) for name in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_shape_in_both_modes(name):
+    model = small(name)
+    x = torch.randn(4, 3, 32, 32)
+    for training in (True, False):
+        model.train(training)
+        out = model(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (4, 10)
+    assert model.default_aux_weights == ()
+
+
+def test_every_stage_is_built_from_parallel_branches():
+    model = small("inception-cpu")
+    branches = [m for m in model.modules() if isinstance(m, Branches)]
+    assert len(branches) == 6  # two Inception modules per group, three groups
+    assert all(len(b.branches) == 2 for b in branches)
+
+
+def test_the_gpu_model_is_wider_and_width_scales_cost():
+    cpu, gpu = create_model("inception-cpu"), create_model("inception-fast")
+    assert count_macs(gpu) > 2 * count_macs(cpu)
+    assert count_macs(create_model("inception-cpu", width=0.5)) < count_macs(cpu) / 2
+
+
+def test_batch_norm_scale_is_frozen_unless_asked():
+    frozen = [m.weight.requires_grad for m in small("inception-cpu").modules()
+              if isinstance(m, nn.BatchNorm2d)]
+    learnt = [m.weight.requires_grad for m in small("inception-cpu", bn_scale=True).modules()
+              if isinstance(m, nn.BatchNorm2d)]
+    assert frozen and not any(frozen)
+    assert learnt and all(learnt)
+
+
+def test_relu_option_replaces_gelu():
+    model = small("inception-cpu", act="relu")
+    assert not any(isinstance(m, nn.GELU) for m in model.modules())
+    assert any(isinstance(m, nn.ReLU) for m in model.modules())
+
+
+@pytest.mark.parametrize("options, fragment", [
+    ({"act": "tanh"}, "act must be one of"),
+    ({"width": 0}, "width"),
+    ({"bn_scale": "yes"}, "bn_scale"),
+    ({"depth": 3}, "no option 'depth'"),
+])
+def test_bad_options(options, fragment):
+    with pytest.raises(ModelError, match=fragment):
+        create_model("inception-cpu", **options)
+
+
+def test_wrong_input_is_refused_with_the_expected_shape():
+    with pytest.raises(ModelError, match=r"\(N, 3, 32, 32\)"):
+        small("inception-cpu")(torch.zeros(2, 3, 28, 28))
+
+
+def _correlated_images(n: int = 64) -> torch.Tensor:
+    """Smooth, colour-correlated images: neighbouring pixels and channels far from white."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(n, 1, 8, 8, generator=generator)
+    base = F.interpolate(base, size=32, mode="bilinear", align_corners=False)
+    tint = torch.tensor([1.0, 0.9, 0.7]).view(1, 3, 1, 1)
+    return base * tint + 0.1 * torch.randn(n, 3, 32, 32, generator=generator)
+
+
+def test_whitening_init_decorrelates_patches():
+    model = small("inception-cpu")
+    images = _correlated_images()
+    model.init_from_data(images, eps=0.0)
+    conv = model.stem_conv()
+    assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    half = STEM_CHANNELS // 2
+    assert torch.allclose(conv.weight[half:], -conv.weight[:half])
+    with torch.no_grad():
+        out = F.conv2d(images, conv.weight[:half])  # the stem without bias and activation
+    flat = out.permute(0, 2, 3, 1).reshape(-1, half)
+    flat = flat - flat.mean(0)
+    covariance = flat.T @ flat / len(flat)
+    assert torch.allclose(covariance, torch.eye(half), atol=1e-3)
+    # the raw patches were strongly correlated, so this is not true before
+    raw = F.unfold(images, 2).transpose(1, 2).reshape(-1, half)
+    raw = raw - raw.mean(0)
+    assert not torch.allclose(raw.T @ raw / len(raw), torch.eye(half), atol=0.1)
+
+
+def test_channels_last_and_bf16_autocast_agree_with_fp32():
+    model = small("inception-cpu").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(x)
+        last = model.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).float()
+    assert torch.allclose(reference, last, atol=1e-4)
+    assert torch.allclose(reference, low, atol=0.05 * reference.abs().max().item() + 1e-3)
+
+
+def test_a_few_steps_fit_a_tiny_batch():
+    model = small("inception-cpu").train()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(16) % 10
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5,
+                                momentum=0.9, nesterov=True)
+    losses = []
+    for _ in range(15):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]

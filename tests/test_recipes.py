@@ -1,0 +1,84 @@
+"""Recipes: defaults < recipe < the recipe's model entry < explicit options; checked values."""
+
+from __future__ import annotations
+
+import pytest
+
+from cifar_inception.recipes import (
+    FIELDS,
+    RECIPES,
+    RUNTIME_FIELDS,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    default_recipe_name,
+)
+
+
+def test_seed_recipe_mirrors_the_report():
+    naive = build_config("seed-naive", "seed")
+    assert (naive.optimizer, naive.lr, naive.batch_size) == ("adam", 1e-3, 32)
+    assert (naive.epochs, naive.val_size) == (10, 10000)          # 40,000 / 10,000, 10 epochs
+    assert naive.label_smoothing == 0.0 and naive.weight_decay == 0.0
+    assert naive.crop_padding == 0 and not naive.flip and naive.cutout == 0
+    assert naive.schedule == "constant" and naive.aux_weights == 1.0
+    v2 = build_config("seed-inception-v2", "seed")
+    assert (v2.epochs, v2.val_size) == (25, 5000)                 # 45,000 / 5,000, 25 epochs
+
+
+def test_model_family_picks_the_recipe_when_none_is_named():
+    assert build_config("seed-googlenet").recipe == "seed"
+    default = build_config("googlenet")
+    assert default.recipe == "default" and default.optimizer == "sgd" and default.nesterov
+    assert default.label_smoothing == 0.1 and default.crop_padding == 4 and default.flip
+
+
+def test_no_model_picks_by_hardware():
+    cpu = build_config(cuda=False)
+    assert (cpu.recipe, cpu.model) == ("cpu", "googlenet")
+    assert cpu.model_options == {"width": 0.25}
+    gpu = build_config(cuda=True)
+    assert gpu.recipe == "gpu" and gpu.model_options == {}
+    assert default_recipe_name(None, cuda=True) == "gpu"
+    assert default_recipe_name("inception-v3", cuda=True) == "default"
+
+
+def test_explicit_options_override_the_recipe():
+    config = build_config("seed-naive", "seed", epochs=2, lr=0.01, flip=True)
+    assert (config.epochs, config.lr, config.flip) == (2, 0.01, True)
+    assert config.optimizer == "adam"  # the rest stays the recipe's
+
+
+def test_model_options_merge_and_belong_to_their_model():
+    assert build_config(recipe="cpu", model_options={"dropout": 0.1}).model_options == \
+        {"width": 0.25, "dropout": 0.1}
+    assert build_config(recipe="cpu", model_options={"width": 0.5}).model_options == \
+        {"width": 0.5}
+    # the cpu recipe's width is GoogLeNet's; another model gets the settings but not it
+    other = build_config("inception-v3", "cpu")
+    assert other.model == "inception-v3" and other.model_options == {}
+    assert other.epochs == RECIPES["cpu"].settings["epochs"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(recipe="nope"), "unknown recipe 'nope'"),
+    (dict(recipe="seed"), "does not name a model"),
+    (dict(model="googlenet", bogus=1), "unknown training option"),
+    (dict(model="googlenet", epochs=0), "epochs must be >= 1"),
+    (dict(model="googlenet", lr=0.0), "learning rate must be > 0"),
+    (dict(model="googlenet", optimizer="rmsprop"), "optimizer must be one of"),
+    (dict(model="googlenet", schedule="step"), "schedule must be one of"),
+    (dict(model="googlenet", label_smoothing=1.0), "label smoothing"),
+    (dict(model="googlenet", aux_weights=[-1.0]), "auxiliary weights"),
+    (dict(model="googlenet", device="tpu"), "device must be"),
+    (dict(model="googlenet", padding_mode="wrap"), "padding mode"),
+])
+def test_bad_values_are_refused_with_the_option_name(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(**kwargs)
+
+
+def test_config_round_trips_through_a_dict():
+    config = build_config("googlenet", model_options={"width": 0.5}, aux_weights=[0.1, 0.2])
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    assert set(RUNTIME_FIELDS) <= set(FIELDS)
