@@ -6,6 +6,7 @@ keep-alive connection (standard library only). Every round is bounded in count a
 
     python benchmarks/serve_load.py                      # random-weight googlenet, width 1
     python benchmarks/serve_load.py runs/googlenet       # a run folder, checkpoint or .onnx
+    python benchmarks/serve_load.py --onnx                # the same, exported to ONNX
     python benchmarks/serve_load.py --width 0.25 --requests 300 --duration 20 --rounds 3
 """
 
@@ -37,6 +38,8 @@ def parse_args() -> argparse.Namespace:
                              "initialised model, see --arch and --width)")
     parser.add_argument("--arch", default="googlenet", help="model for the default (googlenet)")
     parser.add_argument("--width", type=float, default=1.0, help="its width (default: 1.0)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="export that model to ONNX and serve the .onnx file")
     parser.add_argument("--requests", type=int, default=500, help="per round (default: 500)")
     parser.add_argument("--duration", type=float, default=30.0,
                         help="seconds per round at most (default: 30)")
@@ -184,8 +187,14 @@ def main() -> int:
     image = Path(args.image).read_bytes() if args.image else default_image()
     body, content_type = multipart(image, Path(args.image).name if args.image else "x.png")
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
-        model = Path(args.model) if args.model else random_checkpoint(Path(tmp), args.arch,
-                                                                       args.width)
+        if args.model:
+            model = Path(args.model)
+        else:
+            model = random_checkpoint(Path(tmp), args.arch, args.width)
+            if args.onnx:
+                from cifar_inception.export import export_onnx
+
+                model = export_onnx(model, Path(tmp) / "model.onnx").path
         proc, url = start_server(model, Path(tmp) / "server.log")
         try:
             status, data = request(url, "GET", "/api/model")

@@ -9,6 +9,7 @@ from cifar_inception.recipes import (
     RECIPES,
     RUNTIME_FIELDS,
     ConfigError,
+    Recipe,
     TrainConfig,
     build_config,
     default_recipe_name,
@@ -35,8 +36,7 @@ def test_model_family_picks_the_recipe_when_none_is_named():
 
 def test_no_model_picks_by_hardware():
     cpu = build_config(cuda=False)
-    assert (cpu.recipe, cpu.model) == ("cpu", "googlenet")
-    assert cpu.model_options == {"width": 0.25}
+    assert (cpu.recipe, cpu.model) == ("cpu", "inception-cpu")
     gpu = build_config(cuda=True)
     assert gpu.recipe == "gpu" and gpu.model_options == {}
     assert default_recipe_name(None, cuda=True) == "gpu"
@@ -49,15 +49,17 @@ def test_explicit_options_override_the_recipe():
     assert config.optimizer == "adam"  # the rest stays the recipe's
 
 
-def test_model_options_merge_and_belong_to_their_model():
-    assert build_config(recipe="cpu", model_options={"dropout": 0.1}).model_options == \
+def test_model_options_merge_and_belong_to_their_model(monkeypatch):
+    narrow = Recipe("narrow", "test", dict(epochs=2, model_options={"width": 0.25}),
+                    model="googlenet")
+    monkeypatch.setitem(RECIPES, "narrow", narrow)
+    assert build_config(recipe="narrow", model_options={"dropout": 0.1}).model_options == \
         {"width": 0.25, "dropout": 0.1}
-    assert build_config(recipe="cpu", model_options={"width": 0.5}).model_options == \
+    assert build_config(recipe="narrow", model_options={"width": 0.5}).model_options == \
         {"width": 0.5}
-    # the cpu recipe's width is GoogLeNet's; another model gets the settings but not it
-    other = build_config("inception-v3", "cpu")
-    assert other.model == "inception-v3" and other.model_options == {}
-    assert other.epochs == RECIPES["cpu"].settings["epochs"]
+    # the recipe's width is GoogLeNet's; another model gets the settings but not the width
+    other = build_config("inception-v3", "narrow")
+    assert other.model == "inception-v3" and other.model_options == {} and other.epochs == 2
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -7,6 +7,10 @@ import base64
 import io
 import json
 import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,8 +261,6 @@ def test_a_failing_model_gives_500_and_the_server_goes_on(classifier):
 def test_concurrent_requests_all_succeed(classifier):
     app = create_app(classifier)
     with TestClient(app) as client:
-        from concurrent.futures import ThreadPoolExecutor
-
         uploads = [png_bytes(picture(seed=i)) for i in range(8)]
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(
@@ -334,3 +336,19 @@ def test_cli_serve_reports_a_busy_port_and_a_missing_model(tmp_path, capsys):
     assert "no such ONNX file" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", str(path), "--port", "70000"])
+
+
+def test_the_load_check_runs_and_reports():
+    """benchmarks/serve_load.py, tiny: a real server, real requests, a JSON summary."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--width", "0.25", "--requests", "6", "--warmup", "2",
+         "--concurrency", "2", "--duration", "60", "--json"],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    (round_,) = report["rounds"]
+    assert round_["ok"] == 6 and round_["errors"] == 0
+    assert round_["requests_per_s"] > 0 and 0 < round_["p50_ms"] <= round_["p99_ms"]
+    assert report["setup"]["model"] == "googlenet" and report["setup"]["options"] == {
+        "width": 0.25}

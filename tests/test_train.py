@@ -395,11 +395,11 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
     tree = tmp_path / "tree"
     write_image_tree(easy_data(n_train=60, n_test=10), tree)
     code = main(["train", "--data-dir", str(tree), "--epochs", "1", "--batch-size", "20",
-                 "--val-size", "20", "--width", "0.125", "--output", str(tmp_path / "runs"),
+                 "--val-size", "20", "--width", "0.25", "--output", str(tmp_path / "runs"),
                  "--name", "auto", "--no-test"])
     out = capsys.readouterr().out
     assert code == 0
     assert "found no GPU, so recipe 'cpu'" in out
     config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())["config"]
-    assert config["model"] == "googlenet" and config["recipe"] == "cpu"
-    assert config["model_options"] == {"width": 0.125}
+    assert config["model"] == "inception-cpu" and config["recipe"] == "cpu"
+    assert config["model_options"] == {"width": 0.25}

@@ -149,10 +149,11 @@ def _check_act(act: object) -> str:
 
 
 def fast_inception(widths: tuple[int, int, int], num_classes: int, *, width: float,
-                   act: str, bn_scale: bool) -> FastInception:
+                   act: str, bn_scale: bool, dirac: bool) -> FastInception:
     width = check_width(width)
     act = _check_act(act)
     bn_scale = check_flag("bn_scale", bn_scale)
+    dirac = check_flag("dirac", dirac)
     channels = [scale_width(c, width) for c in widths]
     stages: dict[str, nn.Module] = {
         "stem": nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, STEM_PATCH, padding=0, bias=True),
@@ -165,16 +166,25 @@ def fast_inception(widths: tuple[int, int, int], num_classes: int, *, width: flo
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                          nn.Linear(previous, num_classes, bias=False), Scale(LOGIT_SCALE))
     model = FastInception(stages, head)
-    _init(model)
+    _init(model, dirac)
     return model
 
 
-def _init(model: nn.Module) -> None:
-    """PyTorch's default convolution init (as the fast trainers use), a frozen-scale norm at 1."""
+def _init(model: nn.Module, dirac: bool) -> None:
+    """PyTorch's default initialisation, then (``dirac``) identity filters in each 3x3 conv.
+
+    With ``dirac`` the first ``min(in, out)`` filters of every 3x3 convolution start as the
+    identity (the others keep their random init), so at the start each module passes its
+    input through as a residual block would, and a network without skip connections trains
+    fast from the first step.
+    """
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif dirac and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
+            weight = module.weight.data
+            nn.init.dirac_(weight[:min(weight.shape[0], weight.shape[1])])
 
 
 CPU_WIDTHS = (32, 128, 128)
@@ -183,21 +193,25 @@ FAST_WIDTHS = (64, 256, 256)
 
 @register_model("inception-cpu")
 def inception_cpu(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
-                  bn_scale: bool = False) -> FastInception:
+                  bn_scale: bool = False, dirac: bool = True) -> FastInception:
     """Small Inception net for time-to-accuracy on a 2-core CPU (the cpu10 recipe's model).
 
     Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
-    batch-norm scale; default false: frozen at 1).
+    batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
+    filters; default true).
     """
-    return fast_inception(CPU_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale)
+    return fast_inception(CPU_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale,
+                          dirac=dirac)
 
 
 @register_model("inception-fast")
 def inception_fast(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
-                   bn_scale: bool = False) -> FastInception:
+                   bn_scale: bool = False, dirac: bool = True) -> FastInception:
     """Inception net for time-to-accuracy on one GPU (the fast recipe's model).
 
     Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
-    batch-norm scale; default false: frozen at 1).
+    batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
+    filters; default true).
     """
-    return fast_inception(FAST_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale)
+    return fast_inception(FAST_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale,
+                          dirac=dirac)
