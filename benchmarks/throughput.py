@@ -160,8 +160,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
 
+    threads_before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -17,6 +17,15 @@ from cifar_inception.summary import count_macs
 NAMES = ("inception-cpu", "inception-fast")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: tiny batches gain nothing from two, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small(name: str, **options) -> FastInception:
     torch.manual_seed(0)
     return create_model(name, **{"width": 0.25, **options})

@@ -42,6 +42,15 @@ def private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """One thread: on a busy machine a second thread mostly waits for the first."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data():
     return easy_data(n_train=300, n_test=100)
@@ -49,7 +58,7 @@ def data():
 
 def tiny_config(tmp_path, **overrides):
     settings = dict(epochs=3, batch_size=32, lr=0.1, val_size=60, warmup_epochs=0.5,
-                    out_dir=str(tmp_path / "runs"), name="run", test=False)
+                    out_dir=str(tmp_path / "runs"), name="run", test=False, num_threads=1)
     settings.update(overrides)
     return build_config(TINY, "default", **settings)
 
@@ -156,53 +165,70 @@ def test_no_validation_split_keeps_last_epoch_as_best(tmp_path, data):
     assert load_checkpoint(result.run_dir / "best.pt")["metrics"]["epoch"] == 2
 
 
-SMALL_MODELS = {"googlenet": {"width": 0.125}, "inception-v3": {"width": 0.125},
-                "seed-googlenet": {}}
+# model -> (options, recipe, overrides) of a short run that learns the easy task
+SMALL_MODELS = {
+    "googlenet": ({"width": 0.125}, "seed", {}),
+    "inception-v3": ({"width": 0.125}, "seed", {}),
+    "inception-cpu": ({"width": 0.25}, "default", {"lr": 0.2}),
+    "inception-fast": ({"width": 0.25}, "default", {"lr": 0.2}),
+    "seed-googlenet": ({}, "seed", {}),
+}
 HEAVY_MODELS = ("seed-naive", "seed-inception-v2")  # 232M and 142M parameters
 
 
 def test_every_registered_model_is_covered():
-    real = set(list_models()) - {TINY}
+    real = {name for name in list_models() if not name.startswith("test-")}
     assert real == set(SMALL_MODELS) | set(HEAVY_MODELS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL_MODELS))
 def test_small_models_beat_chance(tmp_path, name):
-    """A short real run on the easy generated task: validation accuracy above chance."""
-    data = easy_data(n_train=260, n_test=20, seed=1)
-    recipe = "seed" if name.startswith("seed-") else "default"
-    settings = dict(epochs=2, batch_size=20, val_size=60, out_dir=str(tmp_path), name=name,
-                    test=False, model_options=SMALL_MODELS[name])
-    if recipe == "default":
-        settings.update(lr=0.05, warmup_epochs=0.2)
-    result = train(build_config(name, recipe, **settings), data, log=quiet)
+    """A short real run (20 steps of 16) on the easy generated task: the validation accuracy
+    (60 images, chance 0.1) must clear 0.3. The Adam-based seed settings learn fastest in so
+    few steps, except for the nets built for the default recipe's high learning rates."""
+    options, recipe, overrides = SMALL_MODELS[name]
+    data = easy_data(n_train=220, n_test=20, seed=1)
+    config = build_config(name, recipe, epochs=2, batch_size=16, val_size=60,
+                          out_dir=str(tmp_path), name=name, test=False, model_options=options,
+                          num_threads=1, **overrides)
+    result = train(config, data, log=quiet)
     best = max(r["val_acc"] for r in result.history)
-    assert best > 0.3, f"{name}: best validation accuracy {best}"
+    assert best > 0.3, f"{name}: validation accuracies {[r['val_acc'] for r in result.history]}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", HEAVY_MODELS)
-def test_heavy_seed_models_lower_the_loss(name):
-    """The report's two huge networks: the real loss, optimiser and recipe on one small batch;
-    a few steps must lower the loss (a full run here would take minutes per epoch)."""
-    config = build_config(name, "seed")
+def test_heavy_seed_models_learn(name, one_thread):
+    """The report's two huge networks: three steps of the real loss and optimiser (Adam, the
+    seed recipe's settings) on one batch of 6 images lower the loss on it at every step
+    (measured in eval mode, without dropout's noise). A whole epoch here would take many
+    minutes. The learning rate is 3e-5 instead of the recipe's 1e-3, which overshoots on a
+    batch this small (the report trained with 1,250 batches per epoch)."""
+    config = build_config(name, "seed", lr=3e-5)
     torch.manual_seed(0)
-    model = create_model(name).train()
+    model = create_model(name)
     optimizer = build_optimizer(config, model)
-    weights_ = resolve_aux_weights(config, model)
-    data = easy_data(n_train=8, n_test=1, seed=2)
+    aux_weights = resolve_aux_weights(config, model)
+    data = easy_data(n_train=6, n_test=1, seed=2)
     x = (torch.as_tensor(data.train_images).permute(0, 3, 1, 2).float() - 128) / 64
     y = torch.as_tensor(data.train_labels)
-    losses = []
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+
+    losses = [eval_loss()]
     for _ in range(3):
-        loss, _ = training_loss(model(x), y, weights_, config.label_smoothing)
+        model.train()
+        loss, _ = training_loss(model(x), y, aux_weights, config.label_smoothing)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
-    assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < losses[0], losses
+        losses.append(eval_loss())
+    assert all(math.isfinite(v) for v in losses), losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
 
 
 # --------------------------------------------------------------------------- resume
@@ -307,35 +333,54 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_between_epochs_leaves_a_resumable_run(tmp_path):
-    """Kill -9 while training: last.pt is whole (atomic writes) and the run resumes."""
+def _wait_for_rows(process: subprocess.Popen, metrics: Path, rows: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"training stopped early or stalled: {process.stderr.read()}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_kill_9_then_resume(tmp_path):
+    """In a real process: Ctrl-C exits 130 with one line and a resumable last.pt; kill -9
+    (no handler runs, whatever was being written stays half-written) leaves a whole last.pt
+    thanks to atomic writes; and the run then resumes to the end."""
     tree = tmp_path / "tree"
     write_image_tree(easy_data(n_train=300, n_test=20), tree)
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(TESTS)))
     env = dict(os.environ, CIFAR_INCEPTION_CACHE=str(tmp_path / "cache"))
-    args = ["train", TINY, "--data-dir", str(tree), "--epochs", "400", "--batch-size", "20",
-            "--val-size", "0", "--output", str(tmp_path / "runs"), "--name", "run", "--no-test",
-            "--threads", "1"]
-    process = subprocess.Popen([sys.executable, str(script), *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = tmp_path / "runs" / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, process.stderr.read().decode()
-    process.kill()  # SIGKILL: no handler runs, whatever was being written stays half-written
-    process.wait()
-    run = metrics.parent
-    last = load_checkpoint(run / "last.pt")
-    done = last["training"]["position"]["epoch"]
-    assert done >= 2
-    code = subprocess.run([sys.executable, str(script), "train", "--resume", str(run),
-                           "--epochs", str(done + 1)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert code.returncode == 0, code.stderr
+    run = tmp_path / "runs" / "run"
+    metrics = run / "metrics.jsonl"
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), *args], env=env, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    first = start("train", TINY, "--data-dir", str(tree), "--epochs", "400", "--batch-size",
+                  "20", "--val-size", "0", "--output", str(tmp_path / "runs"), "--name", "run",
+                  "--no-test", "--threads", "1")
+    _wait_for_rows(first, metrics, 2)
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=60) == 130
+    lines = [line for line in first.stderr.read().splitlines() if "interrupted" in line]
+    assert len(lines) == 1, lines  # (the data loader's progress bar also writes to stderr)
+    assert lines[0].startswith("cifar-inception: interrupted") and "--resume" in lines[0]
+    stopped = load_checkpoint(run / "last.pt")["training"]["position"]
+
+    second = start("train", "--resume", str(run))
+    _wait_for_rows(second, metrics, stopped["epoch"] + 3)
+    second.kill()
+    second.wait()
+    done = load_checkpoint(run / "last.pt")["training"]["position"]["epoch"]
+    assert done >= stopped["epoch"] + 2
+
+    third = subprocess.run([sys.executable, str(script), "train", "--resume", str(run),
+                            "--epochs", str(done + 1)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
     assert load_checkpoint(run / "last.pt")["training"]["position"]["epoch"] == done + 1
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, done + 2))
@@ -349,7 +394,8 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
     write_image_tree(easy_data(n_train=200, n_test=30), tree)
     code = main(["train", TINY, "--data-dir", str(tree), "--epochs", "2", "--batch-size",
                  "20", "--lr", "0.1", "--val-size", "40", "--output", str(tmp_path / "runs"),
-                 "--name", "cli", "--option", "channels=4", "--aux-weights", "0.25"])
+                 "--name", "cli", "--option", "channels=4", "--aux-weights", "0.25",
+                 "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "Epoch 2/2 - " in out and "test (best.pt" in out
@@ -396,7 +442,7 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
     write_image_tree(easy_data(n_train=60, n_test=10), tree)
     code = main(["train", "--data-dir", str(tree), "--epochs", "1", "--batch-size", "20",
                  "--val-size", "20", "--width", "0.25", "--output", str(tmp_path / "runs"),
-                 "--name", "auto", "--no-test"])
+                 "--name", "auto", "--no-test", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
     assert "found no GPU, so recipe 'cpu'" in out

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -368,7 +368,7 @@ class Position:
     correct: float = 0.0
     seen: float = 0.0
     seconds: float = 0.0
-    best_val_acc: float | None = None
+    best_score: float | None = None  # best validation accuracy; the epoch without validation
     best_epoch: int | None = None
 
 
@@ -397,6 +397,8 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
             raise TrainingError("give a configuration or a run to resume")
         config = resume_config(resume)
     validate(config)
+    if config.data_dir is not None:  # recorded absolute, so evaluation finds it from anywhere
+        config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
     ctx = distributed.context_from_environment()
     device = distributed.device_for(ctx, pick_device(config.device))
     emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
@@ -419,48 +421,233 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
         torch.set_num_threads(threads_before)
 
 
+@dataclass
+class Loop:
+    """What every step needs, fixed for the whole run."""
+
+    config: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    prepared: DeviceData
+    model: nn.Module                # the module itself: checkpoints, validation
+    net: nn.Module                  # what the steps call: DDP and/or compiled around it
+    optimizer: torch.optim.Optimizer
+    aux_weights: tuple[float, ...]
+    policy: AugmentPolicy
+    steps_per_epoch: int
+    run_dir: Path | None = None     # rank 0 only
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def lr_at(self, epoch: int, step: int) -> float:
+        c = self.config
+        return c.lr * lr_factor(epoch * self.steps_per_epoch + step,
+                                c.epochs * self.steps_per_epoch,
+                                round(c.warmup_epochs * self.steps_per_epoch), c.schedule)
+
+    def checkpoint(self, position: Position, metrics: dict | None,
+                   with_training: bool = True) -> dict:
+        """best.pt holds weights and metrics; last.pt also the optimiser and RNG states."""
+        training: dict[str, Any] = {"config": self.config.to_dict(),
+                                    "position": vars(position).copy()}
+        if with_training:
+            training.update(
+                optimizer=self.optimizer.state_dict(),
+                rng={"cpu": torch.get_rng_state(),
+                     "cuda": [torch.cuda.get_rng_state(self.device)] if self.cuda else []},
+                world_size=self.ctx.world_size)
+        p = self.prepared
+        return make_checkpoint(
+            model_name=self.config.model, model_options=self.config.model_options,
+            num_classes=len(p.classes), classes=list(p.classes), mean=list(p.mean),
+            std=list(p.std), state_dict=self.model.state_dict(), training=training,
+            metrics=metrics)
+
+
 def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
            ctx: DistContext, device: torch.device, emit: Callable[[str], None]) -> TrainResult:
     check_model(config)  # before the data is loaded: a typo should fail at once
-    # -- resume state first: it fixes the run folder and must match the configuration
-    ckpt, position = None, Position()
-    if resume is not None:
-        ckpt_path = resume_checkpoint_path(resume)
-        ckpt = load_checkpoint(ckpt_path)
-        if "training" not in ckpt:
-            raise CheckpointError(f"{ckpt_path}: holds no training state to resume from")
-        _check_resume_matches(config, ckpt["training"]["config"], ckpt_path)
-        position = Position(**ckpt["training"]["position"])
-        if position.epoch >= config.epochs:
-            raise TrainingError(f"{ckpt_path.parent}: all {config.epochs} epochs are done; "
-                                f"pass a larger --epochs to train further")
-
-    # -- data, once, on the device
-    if config.data_dir is not None:
-        config.data_dir = str(Path(config.data_dir).expanduser().resolve())
+    ckpt, position = _resume_state(config, resume)
     if data is None:
         from cifar_inception.data import load_cifar10
 
         with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
             data = load_cifar10(config.data_dir, download=config.download,
                                 progress=ctx.is_main)
-    prepared = prepare_data(config, data, device)
-    n_train = prepared.train_x.shape[0]
-    per_rank = distributed.per_rank_batch(config.batch_size, ctx)
-    steps_per_epoch = n_train // config.batch_size  # the last incomplete batch is dropped
-    if steps_per_epoch == 0:
-        raise TrainingError(f"the training split has {n_train} images, fewer than one batch "
-                            f"of {config.batch_size}; lower --batch-size")
+    loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+    if ctx.is_main:
+        loop.run_dir = _open_run_dir(loop, resume, position)
+        emit(_start_line(loop, resumed=resume is not None))
 
-    # -- model, optimiser, loss weights
+    status, message = "completed", ""
+    stop = StopRequest()
+    with stop.installed():
+        for epoch in range(position.epoch, config.epochs):
+            if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
+                status = "paused"
+                message = (f"paused after epoch {epoch} of {config.epochs}; continue with: "
+                           f"cifar-inception train --resume {loop.run_dir}")
+                emit(message)
+                break
+            started = time.perf_counter() - position.seconds
+            totals, lr, stopped_at = train_epoch(loop, epoch, position, stop)
+            if stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
+                position = replace(position, epoch=epoch, step=stopped_at,
+                                   loss_sum=float(totals[0]), correct=float(totals[1]),
+                                   seen=float(totals[2]),
+                                   seconds=time.perf_counter() - started)
+                if ctx.is_main:
+                    save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, None))
+                status = "interrupted"
+                message = (f"interrupted at epoch {epoch + 1}, step {stopped_at} of "
+                           f"{loop.steps_per_epoch}; saved {loop.run_dir / LAST}; continue "
+                           f"with: cifar-inception train --resume {loop.run_dir}")
+                break
+            val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config, device,
+                                                   ctx)
+            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
+                   "train_loss": float(totals[0] / totals[2]),
+                   "train_acc": float(totals[1] / totals[2]),
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
+            position = _end_of_epoch(loop, position, row, emit)
+            if stop.requested:  # Ctrl-C during validation or saving: the epoch is complete
+                status = "interrupted"
+                message = (f"interrupted after epoch {epoch + 1}; saved {loop.run_dir / LAST}; "
+                           f"continue with: cifar-inception train --resume {loop.run_dir}")
+                break
+
+    history = read_jsonl(loop.run_dir / METRICS_FILE) if ctx.is_main else []
+    best = next((r for r in history if r["epoch"] == position.best_epoch), None)
+    test = None
+    if status == "completed" and ctx.is_main and config.test:
+        test = evaluate(loop.run_dir / BEST, data, device=str(device),
+                        batch_size=config.eval_batch_size)
+        emit(f"test ({BEST}, epoch {position.best_epoch}): loss {test['test_loss']:.4f} - "
+             f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
+             f"({loop.run_dir / EVAL_FILE})")
+    return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
+
+
+def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
+                ) -> tuple[torch.Tensor, float, int | None]:
+    """The steps of one epoch, from ``position.step`` on.
+
+    Returns the global (loss sum, correct, seen) of the epoch, the last learning rate, and
+    the number of steps done when a stop request ended the epoch early (else None).
+    """
+    config, ctx, device, data = loop.config, loop.ctx, loop.device, loop.prepared
+    n_train = data.train_x.shape[0]
+    per_rank = distributed.per_rank_batch(config.batch_size, ctx)
+    order = torch.randperm(n_train, device=device,
+                           generator=seeded_generator(device, config.seed, "order", epoch))
+    # Partial sums of an interrupted epoch are global; rank 0 carries them on.
+    carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
+        else [0.0, 0.0, 0.0]
+    sums = torch.tensor(carried, dtype=torch.float64, device=device)
+    cutout_fill = [round(m * 255) for m in data.mean]  # normalises to about zero
+    check_every = 10 if loop.cuda else 1  # a check syncs CUDA; the CPU pays nothing
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if loop.cuda and config.amp
+                else nullcontext())
+    loop.model.train()
+    bar = _progress(loop.steps_per_epoch, position.step, epoch, config.epochs, ctx)
+    lr, stopped_at = loop.lr_at(epoch, position.step), None
+    for step in range(position.step, loop.steps_per_epoch):
+        lr = loop.lr_at(epoch, step)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = lr
+        # The whole global batch is augmented alike on every rank; each keeps its share.
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
+        images = loop.policy(data.train_x[index], fill=cutout_fill,
+                             generator=seeded_generator(device, config.seed, "augment",
+                                                        epoch, step))
+        images = distributed.shard(images, ctx)
+        targets = distributed.shard(data.train_y[index], ctx)
+        x = normalize(images, data.mean, data.std,
+                      channels_last=loop.cuda and config.channels_last)
+        with autocast:
+            output = loop.net(x)
+        loss, logits = training_loss(output, targets, loop.aux_weights, config.label_smoothing)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        sums += torch.stack([loss.detach().double() * per_rank,
+                             (logits.argmax(1) == targets).sum().double(),
+                             torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
+
+        last = step + 1 == loop.steps_per_epoch
+        if (step + 1) % check_every and not last:
+            continue
+        # One collective for both flags, so every rank stops at the same step.
+        stop_now, diverged = distributed.all_reduce(torch.tensor(
+            [float(stop.requested), float(not torch.isfinite(sums[0]))], device=device),
+            ctx, op="max").tolist()
+        if diverged:
+            bar.close()
+            raise TrainingError(_diverged_message(loop.run_dir, epoch, step, lr))
+        bar.update(step + 1 - bar.n)
+        if bar.n % 10 == 0 or last:
+            bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
+        if stop_now and not last:
+            stopped_at = step + 1
+            break
+    bar.close()
+    return distributed.all_reduce(sums, ctx), lr, stopped_at
+
+
+def _end_of_epoch(loop: Loop, position: Position, row: dict,
+                  emit: Callable[[str], None]) -> Position:
+    """Log the epoch, then save best.pt (if it improved) and last.pt; the new position."""
+    score = row["val_acc"] if row["val_acc"] is not None else float(row["epoch"])  # the last
+    improved = position.best_score is None or score > position.best_score
+    position = Position(row["epoch"], 0,
+                        best_score=score if improved else position.best_score,
+                        best_epoch=row["epoch"] if improved else position.best_epoch)
+    if loop.ctx.is_main:
+        emit(format_epoch_line(row, loop.config.epochs))
+        append_jsonl(loop.run_dir / METRICS_FILE, row)
+        if improved:
+            save_checkpoint(loop.run_dir / BEST,
+                            loop.checkpoint(position, row, with_training=False))
+        save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, row))
+    return position
+
+
+def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
+                  ) -> tuple[dict | None, Position]:
+    """The checkpoint to continue from (checked against ``config``) and its position."""
+    if resume is None:
+        return None, Position()
+    path = resume_checkpoint_path(resume)
+    ckpt = load_checkpoint(path)
+    if "training" not in ckpt or "optimizer" not in ckpt["training"]:
+        raise CheckpointError(f"{path}: holds no training state to resume from")
+    if ckpt["model"]["name"] != config.model:
+        raise CheckpointError(f"{path} is for model {ckpt['model']['name']!r}, "
+                              f"not {config.model!r}")
+    _check_resume_matches(config, ckpt["training"]["config"], path)
+    position = Position(**ckpt["training"]["position"])
+    if position.epoch >= config.epochs:
+        raise TrainingError(f"{path.parent}: all {config.epochs} epochs are done; "
+                            f"pass a larger --epochs to train further")
+    return ckpt, position
+
+
+def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
+                device: torch.device, ckpt: dict | None) -> Loop:
+    """Model, optimiser and the rest, fresh or restored from ``ckpt``."""
+    steps_per_epoch = prepared.train_x.shape[0] // config.batch_size  # drop the last partial
+    distributed.per_rank_batch(config.batch_size, ctx)  # refuses an uneven split early
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training split has {prepared.train_x.shape[0]} images, "
+                            f"fewer than one batch of {config.batch_size}; lower --batch-size")
     model = build_model(config, len(prepared.classes), device, ctx)
     aux_weights = resolve_aux_weights(config, model)
     optimizer = build_optimizer(config, model)
     if ckpt is None:
         init_from_data(model, prepared)
     else:
-        if ckpt["model"]["name"] != config.model:
-            raise CheckpointError(f"checkpoint is for model {ckpt['model']['name']!r}")
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["training"]["optimizer"])
         torch.set_rng_state(ckpt["training"]["rng"]["cpu"])
@@ -469,164 +656,42 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     net = distributed.wrap(model, ctx, device)
     if config.compile:
         net = torch.compile(net)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and config.amp else nullcontext())
-    channels_last = device.type == "cuda" and config.channels_last
     policy = AugmentPolicy(config.crop_padding, config.padding_mode, config.flip, config.cutout)
-    cutout_fill = [round(m * 255) for m in prepared.mean]  # normalises to about zero
-    total_steps = config.epochs * steps_per_epoch
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    return Loop(config, ctx, device, prepared, model, net, optimizer, aux_weights, policy,
+                steps_per_epoch)
 
-    # -- run folder (rank 0 writes everything)
-    run_dir = Path(resume_checkpoint_path(resume)).parent if resume is not None else None
-    if ctx.is_main:
-        if run_dir is None:
-            run_dir = new_run_dir(config)
-            record = run_record(config, prepared, model, aux_weights, device, ctx)
-        else:
-            record = _read_record(run_dir)
-            record["config"] = config.to_dict()
-            record.setdefault("resumed", []).append(
-                {"at_epoch": position.epoch, "at_step": position.step, "command": sys.argv,
-                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                 "hardware": hardware_info(device, ctx)})
-            _truncate_metrics(run_dir / METRICS_FILE, position.epoch)
-        atomic_write_json(run_dir / CONFIG_FILE, record)
-        what = "resuming" if resume is not None else "training"
-        emit(f"{what} {config.model} (recipe {config.recipe or 'none'}) on {device}"
-             f"{f' x{ctx.world_size}' if ctx.enabled else ''}: {n_train} training / "
-             f"{prepared.val_x.shape[0]} validation images, {config.epochs} epochs of "
-             f"{steps_per_epoch} steps, batch {config.batch_size}; run folder {run_dir}")
 
-    def checkpoint(pos: Position, metrics: dict | None, with_training: bool = True) -> dict:
-        training = {"config": config.to_dict(), "position": vars(pos).copy()}
-        if with_training:
-            training.update(
-                optimizer=optimizer.state_dict(),
-                rng={"cpu": torch.get_rng_state(),
-                     "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda"
-                     else []},
-                world_size=ctx.world_size)
-        return make_checkpoint(
-            model_name=config.model, model_options=config.model_options,
-            num_classes=len(prepared.classes), classes=list(prepared.classes),
-            mean=list(prepared.mean), std=list(prepared.std), state_dict=model.state_dict(),
-            training=training, metrics=metrics)
+def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, position: Position) -> Path:
+    """A new run folder with its config.json, or the resumed one with the resume recorded."""
+    if resume is None:
+        run_dir = new_run_dir(loop.config)
+        record = run_record(loop.config, loop.prepared, loop.model, loop.aux_weights,
+                            loop.device, loop.ctx)
+    else:
+        run_dir = resume_checkpoint_path(resume).parent
+        record = _read_record(run_dir)
+        record["config"] = loop.config.to_dict()
+        record.setdefault("resumed", []).append(
+            {"at_epoch": position.epoch, "at_step": position.step, "command": list(sys.argv),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "hardware": hardware_info(loop.device, loop.ctx)})
+        _truncate_metrics(run_dir / METRICS_FILE, position.epoch)
+    atomic_write_json(run_dir / CONFIG_FILE, record)
+    return run_dir
 
-    status, message = "completed", ""
-    stop = StopRequest()
-    check_every = 1 if device.type == "cpu" else 10  # a check syncs CUDA; the CPU pays nothing
-    with stop.installed():
-        for epoch in range(position.epoch, config.epochs):
-            if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
-                status = "paused"
-                break
-            started = time.perf_counter() - position.seconds
-            order = torch.randperm(n_train, device=device,
-                                   generator=seeded_generator(device, config.seed, "order", epoch))
-            # Partial sums of an interrupted epoch are global; rank 0 carries them on.
-            carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
-                else [0.0, 0.0, 0.0]
-            sums = torch.tensor(carried, dtype=torch.float64, device=device)
-            model.train()
-            bar = _progress(steps_per_epoch, position.step, epoch, config.epochs, ctx)
-            interrupted_at = None
-            for step in range(position.step, steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                lr = config.lr * lr_factor(global_step, total_steps, warmup_steps,
-                                           config.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                index = order[step * config.batch_size:(step + 1) * config.batch_size]
-                images = policy(prepared.train_x[index], fill=cutout_fill,
-                                generator=seeded_generator(device, config.seed, "augment",
-                                                           epoch, step))
-                images = distributed.shard(images, ctx)
-                targets = distributed.shard(prepared.train_y[index], ctx)
-                x = normalize(images, prepared.mean, prepared.std, channels_last=channels_last)
-                with autocast:
-                    output = net(x)
-                loss, logits = training_loss(output, targets, aux_weights,
-                                             config.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                sums += torch.stack([loss.detach().double() * per_rank,
-                                     (logits.argmax(1) == targets).sum().double(),
-                                     torch.tensor(float(per_rank), dtype=torch.float64,
-                                                  device=device)])
-                if (step + 1) % check_every and step + 1 != steps_per_epoch:
-                    continue
-                flags = distributed.all_reduce(torch.tensor(
-                    [float(stop.requested), float(not torch.isfinite(sums[0]))],
-                    device=device), ctx, op="max")
-                if flags[1]:
-                    raise TrainingError(_diverged_message(run_dir, epoch, step, lr, ctx))
-                bar.update(step + 1 - bar.n)
-                if bar.n % 10 == 0 or step + 1 == steps_per_epoch:
-                    bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
-                if flags[0] and step + 1 < steps_per_epoch:
-                    interrupted_at = step + 1
-                    break
-            bar.close()
-            totals = distributed.all_reduce(sums.clone(), ctx)
-            if interrupted_at is not None:
-                pos = Position(epoch, interrupted_at, float(totals[0]), float(totals[1]),
-                               float(totals[2]), time.perf_counter() - started,
-                               position.best_val_acc, position.best_epoch)
-                if ctx.is_main:
-                    save_checkpoint(run_dir / LAST, checkpoint(pos, None))
-                status = "interrupted"
-                message = (f"interrupted at epoch {epoch + 1}, step {interrupted_at} of "
-                           f"{steps_per_epoch}; saved {run_dir / LAST if run_dir else LAST}; "
-                           f"continue with: cifar-inception train --resume {run_dir}")
-                position = pos
-                break
 
-            # -- validate, log, save
-            val_loss, val_acc = validation_metrics(model, prepared, config, device, ctx)
-            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
-                   "train_loss": float(totals[0] / totals[2]),
-                   "train_acc": float(totals[1] / totals[2]),
-                   "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
-            score = val_acc if val_acc is not None else float(epoch + 1)  # none: the last
-            improved = position.best_val_acc is None or score > position.best_val_acc
-            position = Position(epoch + 1, 0, best_val_acc=score if improved else
-                                position.best_val_acc,
-                                best_epoch=epoch + 1 if improved else position.best_epoch)
-            if ctx.is_main:
-                emit(format_epoch_line(row, config.epochs))
-                append_jsonl(run_dir / METRICS_FILE, row)
-                if improved:
-                    save_checkpoint(run_dir / BEST, checkpoint(position, row,
-                                                               with_training=False))
-                save_checkpoint(run_dir / LAST, checkpoint(position, row))
-            if stop.requested:
-                status = "interrupted"
-                message = (f"interrupted after epoch {epoch + 1}; saved {run_dir / LAST}; "
-                           f"continue with: cifar-inception train --resume {run_dir}")
-                break
-
-    history = read_jsonl(run_dir / METRICS_FILE) if ctx.is_main else []
-    best = next((r for r in history if r["epoch"] == position.best_epoch), None)
-    test = None
-    if status == "paused":
-        message = (f"paused after epoch {position.epoch} of {config.epochs}; continue with: "
-                   f"cifar-inception train --resume {run_dir}")
-        emit(message)
-    if status == "completed" and ctx.is_main and config.test:
-        test = evaluate(run_dir / BEST, data, device=str(device),
-                        batch_size=config.eval_batch_size)
-        emit(f"test ({BEST}, epoch {position.best_epoch}): loss {test['test_loss']:.4f} - "
-             f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
-             f"({run_dir / EVAL_FILE})")
-    return TrainResult(run_dir if ctx.is_main else None, status, position.epoch, history,
-                       best, test, message)
+def _start_line(loop: Loop, *, resumed: bool) -> str:
+    c, p = loop.config, loop.prepared
+    processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
+    return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
+            f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
+            f"{p.val_x.shape[0]} validation images, {c.epochs} epochs of "
+            f"{loop.steps_per_epoch} steps, batch {c.batch_size}; run folder {loop.run_dir}")
 
 
 @torch.no_grad()
 def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConfig,
-             device: torch.device, ctx: DistContext) -> tuple[float | None, float | None]:
+                       device: torch.device, ctx: DistContext) -> tuple[float | None, float | None]:
     """Validation loss (plain cross-entropy of the main head) and accuracy, over all ranks."""
     if prepared.val_x.shape[0] == 0:
         return None, None
@@ -654,8 +719,7 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContex
                 unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
 
 
-def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float,
-                      ctx: DistContext) -> str:
+def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) -> str:
     last = run_dir / LAST if run_dir is not None else None
     kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
             else "no checkpoint was written")

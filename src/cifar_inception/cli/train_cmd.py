@@ -11,13 +11,14 @@ DESCRIPTION = """\
 Train a registered model on CIFAR-10 and evaluate its best epoch on the test set.
 
 With neither MODEL nor --recipe, the recipe suits the hardware found: 'gpu' (the best
-CIFAR-tuned model's full recipe) on CUDA, else 'cpu' (a narrow GoogLeNet, about ten minutes
-on a 2-core CPU). With only MODEL, the recipe is 'seed' for the report's seed-* networks and
+CIFAR-tuned model's full recipe) on CUDA, else 'cpu' (inception-cpu, about ten minutes on
+a 2-core CPU). With only MODEL, the recipe is 'seed' for the report's seed-* networks and
 'default' for the others. Any option below overrides the recipe.
 
 The run folder (--output/NAME) receives config.json, metrics.jsonl, last.pt, best.pt and
 eval.json. --resume RUN continues an interrupted or paused run exactly where it stopped.
 Ctrl-C finishes the current step, saves last.pt and exits with status 130.
+On a machine busy with other work, --threads 1 is often faster than one thread per core.
 
 Batch size and learning rate are global: under torchrun each of the N processes takes
 batch/N images per step, so the optimisation is the same as in one process.
