@@ -47,7 +47,7 @@ import importlib, sys
 missing = [m for m in ("torch", "numpy", "PIL", "tqdm") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu.sh: error: missing Python packages: {', '.join(missing)}")
-import cifar_inception.train  # noqa: F401  (the project imports)
+import cifar_inception.training  # noqa: F401  (the project imports)
 EOF
 then
     exit 2

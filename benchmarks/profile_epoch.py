@@ -3,7 +3,7 @@
     python benchmarks/profile_epoch.py --recipe cpu10 --data-dir ../shared/data/cifar10-jpeg.tar.gz
     python benchmarks/profile_epoch.py --recipe cpu10 --data-dir DATA --set amp=false  # compare
 
-Runs one epoch of the recipe through ``cifar_inception.train`` under ``torch.profiler``. The
+Runs one epoch of the recipe through ``cifar_inception.training`` under ``torch.profiler``. The
 training loop labels its phases (``record_function``): ``data`` (gather the batch, augment,
 normalise), ``forward`` (model and loss), ``backward``, ``optimizer`` (step, learning rate,
 weight averaging) and ``validation``; whatever else the epoch does (checkpoints, logging)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from cifar_inception.data import load_cifar10
     from cifar_inception.recipes import build_config
-    from cifar_inception.train import train
+    from cifar_inception.training import train
 
     device = pick_device(args.device)
     settings = {"epochs": 1, "test": False, **parse_settings(args.set)}

@@ -7,7 +7,7 @@
     python benchmarks/time_to_accuracy.py --recipe fast --seeds 2 --data-dir DATA \\
         --ablate no-lookahead:lookahead=false no-tta:tta=false   # the recipe, then each variant
 
-Each seed is a normal ``cifar_inception.train`` run (its run folder goes under ``--out-dir``).
+Each seed is a normal ``cifar_inception.training`` run (its run folder goes under ``--out-dir``).
 After every epoch the current weights are evaluated on the test set; that evaluation is not
 counted as training time. Training time is the sum of the epochs' ``seconds`` (the training
 steps and the per-epoch validation; the data is loaded once, before any timing, and the
@@ -42,7 +42,7 @@ import torch
 
 from _common import describe, environment, format_table, mean_spread, pick_device, write_json
 from cifar_inception.errors import CifarInceptionError
-from cifar_inception.evaluate import classification_metrics, log_probabilities
+from cifar_inception.evaluation import classification_metrics, log_probabilities
 from cifar_inception.recipes import TrainConfig, build_config, get_recipe
 
 DEFAULT_CHECKPOINTS = {"cpu": (120.0, 300.0, 600.0), "cuda": (2.0, 3.0, 5.0, 10.0)}
@@ -170,7 +170,7 @@ def run_seeds(args: argparse.Namespace, label: str, settings: dict[str, Any], da
               device: torch.device, checkpoints: tuple[float, ...], targets: tuple[float, ...]
               ) -> dict[str, Any]:
     """Train ``args.seeds`` runs of the recipe with ``settings``; their summaries and table."""
-    from cifar_inception.train import train
+    from cifar_inception.training import train
 
     tta_every = args.tta_every_epoch if args.tta_every_epoch is not None \
         else device.type == "cuda"

@@ -25,8 +25,8 @@ _EXPORTS = {
     "CLASSES": "cifar_inception.data",
     "create_model": "cifar_inception.models",
     "list_models": "cifar_inception.models",
-    "train": "cifar_inception.train",
-    "evaluate": "cifar_inception.evaluate",
+    "train": "cifar_inception.training",
+    "evaluate": "cifar_inception.evaluation",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -58,7 +58,7 @@ class TorchClassifier:
 
     def __init__(self, model, checkpoint: dict, *, source: str = "", device: str | None = None,
                  batch_size: int = 256):
-        from cifar_inception.evaluate import pick_device
+        from cifar_inception.evaluation import pick_device
 
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device).eval()

@@ -1,7 +1,7 @@
 """A run folder -> PNG figures and one self-contained ``report.html``, in ``RUN/report/``.
 
 Figures: training curves (from ``metrics.jsonl``), the confusion matrix (from ``eval.json``;
-without one, computed as :mod:`cifar_inception.evaluate` does), the test images the model
+without one, computed as :mod:`cifar_inception.evaluation` does), the test images the model
 gets most confidently wrong, and ten sample training images per class. The HTML page
 embeds them as data URIs with inline CSS: it makes no request and can be mailed as one file.
 
@@ -92,7 +92,7 @@ def predict_test_set(classifier, images: np.ndarray, *, progress: bool,
     import torch
     from tqdm import tqdm
 
-    from cifar_inception.evaluate import log_probabilities
+    from cifar_inception.evaluation import log_probabilities
 
     parts = []
     with tqdm(total=len(images), desc="predicting the test set", unit="img", leave=False,
@@ -134,7 +134,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
 
     from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
     from cifar_inception.data import load_cifar10
-    from cifar_inception.evaluate import classification_metrics
+    from cifar_inception.evaluation import classification_metrics
     from cifar_inception.predict import TorchClassifier
 
     run = Path(run)

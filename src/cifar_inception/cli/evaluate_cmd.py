@@ -59,7 +59,7 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar_inception.evaluate import evaluate
+    from cifar_inception.evaluation import evaluate
 
     result = evaluate(args.checkpoint, tta=args.tta, device=args.device,
                       batch_size=args.batch_size, data_dir=args.data_dir,

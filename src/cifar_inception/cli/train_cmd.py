@@ -157,7 +157,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from cifar_inception.errors import CifarInceptionError
     from cifar_inception.recipes import build_config, get_recipe
-    from cifar_inception.train import resume_config, train
+    from cifar_inception.training import resume_config, train
 
     overrides = collect_overrides(args)
     if args.resume:

@@ -15,7 +15,7 @@ from cifar_inception.checkpoint import make_checkpoint, save_checkpoint
 from cifar_inception.cli import main
 from cifar_inception.data import CIFAR10
 from cifar_inception.errors import CheckpointError
-from cifar_inception.evaluate import classification_metrics, evaluate, log_probabilities
+from cifar_inception.evaluation import classification_metrics, evaluate, log_probabilities
 from cifar_inception.models.registry import list_models, register_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

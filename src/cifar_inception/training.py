@@ -46,7 +46,7 @@ from cifar_inception.augment import AugmentPolicy, normalize
 from cifar_inception.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError
-from cifar_inception.evaluate import EVAL_FILE, evaluate, log_probabilities, pick_device
+from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities, pick_device
 from cifar_inception.fileio import (
     append_jsonl,
     atomic_write_json,

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_inception import train as train_mod
+import cifar_inception.training as train_mod
+from cifar_inception.augment import normalize
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
-from cifar_inception.models import create_model, list_models
+from cifar_inception.models import InceptionOutputs, create_model, list_models
 from cifar_inception.recipes import build_config
-from cifar_inception.train import (
+from cifar_inception.training import (
     TrainingError,
     build_optimizer,
     lr_factor,
@@ -115,9 +116,6 @@ def test_training_loss_adds_weighted_aux_losses():
     targets = torch.tensor([0, 1])
     main_logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     aux = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
-    output = create_model  # placeholder replaced below
-    from cifar_inception.models import InceptionOutputs
-
     output = InceptionOutputs(main_logits, (aux,))
     loss, logits = training_loss(output, targets, (0.5,), 0.0)
     ce = torch.nn.functional.cross_entropy
@@ -125,6 +123,20 @@ def test_training_loss_adds_weighted_aux_losses():
     assert logits is main_logits
     plain, _ = training_loss(main_logits, targets, (), 0.0)
     assert torch.allclose(plain, ce(main_logits, targets))
+
+
+def test_models_that_learn_from_the_data_get_the_training_images(tmp_path, data):
+    """inception-cpu whitens its stem from the data: train sets it before the first step."""
+    config = build_config("inception-cpu", val_size=60, model_options={"width": 0.25})
+    prepared = train_mod.prepare_data(config, data, torch.device("cpu"))
+    model = create_model("inception-cpu", width=0.25)
+    untouched = model.stem_conv().weight.clone()
+    train_mod.init_from_data(model, prepared)
+    expected = create_model("inception-cpu", width=0.25)
+    expected.init_from_data(normalize(prepared.train_x[:train_mod.INIT_IMAGES],
+                                        prepared.mean, prepared.std))
+    assert not torch.equal(model.stem_conv().weight, untouched)
+    assert torch.equal(model.stem_conv().weight, expected.stem_conv().weight)
 
 
 # --------------------------------------------------------------------------- runs
