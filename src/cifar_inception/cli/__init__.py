@@ -25,7 +25,6 @@ COMMANDS = (
     "predict",
     "export",
     "serve",
-    "bench",
 )
 
 
@@ -37,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        module_name = f"cifar_inception.cli.{name}_cmd"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name == module_name:
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(f"cifar_inception.cli.{name}_cmd").register(subparsers)
     return parser
 
 
