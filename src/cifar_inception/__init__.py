@@ -7,8 +7,8 @@ The public API, in pipeline order::
     model = ci.create_model("googlenet", width=0.25)
     ci.list_models()
 
-Submodules: ``data``, ``augment``, ``models``, ``recipes``, ``checkpoint``, ``train``,
-``evaluate``, ``report``, ``summary``, ``predict``, ``export``, ``serve``.
+Submodules: ``data``, ``augment``, ``models``, ``recipes``, ``checkpoint``, ``training``,
+``evaluation``, ``report``, ``summary``, ``predict``, ``export``, ``serve``.
 Names are imported lazily, so ``import cifar_inception`` does not import torch.
 """
 

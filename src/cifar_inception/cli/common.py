@@ -23,3 +23,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="never download; fail with a message if the data is not already there",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value

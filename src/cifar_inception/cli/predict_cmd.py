@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from cifar_inception.cli.common import positive_int
+
 DESCRIPTION = """\
 Classify image files with a trained model: a run folder (its best.pt, else last.pt),
 a .pt checkpoint, or an exported .onnx file.
@@ -19,13 +21,6 @@ Images over 40 megapixels are refused unread (decompression-bomb guard).
 
 A file that cannot be read is reported on stderr and skipped; the exit status is then 1.
 """
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def register(subparsers) -> None:

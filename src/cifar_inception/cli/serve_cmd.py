@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cifar_inception.cli.common import positive_int
+
 DESCRIPTION = """\
 Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
 page, where images can be chosen, dropped or pasted and are shown at 32x32 beside their
@@ -31,13 +33,6 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 

@@ -138,6 +138,16 @@ class Branches(nn.Module):
         return self.concat([branch(x) for branch in self.branches])
 
 
+def classifier_head(channels: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """Global average pool, dropout, one linear layer: the CIFAR-tuned networks' main head."""
+    return nn.Sequential(
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(channels, num_classes),
+    )
+
+
 class InceptionNet(nn.Module):
     """Named stages run in order, auxiliary heads tapped after some stages, and a main head.
 

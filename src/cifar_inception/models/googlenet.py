@@ -34,6 +34,7 @@ from cifar_inception.models.blocks import (
     check_flag,
     check_rate,
     check_width,
+    classifier_head,
     init_cifar,
     scale_width,
 )
@@ -114,12 +115,7 @@ def googlenet(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool = T
     if aux_logits:
         aux_heads = [(tap, aux_head(stages[tap].out_channels, num_classes, width))
                      for tap in AUX_TAPS]
-    head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(channels, num_classes),
-    )
+    head = classifier_head(channels, num_classes, dropout)
     model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT)
     init_cifar(model)
     return model

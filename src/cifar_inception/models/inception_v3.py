@@ -37,6 +37,7 @@ from cifar_inception.models.blocks import (
     check_flag,
     check_rate,
     check_width,
+    classifier_head,
     init_cifar,
     scale_width,
 )
@@ -185,12 +186,7 @@ def inception_v3(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool 
     aux_heads = []
     if aux_logits:
         aux_heads = [("mixed_6e", aux_head(stages["mixed_6e"].out_channels, num_classes, s))]
-    head = nn.Sequential(
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(channels, num_classes),
-    )
+    head = classifier_head(channels, num_classes, dropout)
     model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT)
     init_cifar(model)
     return model
