@@ -89,7 +89,7 @@ def mean_spread(values: Sequence[float]) -> tuple[float, float]:
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """A Markdown table of ``rows`` restricted to ``columns`` (floats with 4 significant digits)."""
+    """A Markdown table of ``rows`` in ``columns`` (floats to 4 significant digits)."""
 
     def cell(value: Any) -> str:
         if value is None:

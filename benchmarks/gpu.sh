@@ -43,7 +43,7 @@ else
     export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$python" - <<'EOF'
-import importlib, sys
+import importlib.util, sys
 missing = [m for m in ("torch", "numpy", "PIL", "tqdm") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"gpu.sh: error: missing Python packages: {', '.join(missing)}")
@@ -65,9 +65,10 @@ else
     ablation_seeds=1
     echo "no CUDA device: running a tiny CPU setting that only checks the script works"
     tiny=(--device cpu --test-limit 200 --set epochs=1 --set train_limit=512
-          --set val_size=50 --set batch_size=64 --set model_options={\"width\":0.25})
+          --set val_size=50 --set batch_size=64 --set num_threads=1
+          --set model_options={\"width\":0.25})
     throughput=(--device cpu --batch-size 16 --steps 1 --warmup 1
-                --models inception-cpu inception-fast:width=0.25 googlenet:width=0.25)
+                --threads 1 --models inception-cpu inception-fast:width=0.25 googlenet:width=0.25)
 fi
 echo "mode: $mode; results in $results; budget ${budget}s"
 
@@ -94,8 +95,9 @@ step throughput "$python" "$here/throughput.py" "${throughput[@]}" \
 step ablation "$python" "$tta" --recipe fast --seeds "$ablation_seeds" --data-dir "$data" \
     --quiet --out-dir "$results/runs" --json "$results/ablation.json" "${tiny[@]}" \
     --ablate no-lookahead:lookahead=false no-whiten:whiten_init=false \
-             no-tta:tta=false flip-random:flip_mode=random no-label-smoothing:label_smoothing=0 \
-             bn-scale:model_options={\"bn_scale\":true} fp32:amp=false
+             no-tta:tta=false random-flips:flip_mode=random no-label-smoothing:label_smoothing=0 \
+             no-bias-lr:norm_bias_lr=1 bn-scale:model_options={\"bn_scale\":true} \
+             no-dirac:model_options={\"dirac\":false} fp32:amp=false
 
 # -- the tables, last
 echo

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         wall = time.perf_counter() - started
     epoch_seconds = result.history[-1]["seconds"] if result.history else wall
     env = environment(device)
+    env["threads"] = config.num_threads or env["threads"]  # what the training ran with
     phases = phase_split(prof, epoch_seconds)
     operators = top_operators(prof, args.top)
     output = {"benchmark": "profile_epoch", "environment": env, "recipe": args.recipe,

@@ -120,3 +120,23 @@ def test_normalize_layout_and_values():
     out = normalize(x, mean=(0.5, 0.0, 0.2), std=(0.5, 1.0, 0.1))
     assert out.shape == (1, 3, 1, 1)
     assert torch.allclose(out.flatten(), torch.tensor([1.0, 0.0, 0.0]), atol=1e-6)
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    from cifar_inception.augment import alternating_flips
+
+    def draw(epoch):
+        return alternating_flips(1000, epoch, generator=torch.Generator().manual_seed(3))
+
+    even, odd = draw(0), draw(1)
+    assert torch.equal(even, draw(2)) and torch.equal(odd, ~even)
+    assert 400 < int(even.sum()) < 600
+
+
+def test_policy_flips_exactly_the_masked_images():
+    from cifar_inception.augment import AugmentPolicy
+
+    images = torch.arange(2 * 4 * 4 * 3, dtype=torch.uint8).reshape(2, 4, 4, 3)
+    mask = torch.tensor([True, False])
+    out = AugmentPolicy(flip=True)(images, generator=torch.Generator(), flip_mask=mask)
+    assert torch.equal(out[0], images[0].flip(1)) and torch.equal(out[1], images[1])

@@ -68,7 +68,8 @@ def test_settings_are_typed_like_the_config():
 
 
 def test_seed_summary_checkpoints_and_targets():
-    points = [{"train_seconds": 50.0, "test_acc": 0.80}, {"train_seconds": 110.0, "test_acc": 0.905},
+    points = [{"train_seconds": 50.0, "test_acc": 0.80},
+              {"train_seconds": 110.0, "test_acc": 0.905},
               {"train_seconds": 170.0, "test_acc": 0.93}]
     summary = time_to_accuracy.summarise_seed(points, (100.0, 200.0), (0.90, 0.92, 0.95))
     assert summary["final"] == 0.93 and summary["epochs"] == 3

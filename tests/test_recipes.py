@@ -36,7 +36,8 @@ def test_model_family_picks_the_recipe_when_none_is_named():
 
 def test_no_model_picks_by_hardware():
     cpu = build_config(cuda=False)
-    assert (cpu.recipe, cpu.model) == ("cpu", "inception-cpu")
+    assert (cpu.recipe, cpu.model) == ("cpu10", "inception-cpu")
+    assert build_config(recipe="cpu").model == "inception-cpu"  # the former default stays
     gpu = build_config(cuda=True)
     assert gpu.recipe == "gpu" and gpu.model_options == {}
     assert default_recipe_name(None, cuda=True) == "gpu"
@@ -84,3 +85,29 @@ def test_config_round_trips_through_a_dict():
     config = build_config("googlenet", model_options={"width": 0.5}, aux_weights=[0.1, 0.2])
     assert TrainConfig.from_dict(config.to_dict()) == config
     assert set(RUNTIME_FIELDS) <= set(FIELDS)
+
+
+def test_speed_recipes_switch_their_tricks_on():
+    cpu10 = build_config(recipe="cpu10")
+    fast = build_config(recipe="fast")
+    assert (cpu10.model, fast.model) == ("inception-cpu", "inception-fast")
+    for config in (cpu10, fast):
+        assert config.lookahead and config.whiten_init and config.tta
+        assert config.flip_mode == "alternate" and config.label_smoothing == 0.2
+        assert config.norm_bias_lr == 64.0 and config.batch_size == 1024
+        assert config.crop_padding == 2 and 0 < config.final_lr < 1
+    assert cpu10.cpu_amp and cpu10.cpu_channels_last
+    assert build_config(recipe="cpu10", lookahead=False).lookahead is False
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(flip_mode="sometimes"), "flip mode"),
+    (dict(final_lr=1.5), "final learning rate"),
+    (dict(norm_bias_lr=0.0), "norm/bias"),
+    (dict(lookahead_steps=0), "lookahead steps"),
+    (dict(lookahead_decay=1.0), "lookahead decay"),
+    (dict(whiten_bias_epochs=-1.0), "whiten bias epochs"),
+])
+def test_bad_trick_values_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config("inception-cpu", **kwargs)

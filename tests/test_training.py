@@ -457,7 +457,101 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
                  "--name", "auto", "--no-test", "--threads", "1"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "found no GPU, so recipe 'cpu'" in out
+    assert "found no GPU, so recipe 'cpu10'" in out
     config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())["config"]
-    assert config["model"] == "inception-cpu" and config["recipe"] == "cpu"
+    assert config["model"] == "inception-cpu" and config["recipe"] == "cpu10"
     assert config["model_options"] == {"width": 0.25}
+
+
+# ------------------------------------------------------------- time-to-accuracy tricks
+
+
+def speed_config(tmp_path, **overrides):
+    """The cpu10 recipe on a tiny inception-cpu and the easy task, a few steps long."""
+    # the recipe's learning rate is for batches of 1024; these are of 20
+    settings = dict(epochs=6, batch_size=20, lr=0.4, val_size=60, out_dir=str(tmp_path / "runs"),
+                    name="run", test=False, num_threads=1, model_options={"width": 0.25})
+    settings.update(overrides)
+    return build_config(None, "cpu10", **settings)
+
+
+def test_lr_schedule_can_end_above_zero():
+    total, warmup = 100, 10
+    assert lr_factor(10, total, warmup, "onecycle", 0.07) == pytest.approx(1.0)
+    assert lr_factor(100, total, warmup, "onecycle", 0.07) == pytest.approx(0.07)
+    assert lr_factor(55, total, warmup, "onecycle", 0.2) == pytest.approx(0.6)
+    assert lr_factor(100, total, warmup, "cosine", 0.1) == pytest.approx(0.1)
+
+
+def test_norm_bias_learning_rate_multiplier():
+    model = create_model("inception-cpu", width=0.25)
+    optimizer = build_optimizer(speed_config(Path("/unused"), norm_bias_lr=64.0), model)
+    weights_group, norms_group = optimizer.param_groups
+    assert weights_group["lr_scale"] == 1.0 and norms_group["lr_scale"] == 64.0
+    # the batch norms' frozen scales are no parameters to train
+    assert all(p.requires_grad for g in optimizer.param_groups for p in g["params"])
+
+
+def test_lookahead_resets_to_the_average_and_ends_on_it():
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    lookahead = train_mod.Lookahead(model, every=2, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    lookahead.after_step(1, 4)                # not a multiple of 2: nothing happens
+    assert model.weight.eq(1.0).all()
+    lookahead.after_step(2, 4)                # decay 0.25 * (2/4)^3: mostly the new weights
+    expected = 1.0 - 0.5 ** 2 * 0.5 ** 3
+    assert torch.allclose(model.weight, torch.full_like(model.weight, expected))
+    with torch.no_grad():
+        model.weight.fill_(5.0)
+    lookahead.after_step(4, 4)                # the last step: the average replaces the weights
+    assert torch.allclose(model.weight, torch.full_like(model.weight, expected))
+
+
+def test_whitening_stem_is_frozen_and_its_bias_trains_only_as_long_as_asked(tmp_path, data):
+    never = train(speed_config(tmp_path / "a", epochs=2, whiten_bias_epochs=0.0), data,
+                  log=quiet)
+    always = train(speed_config(tmp_path / "b", epochs=2, whiten_bias_epochs=2.0), data,
+                   log=quiet)
+    model = create_model("inception-cpu", width=0.25)
+    prepared = train_mod.prepare_data(speed_config(tmp_path), data, torch.device("cpu"))
+    train_mod.init_from_data(model, prepared)
+    for run in (never, always):  # the weights stay exactly the whitening
+        stem = weights(run.run_dir)["stem.0.weight"]
+        assert torch.equal(stem, model.stem[0].weight.detach().to(stem))
+    assert weights(never.run_dir)["stem.0.bias"].eq(0).all()
+    assert not weights(always.run_dir)["stem.0.bias"].eq(0).all()
+
+
+@pytest.mark.slow
+def test_cpu10_recipe_learns_and_resumes_exactly(tmp_path, data):
+    """bf16 and channels_last on the CPU, lookahead, alternating flips, TTA: a run that
+    learns, and a paused-and-resumed one that ends with the same weights."""
+    straight = train(speed_config(tmp_path / "a", test=True), data, log=quiet)
+    assert straight.history[-1]["val_acc"] > 0.3
+    assert straight.test["tta"] is True and straight.test["test_top1"] > 0.3
+    paused = train(speed_config(tmp_path / "b", stop_after_epochs=3), data, log=quiet)
+    assert "lookahead" in load_checkpoint(paused.run_dir / "last.pt")["training"]
+    resumed = train(resume_config(paused.run_dir), data, resume=paused.run_dir, log=quiet)
+    assert_same_weights(weights(straight.run_dir), weights(resumed.run_dir))
+
+
+def test_epoch_end_hook_sees_every_epoch(tmp_path, data):
+    seen = []
+
+    def hook(row, model, mean, std):
+        assert isinstance(model, torch.nn.Module) and len(mean) == len(std) == 3
+        seen.append(row["epoch"])
+
+    train(tiny_config(tmp_path, epochs=2), data, log=quiet, epoch_end=hook)
+    assert seen == [1, 2]
+
+
+def test_each_trick_can_be_switched_off(tmp_path, data):
+    config = speed_config(tmp_path, epochs=1, lookahead=False, whiten_init=False,
+                          whiten_bias_epochs=None, flip_mode="random", cpu_amp=False,
+                          cpu_channels_last=False, tta=False, norm_bias_lr=1.0)
+    result = train(config, data, log=quiet)
+    assert result.status == "completed"
+    assert "lookahead" not in load_checkpoint(result.run_dir / "last.pt")["training"]

@@ -127,6 +127,18 @@ def random_flip(images: torch.Tensor, *, generator: torch.Generator) -> torch.Te
     return flip_where(images, mask)
 
 
+def alternating_flips(n_images: int, epoch: int, *, generator: torch.Generator) -> torch.Tensor:
+    """Which of ``n_images`` to mirror in ``epoch``: a random half in even epochs, the other
+    half in odd ones (airbench's alternating flip).
+
+    ``generator`` must start from the same state in every epoch (seed it by the run, not by
+    the epoch), so that each image is mirrored exactly every other epoch: over two epochs
+    the network sees both views of every image, which random flips give only on average.
+    """
+    first = _randint(2, n_images, generator).bool()
+    return first ^ bool(epoch % 2)
+
+
 def random_cutout(images: torch.Tensor, size: int, *, generator: torch.Generator,
                   fill: float | Sequence[float] = 0) -> torch.Tensor:
     """Cutout (DeVries & Taylor, 2017): blank one ``size`` square at a random centre."""
@@ -152,13 +164,19 @@ class AugmentPolicy:
         return self.crop_padding > 0 or self.flip or self.cutout > 0
 
     def __call__(self, images: torch.Tensor, *, generator: torch.Generator,
-                 fill: float | Sequence[float] = 0) -> torch.Tensor:
-        """Augment a batch; ``fill`` is the cutout value (the data mean makes it zero later)."""
+                 fill: float | Sequence[float] = 0,
+                 flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment a batch; ``fill`` is the cutout value (the data mean makes it zero later).
+
+        ``flip_mask`` (bool, one per image) says which images to mirror, for a schedule such
+        as :func:`alternating_flips`; without it each is mirrored with probability 1/2.
+        """
         if self.crop_padding > 0:
             images = random_crop(images, self.crop_padding, generator=generator,
                                  padding_mode=self.padding_mode)
         if self.flip:
-            images = random_flip(images, generator=generator)
+            images = (flip_where(images, flip_mask) if flip_mask is not None
+                      else random_flip(images, generator=generator))
         if self.cutout > 0:
             images = random_cutout(images, self.cutout, generator=generator, fill=fill)
         return images

@@ -27,6 +27,16 @@ Recipes:
     measurement).
 ``gpu``
     What ``cifar-inception train`` runs on a GPU: the best CIFAR-tuned model's full recipe.
+``cpu10``
+    Time to accuracy on a 2-core CPU, and what ``cifar-inception train`` runs on a machine
+    without a GPU: ``inception-cpu`` for about ten minutes of training with the fast
+    CIFAR-10 trainers' tricks, each a switchable option (BENCHMARKS.md measures them):
+    bf16 autocast and channels_last on the CPU, batches of 1024, Nesterov SGD with a short
+    warm-up and a linear decay to 7%, label smoothing 0.2, a whitening stem (frozen, its
+    bias trained 3 epochs), batch norm with a 64x learning rate on its shifts, 2-pixel
+    reflect translations and alternating flips, lookahead, and test-time augmentation.
+``fast``
+    Time to accuracy on one GPU: the same tricks on the wider ``inception-fast``.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from cifar_inception.errors import CifarInceptionError
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
+FLIP_MODES = ("random", "alternate")
 PADDING_MODES = ("reflect", "zeros")
 
 
@@ -67,20 +78,33 @@ class TrainConfig:
     momentum: float = 0.9             # SGD momentum; Adam's beta1
     nesterov: bool = True
     weight_decay: float = 5e-4        # never applied to norms and biases
-    schedule: str = "onecycle"        # onecycle: warm-up then linear to 0; cosine; constant
+    schedule: str = "onecycle"        # onecycle: warm-up then linear to final_lr; cosine; constant
     warmup_epochs: float = 1.0        # linear warm-up from lr/10 (fractions of epochs allowed)
+    final_lr: float = 0.0             # where onecycle and cosine end, as a fraction of the peak
+    norm_bias_lr: float = 1.0         # learning-rate multiplier for norm shifts and biases
     label_smoothing: float = 0.1
     aux_weights: float | list[float] | None = None  # None: the model's own defaults
+    # weight averaging (airbench's lookahead)
+    lookahead: bool = False           # every lookahead_steps, reset the weights to their EMA
+    lookahead_steps: int = 5
+    lookahead_decay: float = 0.95     # EMA decay per step, ramped up by (progress)^3
+    # first layer, for models with init_from_data (a whitening stem)
+    whiten_init: bool = True          # set the stem from the training images before step 1
+    whiten_bias_epochs: float | None = None  # freeze the stem's weights, train its bias this
+    #                                   many epochs; None: the stem trains like any layer
     # augmentation (on the device, in batches)
     crop_padding: int = 4             # 0 = no random crop
     padding_mode: str = "reflect"     # reflect or zeros
     flip: bool = True
+    flip_mode: str = "random"         # random, or alternate: each image mirrored every other epoch
     cutout: int = 0                   # side of the cutout square; 0 = none
     # how to run
     seed: int = 0
     device: str = "auto"              # auto: CUDA when present, else the CPU
     amp: bool = True                  # bf16 autocast, on CUDA only
     channels_last: bool = True        # on CUDA only
+    cpu_amp: bool = False             # bf16 autocast on the CPU (fast with AVX-512 BF16 or AMX)
+    cpu_channels_last: bool = False   # channels_last on the CPU (faster oneDNN convolutions)
     compile: bool = False             # torch.compile the model
     sync_bn: bool = False             # SyncBatchNorm under torchrun (CUDA only)
     num_threads: int | None = None    # CPU threads per process; None: every core available
@@ -89,6 +113,7 @@ class TrainConfig:
     name: str | None = None           # run folder name; None: <model>-<date>-<time>
     stop_after_epochs: int | None = None  # pause once this many epochs are done (resume later)
     test: bool = True                 # evaluate best.pt on the test set at the end
+    tta: bool = False                 # ... with test-time augmentation (flips and shifts)
     dist_timeout: float = 600.0       # seconds a rank waits for the others before failing
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,7 +129,7 @@ FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 # Options that only say how to run, not what is computed: a resumed run may change these.
 RUNTIME_FIELDS = ("device", "num_threads", "eval_batch_size", "stop_after_epochs", "test",
-                  "dist_timeout", "data_dir", "download", "compile", "epochs")
+                  "dist_timeout", "data_dir", "download", "compile", "epochs", "tta")
 
 
 @dataclass(frozen=True)
@@ -168,7 +193,35 @@ _GPU = Recipe(
     model="googlenet",
 )
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in (_SEED, _DEFAULT, _CPU, _GPU)}
+# The fast CIFAR-10 trainers' recipe (airbench94's hyperparameters). Learning rates are for
+# the mean loss over a batch of 1024; weight decay is PyTorch's (multiplied by the learning
+# rate), so the decay per step at the peak is lr x weight_decay = 2e-3, as there.
+_SPEED = dict(optimizer="sgd", batch_size=1024, lr=1.5, momentum=0.85, nesterov=True,
+              weight_decay=2e-3 / 1.5, schedule="onecycle", final_lr=0.07, norm_bias_lr=64.0,
+              label_smoothing=0.2, lookahead=True, lookahead_steps=5, lookahead_decay=0.95,
+              whiten_init=True, whiten_bias_epochs=3.0, crop_padding=2, padding_mode="reflect",
+              flip=True, flip_mode="alternate", cutout=0, tta=True, val_size=5000)
+
+_CPU10 = Recipe(
+    name="cpu10",
+    description="about ten minutes on a 2-core CPU: inception-cpu, 12 epochs of 1024, bf16, "
+                "whitening stem, lookahead, alternating flips, TTA",
+    # One thread: on a machine that also runs anything else, two threads of this small
+    # network stall on each other (BENCHMARKS.md); --threads 2 on an idle machine.
+    settings=dict(_SPEED, epochs=12, warmup_epochs=2.76, cpu_amp=True,  # 23% of the run
+                  cpu_channels_last=True, num_threads=1),
+    model="inception-cpu",
+)
+
+_FAST = Recipe(
+    name="fast",
+    description="seconds on one GPU: inception-fast, 10 epochs of 1024, bf16, whitening "
+                "stem, lookahead, alternating flips, TTA",
+    settings=dict(_SPEED, epochs=10, warmup_epochs=2.3, amp=True, channels_last=True),  # 23%
+    model="inception-fast",
+)
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in (_SEED, _DEFAULT, _CPU, _GPU, _CPU10, _FAST)}
 
 
 def list_recipes() -> list[str]:
@@ -186,7 +239,7 @@ def get_recipe(name: str) -> Recipe:
 def default_recipe_name(model: str | None, *, cuda: bool) -> str:
     """The recipe used when none is named: by hardware without a model, else by model family."""
     if model is None:
-        return "gpu" if cuda else "cpu"
+        return "gpu" if cuda else "cpu10"
     return "seed" if model.startswith("seed-") else "default"
 
 
@@ -235,6 +288,17 @@ def validate(config: TrainConfig) -> None:
              f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {c.optimizer!r}")
     _require(c.schedule in SCHEDULES,
              f"schedule must be one of {', '.join(SCHEDULES)}, not {c.schedule!r}")
+    _require(c.flip_mode in FLIP_MODES,
+             f"flip mode must be one of {', '.join(FLIP_MODES)}, not {c.flip_mode!r}")
+    _require(0 <= c.final_lr <= 1, f"final learning rate must be in [0, 1], not {c.final_lr}")
+    _require(c.norm_bias_lr > 0,
+             f"norm/bias learning-rate multiplier must be > 0, not {c.norm_bias_lr}")
+    _require(isinstance(c.lookahead_steps, int) and c.lookahead_steps >= 1,
+             f"lookahead steps must be >= 1, not {c.lookahead_steps}")
+    _require(0 <= c.lookahead_decay < 1,
+             f"lookahead decay must be in [0, 1), not {c.lookahead_decay}")
+    _require(c.whiten_bias_epochs is None or c.whiten_bias_epochs >= 0,
+             f"whiten bias epochs must be >= 0, not {c.whiten_bias_epochs}")
     _require(c.padding_mode in PADDING_MODES,
              f"padding mode must be one of {', '.join(PADDING_MODES)}, not {c.padding_mode!r}")
     _require(0 <= c.crop_padding <= 16, f"crop padding must be in [0, 16], not {c.crop_padding}")

@@ -40,9 +40,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from cifar_inception import __version__, distributed
-from cifar_inception.augment import AugmentPolicy, normalize
+from cifar_inception.augment import AugmentPolicy, alternating_flips, normalize
 from cifar_inception.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError
@@ -93,11 +94,12 @@ def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
     return generator
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
+              final: float = 0.0) -> float:
     """Multiplier of the peak learning rate at ``step`` (0-based) of ``total_steps``.
 
-    Warm-up rises linearly from 0.1 to 1; then ``onecycle`` falls linearly towards 0,
-    ``cosine`` follows half a cosine towards 0, and ``constant`` stays at 1.
+    Warm-up rises linearly from 0.1 to 1; then ``onecycle`` falls linearly towards ``final``,
+    ``cosine`` follows half a cosine towards ``final``, and ``constant`` stays at 1.
     """
     if step < warmup_steps:
         return 0.1 + 0.9 * step / warmup_steps
@@ -105,8 +107,8 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
         return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     if schedule == "onecycle":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - final) * progress
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def split_outputs(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -144,11 +146,17 @@ def training_loss(output: Any, targets: torch.Tensor, aux_weights: tuple[float, 
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD (Nesterov), AdamW or Adam; weight decay only on weights, not on norms and biases."""
+    """SGD (Nesterov), AdamW or Adam; weight decay only on weights, not on norms and biases.
+
+    Each group carries ``lr_scale``, its multiple of the scheduled learning rate: 1 for the
+    weights, ``config.norm_bias_lr`` for norms and biases.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay,
+         "lr_scale": 1.0},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0,
+         "lr_scale": config.norm_bias_lr},
     ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
@@ -242,9 +250,21 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device,
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, ctx, device)
     model = model.to(device)
-    if device.type == "cuda" and config.channels_last:
+    if uses_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
+    if _stem_is_fixed(config, model):
+        model.stem_conv().weight.requires_grad_(False)  # the whitening stays as set
     return model
+
+
+def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    return config.channels_last if device.type == "cuda" else config.cpu_channels_last
+
+
+def autocast_for(config: TrainConfig, device: torch.device) -> Any:
+    """bf16 autocast on CUDA (``amp``) or on the CPU (``cpu_amp``), else nothing."""
+    enabled = config.amp if device.type == "cuda" else config.cpu_amp
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
@@ -253,6 +273,40 @@ def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
     if hasattr(model, "init_from_data"):
         images = prepared.train_x[:INIT_IMAGES]
         model.init_from_data(normalize(images, prepared.mean, prepared.std))
+
+
+class Lookahead:
+    """airbench's lookahead: an EMA of the weights (and norm statistics) that the weights are
+    reset to every ``every`` steps, and that replaces them at the end of training.
+
+    The EMA's decay ramps up as ``decay ** every * progress ** 3``: early on the weights move
+    freely, late in the run they are averaged over the last few hundred steps.
+    """
+
+    def __init__(self, model: nn.Module, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+        self.average = [t.detach().clone() for t in self.tensors]
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Call after optimizer step ``step`` (1-based); the last step copies the EMA in."""
+        if step == total_steps:
+            self._update(1.0)
+        elif step % self.every == 0:
+            self._update(self.decay ** self.every * (step / total_steps) ** 3)
+
+    def _update(self, decay: float) -> None:
+        for average, tensor in zip(self.average, self.tensors):
+            average.lerp_(tensor, 1.0 - decay)
+            tensor.copy_(average)
+
+    def state_dict(self) -> list[torch.Tensor]:
+        return [t.clone() for t in self.average]
+
+    def load_state_dict(self, state: list[torch.Tensor]) -> None:
+        for average, saved in zip(self.average, state):
+            average.copy_(saved)
 
 
 def check_model(config: TrainConfig) -> None:
@@ -384,13 +438,16 @@ def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
 
 def train(config: TrainConfig | None = None, data: Any = None, *,
           resume: str | os.PathLike | None = None,
-          log: Callable[[str], None] | None = None) -> TrainResult:
+          log: Callable[[str], None] | None = None,
+          epoch_end: Callable[..., None] | None = None) -> TrainResult:
     """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
 
     ``data``: a loaded ``CIFAR10`` (default: ``load_cifar10(config.data_dir)``).
     ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
     run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
-    print; only rank 0 logs under torchrun).
+    print; only rank 0 logs under torchrun). ``epoch_end(row, model, mean, std)``: called on
+    rank 0 after each epoch is logged and saved, outside the epoch's timing (benchmarks use
+    it to follow test accuracy against training time).
     """
     if config is None:
         if resume is None:
@@ -407,7 +464,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
         torch.set_num_threads(_threads_for(config, ctx))
     try:
         distributed.init(ctx, device, config.dist_timeout)
-        return _train(config, data, resume, ctx, device, emit)
+        return _train(config, data, resume, ctx, device, emit, epoch_end)
     except CifarInceptionError as exc:
         if ctx.enabled:  # say which rank failed; torchrun then stops the others
             raise type(exc)(f"rank {ctx.rank}: {exc}") from None
@@ -435,6 +492,7 @@ class Loop:
     aux_weights: tuple[float, ...]
     policy: AugmentPolicy
     steps_per_epoch: int
+    lookahead: Lookahead | None = None
     run_dir: Path | None = None     # rank 0 only
 
     @property
@@ -445,7 +503,8 @@ class Loop:
         c = self.config
         return c.lr * lr_factor(epoch * self.steps_per_epoch + step,
                                 c.epochs * self.steps_per_epoch,
-                                round(c.warmup_epochs * self.steps_per_epoch), c.schedule)
+                                round(c.warmup_epochs * self.steps_per_epoch), c.schedule,
+                                c.final_lr)
 
     def checkpoint(self, position: Position, metrics: dict | None,
                    with_training: bool = True) -> dict:
@@ -453,6 +512,8 @@ class Loop:
         training: dict[str, Any] = {"config": self.config.to_dict(),
                                     "position": vars(position).copy()}
         if with_training:
+            if self.lookahead is not None:
+                training["lookahead"] = self.lookahead.state_dict()
             training.update(
                 optimizer=self.optimizer.state_dict(),
                 rng={"cpu": torch.get_rng_state(),
@@ -467,7 +528,8 @@ class Loop:
 
 
 def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
-           ctx: DistContext, device: torch.device, emit: Callable[[str], None]) -> TrainResult:
+           ctx: DistContext, device: torch.device, emit: Callable[[str], None],
+           epoch_end: Callable[..., None] | None = None) -> TrainResult:
     check_model(config)  # before the data is loaded: a typo should fail at once
     ckpt, position = _resume_state(config, resume)
     if data is None:
@@ -505,13 +567,16 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
                            f"{loop.steps_per_epoch}; saved {loop.run_dir / LAST}; continue "
                            f"with: cifar-inception train --resume {loop.run_dir}")
                 break
-            val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config, device,
-                                                   ctx)
+            with record_function("validation"):
+                val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
+                                                       device, ctx)
             row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
                    "train_loss": float(totals[0] / totals[2]),
                    "train_acc": float(totals[1] / totals[2]),
                    "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
             position = _end_of_epoch(loop, position, row, emit)
+            if epoch_end is not None and ctx.is_main:
+                epoch_end(row, loop.model, loop.prepared.mean, loop.prepared.std)
             if stop.requested:  # Ctrl-C during validation or saving: the epoch is complete
                 status = "interrupted"
                 message = (f"interrupted after epoch {epoch + 1}; saved {loop.run_dir / LAST}; "
@@ -523,8 +588,10 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     test = None
     if status == "completed" and ctx.is_main and config.test:
         test = evaluate(loop.run_dir / BEST, data, device=str(device),
-                        batch_size=config.eval_batch_size)
-        emit(f"test ({BEST}, epoch {position.best_epoch}): loss {test['test_loss']:.4f} - "
+                        batch_size=config.eval_batch_size, tta=config.tta)
+        emit(f"test ({BEST}, epoch {position.best_epoch}"
+             f"{', with test-time augmentation' if config.tta else ''}): "
+             f"loss {test['test_loss']:.4f} - "
              f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
              f"({loop.run_dir / EVAL_FILE})")
     return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
@@ -548,30 +615,45 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
     sums = torch.tensor(carried, dtype=torch.float64, device=device)
     cutout_fill = [round(m * 255) for m in data.mean]  # normalises to about zero
     check_every = 10 if loop.cuda else 1  # a check syncs CUDA; the CPU pays nothing
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if loop.cuda and config.amp
-                else nullcontext())
+    autocast = autocast_for(config, device)
+    channels_last = uses_channels_last(config, device)
+    flips = None
+    if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
+        flips = alternating_flips(n_train, epoch,
+                                  generator=seeded_generator(device, config.seed, "flips"))
+    stem_bias = _frozen_stem_bias(loop, epoch)
+    total_steps = config.epochs * loop.steps_per_epoch
     loop.model.train()
     bar = _progress(loop.steps_per_epoch, position.step, epoch, config.epochs, ctx)
     lr, stopped_at = loop.lr_at(epoch, position.step), None
     for step in range(position.step, loop.steps_per_epoch):
         lr = loop.lr_at(epoch, step)
         for group in loop.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # The whole global batch is augmented alike on every rank; each keeps its share.
-        index = order[step * config.batch_size:(step + 1) * config.batch_size]
-        images = loop.policy(data.train_x[index], fill=cutout_fill,
-                             generator=seeded_generator(device, config.seed, "augment",
-                                                        epoch, step))
-        images = distributed.shard(images, ctx)
-        targets = distributed.shard(data.train_y[index], ctx)
-        x = normalize(images, data.mean, data.std,
-                      channels_last=loop.cuda and config.channels_last)
-        with autocast:
-            output = loop.net(x)
-        loss, logits = training_loss(output, targets, loop.aux_weights, config.label_smoothing)
-        loop.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        loop.optimizer.step()
+        with record_function("data"):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images = loop.policy(data.train_x[index], fill=cutout_fill,
+                                 flip_mask=None if flips is None else flips[index],
+                                 generator=seeded_generator(device, config.seed, "augment",
+                                                            epoch, step))
+            images = distributed.shard(images, ctx)
+            targets = distributed.shard(data.train_y[index], ctx)
+            x = normalize(images, data.mean, data.std, channels_last=channels_last)
+        with record_function("forward"):
+            with autocast:
+                output = loop.net(x)
+            loss, logits = training_loss(output, targets, loop.aux_weights,
+                                         config.label_smoothing)
+        with record_function("backward"):
+            loop.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("optimizer"):
+            if stem_bias is not None:
+                stem_bias.grad = None  # past whiten_bias_epochs: SGD skips it
+            loop.optimizer.step()
+            if loop.lookahead is not None:
+                loop.lookahead.after_step(epoch * loop.steps_per_epoch + step + 1, total_steps)
         sums += torch.stack([loss.detach().double() * per_rank,
                              (logits.argmax(1) == targets).sum().double(),
                              torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
@@ -594,6 +676,19 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
             break
     bar.close()
     return distributed.all_reduce(sums, ctx), lr, stopped_at
+
+
+def _frozen_stem_bias(loop: Loop, epoch: int) -> torch.Tensor | None:
+    """The stem's bias when its training time (``whiten_bias_epochs``) is over, else None."""
+    if not _stem_is_fixed(loop.config, loop.model) or epoch < loop.config.whiten_bias_epochs:
+        return None
+    return loop.model.stem_conv().bias
+
+
+def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
+    """A whitening stem set from the data whose weights stay (``whiten_bias_epochs`` given)."""
+    return (config.whiten_init and config.whiten_bias_epochs is not None
+            and hasattr(model, "stem_conv"))
 
 
 def _end_of_epoch(loop: Loop, position: Position, row: dict,
@@ -646,7 +741,8 @@ def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
     aux_weights = resolve_aux_weights(config, model)
     optimizer = build_optimizer(config, model)
     if ckpt is None:
-        init_from_data(model, prepared)
+        if config.whiten_init:
+            init_from_data(model, prepared)
     else:
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["training"]["optimizer"])
@@ -657,8 +753,13 @@ def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
     if config.compile:
         net = torch.compile(net)
     policy = AugmentPolicy(config.crop_padding, config.padding_mode, config.flip, config.cutout)
+    lookahead = None
+    if config.lookahead:
+        lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_decay)
+        if ckpt is not None and "lookahead" in ckpt["training"]:
+            lookahead.load_state_dict(ckpt["training"]["lookahead"])
     return Loop(config, ctx, device, prepared, model, net, optimizer, aux_weights, policy,
-                steps_per_epoch)
+                steps_per_epoch, lookahead)
 
 
 def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, position: Position) -> Path:
@@ -699,8 +800,10 @@ def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConf
     model.eval()
     images = prepared.val_x[ctx.rank::ctx.world_size]
     labels = prepared.val_y[ctx.rank::ctx.world_size]
-    log_probs = log_probabilities(model, images, prepared.mean, prepared.std,
-                                  batch_size=config.eval_batch_size, device=device)
+    with autocast_for(config, device):  # as in training: bf16 when the run uses it
+        log_probs = log_probabilities(model, images, prepared.mean, prepared.std,
+                                      batch_size=config.eval_batch_size, device=device,
+                                      channels_last=uses_channels_last(config, device))
     labels_cpu = labels.cpu()
     sums = torch.tensor([float(F.nll_loss(log_probs, labels_cpu, reduction="sum")),
                          float((log_probs.argmax(1) == labels_cpu).sum()), float(len(labels))],

@@ -11,7 +11,7 @@ DESCRIPTION = """\
 Train a registered model on CIFAR-10 and evaluate its best epoch on the test set.
 
 With neither MODEL nor --recipe, the recipe suits the hardware found: 'gpu' (the best
-CIFAR-tuned model's full recipe) on CUDA, else 'cpu' (inception-cpu, about ten minutes on
+CIFAR-tuned model's full recipe) on CUDA, else 'cpu10' (inception-cpu, about ten minutes on
 a 2-core CPU). With only MODEL, the recipe is 'seed' for the report's seed-* networks and
 'default' for the others. Any option below overrides the recipe.
 
@@ -24,7 +24,8 @@ Batch size and learning rate are global: under torchrun each of the N processes 
 batch/N images per step, so the optimisation is the same as in one process.
 """
 
-RECIPE_NAMES = ("seed", "default", "cpu", "gpu")  # cifar_inception.recipes.RECIPES, no import
+# cifar_inception.recipes.RECIPES, without importing it (torch) for --help
+RECIPE_NAMES = ("seed", "default", "cpu", "gpu", "cpu10", "fast")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,7 +73,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="per-step learning-rate schedule after the warm-up")
     opt.add_argument("--warmup-epochs", type=float, default=None, metavar="E",
                      help="linear warm-up length in epochs (fractions allowed)")
+    opt.add_argument("--final-lr", type=float, default=None, metavar="F",
+                     help="where the schedule ends, as a fraction of the peak (default 0)")
+    opt.add_argument("--norm-bias-lr", type=float, default=None, metavar="X",
+                     help="learning-rate multiplier for norm shifts and biases (default 1)")
     opt.add_argument("--label-smoothing", type=float, default=None, metavar="S")
+    opt.add_argument("--lookahead", action=argparse.BooleanOptionalAction, default=None,
+                     help="reset the weights to their moving average every few steps, and "
+                          "end on it (airbench's lookahead)")
+    opt.add_argument("--lookahead-steps", type=int, default=None, metavar="K")
+    opt.add_argument("--lookahead-decay", type=float, default=None, metavar="D",
+                     help="moving-average decay per step (ramped up over the run)")
+    opt.add_argument("--whiten-init", action=argparse.BooleanOptionalAction, default=None,
+                     help="set a whitening stem from the training images (models that "
+                          "have one; default on)")
+    opt.add_argument("--whiten-bias-epochs", type=float, default=None, metavar="E",
+                     help="freeze the whitening stem's weights and train its bias for E "
+                          "epochs")
     opt.add_argument("--aux-weights", type=float, nargs="+", default=None, metavar="W",
                      help="auxiliary-loss weights: one for every head, or one per head")
 
@@ -82,6 +99,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     aug.add_argument("--padding-mode", choices=("reflect", "zeros"), default=None)
     aug.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                      help="random horizontal flip")
+    aug.add_argument("--flip-mode", choices=("random", "alternate"), default=None,
+                     help="random flips, or alternate: each image mirrored every other epoch")
     aug.add_argument("--cutout", type=int, default=None, metavar="S",
                      help="cutout square side (0: none)")
 
@@ -92,6 +111,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="bf16 autocast on CUDA (default on)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                      help="channels_last memory format on CUDA (default on)")
+    run.add_argument("--cpu-amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bf16 autocast on the CPU (fast with AVX-512 BF16 or AMX)")
+    run.add_argument("--cpu-channels-last", action=argparse.BooleanOptionalAction,
+                     default=None, help="channels_last memory format on the CPU")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the model")
     run.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
@@ -106,6 +129,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="pause once N epochs are done; continue later with --resume")
     run.add_argument("--test", action=argparse.BooleanOptionalAction, default=None,
                      help="evaluate best.pt on the test set at the end (default on)")
+    run.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                     help="test-time augmentation in that evaluation (flips and shifts)")
     run.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
                      help="how long a process waits for the others under torchrun (600)")
     parser.set_defaults(func=run_train)
@@ -116,7 +141,9 @@ _PLAIN = ("val_size", "train_limit", "epochs", "batch_size", "optimizer", "lr", 
           "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing",
           "crop_padding", "padding_mode", "flip", "cutout", "seed", "device", "amp",
           "channels_last", "compile", "sync_bn", "num_threads", "eval_batch_size", "out_dir",
-          "name", "stop_after_epochs", "test", "dist_timeout", "data_dir")
+          "name", "stop_after_epochs", "test", "dist_timeout", "data_dir", "final_lr",
+          "norm_bias_lr", "lookahead", "lookahead_steps", "lookahead_decay", "whiten_init",
+          "whiten_bias_epochs", "flip_mode", "cpu_amp", "cpu_channels_last", "tta")
 
 
 def collect_overrides(args: argparse.Namespace) -> dict:
