@@ -43,6 +43,7 @@ import torch
 from _common import describe, environment, format_table, mean_spread, pick_device, write_json
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.evaluation import classification_metrics, log_probabilities
+from cifar_inception.models.registry import option_value
 from cifar_inception.recipes import TrainConfig, build_config, get_recipe
 from cifar_inception.training import autocast_for, train, uses_channels_last
 
@@ -75,13 +76,7 @@ def _typed(text: str, default: Any) -> Any:
     if isinstance(default, bool) or text.lower() in ("true", "false"):
         if text.lower() not in ("true", "false"):
             raise SystemExit(f"expected true or false, not {text!r}")
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    return option_value(text)
 
 
 class TestTracker:

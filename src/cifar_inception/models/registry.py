@@ -57,11 +57,12 @@ def parse_options(pairs: list[str] | tuple[str, ...]) -> dict[str, object]:
             raise ModelError(f"model option {pair!r} is not of the form key=value")
         if key in options:
             raise ModelError(f"model option {key!r} is given twice")
-        options[key] = _option_value(text.strip())
+        options[key] = option_value(text.strip())
     return options
 
 
-def _option_value(text: str) -> object:
+def option_value(text: str) -> object:
+    """A command-line value as a boolean, integer, float, or else the string itself."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
