@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from cifar_inception import __version__
+from cifar_inception.devices import cpu_capability, has_native_bf16
 from cifar_inception.fileio import atomic_write_json
 
 
@@ -51,10 +52,16 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "device": str(device),
         "cpu": cpu_name(),
+        "cpu_capability": cpu_capability(),
+        "cpu_native_bf16": has_native_bf16(),
         "cpu_count": _usable_cores(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
+    capped = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+              if k in os.environ}
+    if capped:  # an older CPU emulated by capping the kernels' instruction sets
+        info["emulated_isa"] = capped
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -73,8 +80,12 @@ def _usable_cores() -> int:
 
 
 def describe(env: dict[str, Any]) -> str:
+    capability = env.get("cpu_capability", "?")
+    if env.get("emulated_isa"):
+        capability += " (emulated: " + ", ".join(f"{k}={v}" for k, v in
+                                                 env["emulated_isa"].items()) + ")"
     hardware = env.get("gpu") or f"{env['cpu']} ({env['cpu_count']} cores, " \
-                                  f"{env['threads']} threads)"
+                                  f"{env['threads']} threads, torch capability {capability})"
     load = f", load {env['load_average_1min']}" if "load_average_1min" in env else ""
     return f"{hardware}; torch {env['torch']}; {env['date']}{load}"
 

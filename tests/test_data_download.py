@@ -223,3 +223,13 @@ def test_extraction_of_a_truncated_archive_leaves_nothing(tmp_path):
     with pytest.raises(DataError, match="truncated"):
         data.extract_official_archive(archive, tmp_path / "out")
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_no_progress_bar_flashes_before_a_network_error(tmp_path, monkeypatch, capsys):
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv(data.ENV_URL, f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+    with pytest.raises(DataError, match="network unreachable"):
+        load_cifar10(user_folder(tmp_path), progress=True)
+    assert capsys.readouterr().err == ""  # no "0.00/1.00" bar ahead of the message

@@ -345,3 +345,81 @@ def test_jpeg_copy_has_the_full_data_set(jpeg_archive, monkeypatch):
     # The JPEG copy's README gives 125.27/122.93/113.86 and 62.53/61.91/66.46 (0-255).
     np.testing.assert_allclose(np.array(mean) * 255, [125.27, 122.93, 113.86], atol=0.01)
     np.testing.assert_allclose(np.array(std) * 255, [62.53, 61.91, 66.46], atol=0.01)
+
+
+def _zip_with_a_lying_member(path, name: str, claimed: int, actual: int):
+    """A zip whose member's headers claim ``claimed`` bytes but that inflates to ``actual``."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, bytes(actual))
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(name)
+    # the uncompressed size: at offset 22 of the local header, 24 of the central one
+    for offset in (info.header_offset + 22, raw.rfind(b"PK\x01\x02") + 24):
+        raw[offset:offset + 4] = claimed.to_bytes(4, "little")
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_zip_member_inflating_past_its_header_is_cut_at_the_cap(tmp_path, monkeypatch):
+    import tracemalloc
+
+    archive = _zip_with_a_lying_member(tmp_path / "bomb.zip", "train/cat/1.png",
+                                       claimed=1000, actual=64 << 20)
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        message = load_error(archive)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "train/cat/1.png" in message
+    assert peak < 16 << 20  # nothing near the 64 MiB the member inflates to
+
+
+def test_read_capped_stops_past_the_limit_whatever_the_size_claimed():
+    with pytest.raises(DataError, match="x.png: more than 1,000 bytes"):
+        data.read_capped(io.BytesIO(bytes(5000)), 1000, "x.png")
+    assert data.read_capped(io.BytesIO(bytes(1000)), 1000, "x.png") == bytes(1000)
+
+
+def test_a_tar_member_is_read_through_the_same_cap(tmp_path):
+    member = tarfile.TarInfo("train/cat/1.png")
+    member.size = 5000
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w") as tar:
+        tar.addfile(member, io.BytesIO(bytes(5000)))
+    with tarfile.open(path) as tar:
+        with pytest.raises(DataError, match="1.png: more than 1,000 bytes"):
+            data._read_tar_member(tar, tar.getmember("train/cat/1.png"), "t.tar: 1.png", 1000)
+
+
+def test_an_unreadable_data_folder_is_named(tmp_path, monkeypatch):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real_exists = type(folder).exists
+
+    def exists(self):
+        if self.parent == folder:  # as stat() inside a folder without search permission
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_exists(self)
+
+    monkeypatch.setattr(type(folder), "exists", exists)
+    message = load_error(folder)
+    assert "permission denied" in message and str(folder) in message
+
+
+def test_an_unreadable_cache_folder_is_only_a_slower_load(tmp_path, monkeypatch):
+    files, _ = image_tree_files()
+    source = make_source(tmp_path, files, "zip")
+    cache = tmp_path / "cache"
+    real_is_file = type(cache).is_file
+
+    def is_file(self):
+        if cache in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(type(cache), "is_file", is_file)
+    loaded = load_cifar10(source, download=False, progress=False)
+    assert len(loaded.train_labels) and not loaded.from_cache

@@ -215,3 +215,19 @@ def test_cli_bad_batch_size_exits_2(tmp_path, capsys):
     path = write_lookup_checkpoint(tmp_path / "best.pt")
     assert main(["evaluate", str(path), "--batch-size", "0"]) == 2
     assert "batch size must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_says_where_it_wrote_eval_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+    tree = tmp_path / "tree"
+    write_image_tree(every_class_data(), tree)
+    run = tmp_path / "run"
+    write_lookup_checkpoint(run / "best.pt")
+    assert main(["evaluate", str(run), "--data-dir", str(tree)]) == 0
+    assert f"wrote {run / 'eval.json'}" in capsys.readouterr().out
+    assert main(["evaluate", str(run), "--data-dir", str(tree), "--json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout stays one JSON document
+    assert f"wrote {run / 'eval.json'}" in captured.err
+    assert main(["evaluate", str(run), "--data-dir", str(tree), "--no-write"]) == 0
+    assert "\nwrote " not in capsys.readouterr().out

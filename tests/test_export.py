@@ -334,3 +334,50 @@ def test_onnx_export_is_one_self_contained_file(onnx_path):
                    for init in model.graph.initializer)
     assert [p.name for p in onnx_path.parent.iterdir() if p.name.startswith("model")] == [
         "model.onnx"]
+
+
+def foreign_interface_onnx(path, onnx_path, *, elem_type, shape):
+    """A model with the export's names and metadata but another input signature."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    layout = "NCHW" if shape[1] == 3 else "NHWC"
+    nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT)]
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["x"], ["x_nchw"], perm=[0, 3, 1, 2]))
+    nodes += [helper.make_node("GlobalAveragePool", [nodes[-1].output[0]], ["pooled"]),
+              helper.make_node("Flatten", ["pooled"], ["flat"]),
+              helper.make_node("MatMul", ["flat", "weights"], ["logits"]),
+              helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    weights = numpy_helper.from_array(np.ones((3, 10), np.float32), "weights")
+    graph = helper.make_graph(
+        nodes, "foreign", [helper.make_tensor_value_info("images", elem_type, shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [shape[0], 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [shape[0], 10])],
+        [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for entry in onnx.load(onnx_path).metadata_props:
+        model.metadata_props.add(key=entry.key, value=entry.value)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("elem_type, shape", [
+    (onnx.TensorProto.FLOAT, [1, 3, 64, 64]),   # NCHW float, 64x64, fixed batch
+    (onnx.TensorProto.UINT8, [1, 32, 32, 3]),   # the right layout, but a fixed batch of 1
+    (onnx.TensorProto.FLOAT, ["N", 32, 32, 3]),  # float instead of uint8
+])
+def test_onnx_with_another_input_signature_is_refused_in_one_line(
+        onnx_path, tmp_path, capsys, elem_type, shape):
+    from PIL import Image
+
+    path = foreign_interface_onnx(tmp_path / "foreign.onnx", onnx_path, elem_type=elem_type,
+                                  shape=shape)
+    with pytest.raises(CheckpointError, match=r"not the uint8 \[N, 32, 32, 3\]"):
+        OnnxClassifier(path)
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
+    assert main(["predict", str(path), str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error: ") and err.count("\n") == 1
+    assert "foreign.onnx" in err and "its input is" in err

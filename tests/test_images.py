@@ -202,3 +202,52 @@ def test_find_images_walks_folders_sorted_and_keeps_files(tmp_path):
     names = [p.relative_to(tmp_path).as_posix() for p in found]
     assert names == ["tree/a.jpeg", "tree/b/1.jpg", "tree/b/2.PNG", "tree/c/d/deep.webp",
                      "single.bin"]
+
+
+# --- what is read at all ---------------------------------------------------------------------
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+       b"0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n")
+
+
+def test_only_the_accepted_raster_formats_are_tried(monkeypatch):
+    from PIL import EpsImagePlugin
+
+    assert Image.open(io.BytesIO(EPS)).format == "EPS"  # what Pillow alone would accept
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript",
+                        lambda *a, **k: pytest.fail("Ghostscript was run on an upload"))
+    for reader in (open_image, load_cifar_array):
+        with pytest.raises(ImageError, match="drawing.eps: not an image file .*PNG, JPEG"):
+            reader(EPS, name="drawing.eps")
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"):
+        assert open_image(encode(Image.fromarray(rgb_array()), fmt)).size == (32, 32)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="pipe.png: not a regular file .*FIFO"):
+        open_image(fifo)  # would block forever if opened for a plain read
+    with pytest.raises(ImageError, match="not a regular file .*folder"):
+        open_image(tmp_path)
+
+
+def test_image_header_reads_size_and_transparency_only():
+    from cifar_inception.images import image_header
+
+    assert image_header(encode(Image.fromarray(rgb_array(20, 30)))) == (30, 20, False)
+    rgba = Image.fromarray(rgb_array(8, 8)).convert("RGBA")
+    assert image_header(encode(rgba)) == (8, 8, True)
+    with pytest.raises(ImageError, match="not an image file"):
+        image_header(EPS, name="drawing.eps")
+
+
+def test_sixteen_bit_scaling_in_chunks_matches_one_pass():
+    from cifar_inception.images import _scale_to_grey
+
+    values = np.random.default_rng(0).integers(0, 65536, (37, 41), dtype=np.uint16)
+    expected = np.clip(values / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    chunked = _scale_to_grey(Image.fromarray(values), chunk=100)
+    np.testing.assert_array_equal(np.asarray(chunked), expected)

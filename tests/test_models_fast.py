@@ -147,3 +147,18 @@ def test_a_few_steps_fit_a_tiny_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_the_plain_baseline_has_the_parameters_of_its_description():
+    """airbench94's network: a 2x2 whitening conv 3 -> 24 (with bias), then three groups of
+    conv3x3-pool-BN-GELU-conv3x3-BN-GELU of widths 64/256/256 (convs without bias, each BN a
+    scale and a shift), a max-pool and a linear head 256 -> 10 without bias."""
+    widths, previous, expected = (64, 256, 256), 24, 3 * 2 * 2 * 24 + 24
+    for out in widths:
+        expected += 9 * previous * out + 9 * out * out + 2 * (2 * out)
+        previous = out
+    expected += 256 * 10
+    model = create_model("baseline-plain")
+    assert sum(p.numel() for p in model.parameters()) == expected == 1_972_792
+    assert not any(isinstance(m, Branches) for m in model.modules())  # no Inception module
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)

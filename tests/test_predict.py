@@ -317,3 +317,17 @@ def test_bad_onnx_and_device_are_user_errors(tmp_path, checkpoint_path, capsys):
     assert "absent.onnx" in capsys.readouterr().err
     assert main(["predict", str(checkpoint_path), str(checkpoint_path), "--device", "tpu9"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_is_skipped_with_a_message_instead_of_hanging(tmp_path, checkpoint_path, capsys):
+    import os
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.png"
+    Image.fromarray(rgb_noise((32, 32))).save(good)
+    assert main(["predict", str(checkpoint_path), str(fifo), str(good)]) == 1
+    captured = capsys.readouterr()
+    assert f"skipped {fifo}: not a regular file (a named pipe (FIFO))" in captured.err
+    assert str(good) in captured.out

@@ -112,7 +112,7 @@ def write_run(folder, data_dir, *, eval_json: bool = True, fitting_eval: bool = 
         classes=list(CLASSES), mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
         state_dict=model.state_dict(), metrics={"epoch": 3, "val_acc": 0.52})
     ckpt_mod.save_checkpoint(folder / "best.pt", ckpt)
-    config = {"model": "googlenet", "model_options": {"width": 0.25}, "recipe": "default",
+    config = {"model": TINY, "model_options": {"hidden": 6}, "recipe": "default",
               "epochs": len(metrics), "batch_size": 128, "data_dir": str(data_dir),
               "note": "<script>alert(1)</script>",
               "versions": {"torch": torch.__version__},
@@ -243,7 +243,7 @@ def test_stale_eval_json_is_not_used(tmp_path, data_tree):
 
 def test_cli_report(tmp_path, data_tree, capsys):
     run = write_run(tmp_path / "run", data_tree)
-    (run / "config.json").write_text(json.dumps({"model": "googlenet"}))  # no data_dir in it
+    (run / "config.json").write_text(json.dumps({"model": TINY}))  # no data_dir in it
     out_dir = tmp_path / "elsewhere"
     status = main(["report", str(run), "--data-dir", str(data_tree), "--no-download",
                    "--output", str(out_dir), "--misclassified", "8", "--device", "cpu"])

@@ -352,3 +352,68 @@ def test_the_load_check_runs_and_reports():
     assert round_["requests_per_s"] > 0 and 0 < round_["p50_ms"] <= round_["p99_ms"]
     assert report["setup"]["model"] == "googlenet" and report["setup"]["options"] == {
         "width": 0.25}
+
+
+# --- decoding bounds, formats, redirects ----------------------------------------------------
+
+
+def test_a_request_over_the_pixel_limit_gets_413_before_decoding(classifier, monkeypatch):
+    import cifar_inception.serve.app as app_mod
+
+    decoded = []
+    real = app_mod.load_cifar_array
+    monkeypatch.setattr(app_mod, "load_cifar_array",
+                        lambda *a, **k: decoded.append(1) or real(*a, **k))
+    app = create_app(classifier, max_upload_bytes=200_000, max_files=4,
+                     max_request_pixels=2 * 48 * 40)
+    with TestClient(app) as client:
+        two = [("a.png", png_bytes(picture()), "image/png")] * 2
+        assert post_files(client, two).status_code == 200
+        decoded.clear()
+        assert_error(post_files(client, two + two[:1]), 413, "5,760 pixels",
+                     "limit of 3,840 per request")
+        assert decoded == [] and classifier.calls == [2]  # only the first request's batch
+        assert client.get("/api/model").json()["limits"]["max_request_pixels"] == 3840
+
+
+def test_decodes_share_one_pixel_budget():
+    import threading
+
+    from cifar_inception.serve.app import PixelBudget
+
+    budget = PixelBudget(100)
+    assert budget.acquire(60) == 60
+    got = threading.Event()
+    waiter = threading.Thread(target=lambda: (budget.acquire(60), got.set()))
+    waiter.start()
+    assert not got.wait(0.2)  # 60 + 60 > 100: the second decode waits
+    budget.release(60)
+    assert got.wait(5)
+    waiter.join()
+    budget.release(60)
+    assert budget.acquire(500) == 100  # an image over the budget takes all of it, alone
+
+
+def test_only_raster_formats_are_decoded(client):
+    eps = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+           b"0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n")
+    assert_error(post_files(client, [("drawing.eps", eps, "application/postscript")]), 400,
+                 "drawing.eps: not an image file")
+
+
+def test_redirects_never_echo_the_host_header(client):
+    response = client.get("/static", headers={"host": "evil.example"}, follow_redirects=False)
+    assert response.status_code == 307 and response.headers["location"] == "/static/"
+    response = client.get("/api/health/", headers={"host": "evil.example"},
+                          follow_redirects=False)
+    assert "evil.example" not in response.headers.get("location", "")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "ten"])
+def test_cli_serve_refuses_a_non_finite_upload_limit(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tmp_path / "model.pt"), f"--max-upload-mb={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--max-upload-mb" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("cifar-inception serve: error: ")

@@ -167,7 +167,7 @@ def test_models_command_lists_params_and_macs(capsys):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["summary", "resnet"], "known models: googlenet"),
+    (["summary", "resnet"], "known models: baseline-plain, googlenet"),
     (["summary", "googlenet", "--option", "width"], "key=value"),
     (["summary", "googlenet", "--option", "depth=3"], "no option 'depth'"),
     (["summary", "googlenet", "--option", "width=big"], "width"),

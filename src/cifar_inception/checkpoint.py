@@ -11,14 +11,23 @@ it can never run code. It carries everything evaluation and prediction need::
       "training": {...} or absent,   # optimiser, schedule position, RNG states, config
       "metrics": {...} or absent,    # e.g. {"epoch": 12, "val_acc": 0.91}
     }
+
+:func:`load_checkpoint` checks all of this in one place (types, class names against
+num_classes, finite normalisation and weights, bounded sizes), and
+:func:`model_from_checkpoint` compares the weights' shapes with the model built on the meta
+device before allocating it, so no loader meets a KeyError or a half-terabyte allocation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import math
 import os
 import pickle
 import re
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +39,14 @@ from cifar_inception.fileio import atomic_write_bytes
 
 FORMAT = "cifar-inception-checkpoint/1"
 CHECKPOINT_NAMES = ("best.pt", "last.pt")
+RUN_CONFIG = "config.json"  # written by train beside the checkpoints
+
+# Bounds on what a checkpoint may ask a loader to build, checked before any weight is
+# allocated: a header saying num_classes = 10**9 must not make us allocate half a terabyte.
+MAX_CLASSES = 1000
+MAX_PARAMETERS = 1_000_000_000  # the largest registered model has about 232 million
+# What a model option may be: the JSON scalars the command line's KEY=VALUE gives.
+_OPTION_TYPES = (bool, int, float, str, type(None))
 
 
 def make_checkpoint(*, model_name: str, model_options: dict, num_classes: int,
@@ -67,6 +84,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"{path}: run folder holds no best.pt or last.pt")
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    if not stat.S_ISREG(path.stat().st_mode):
+        # Reading a FIFO or a device would wait forever or never end.
+        raise CheckpointError(f"{path}: not a regular file")
     return path
 
 
@@ -89,7 +109,75 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc)[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-inception checkpoint (no '{FORMAT}' marker)")
+    check_structure(ckpt, where=str(path))
     return ckpt
+
+
+def check_structure(ckpt: dict, *, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose entries are missing, mistyped or inconsistent, naming the
+    entry, so that every loader (evaluate, predict, report, export, serve) can trust it."""
+    model = _entry(ckpt, "model", dict, where)
+    data = _entry(ckpt, "data", dict, where)
+    state = _entry(ckpt, "state_dict", dict, where)
+    for key in ("training", "metrics"):
+        if key in ckpt and not isinstance(ckpt[key], dict):
+            raise CheckpointError(f"{where}: its '{key}' entry is not a dict")
+    _check_model_entry(model, where)
+    _check_data_entry(data, model["num_classes"], where)
+    _check_weights(state, where)
+
+
+def _entry(mapping: dict, key: str, kind: type, where: str) -> Any:
+    if key not in mapping:
+        raise CheckpointError(f"{where}: damaged checkpoint, it has no '{key}' entry")
+    if not isinstance(mapping[key], kind):
+        raise CheckpointError(f"{where}: damaged checkpoint, its '{key}' entry is a "
+                              f"{type(mapping[key]).__name__}, not a {kind.__name__}")
+    return mapping[key]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_model_entry(model: dict, where: str) -> None:
+    name = _entry(model, "name", str, f"{where}: model")
+    options = _entry(model, "options", dict, f"{where}: model")
+    count = model.get("num_classes")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_CLASSES:
+        raise CheckpointError(f"{where}: num_classes must be a whole number from 1 to "
+                              f"{MAX_CLASSES:,}, not {count!r}")
+    for key, value in options.items():
+        if not isinstance(key, str) or not isinstance(value, _OPTION_TYPES) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise CheckpointError(f"{where}: model option {key!r} of '{name}' has the "
+                                  f"value {value!r}, which no model accepts")
+
+
+def _check_data_entry(data: dict, num_classes: int, where: str) -> None:
+    classes = _entry(data, "classes", list, f"{where}: data")
+    if len(classes) != num_classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{where}: names {len(classes)} classes for a model with "
+                              f"{num_classes} outputs (expected {num_classes} class names)")
+    for key in ("mean", "std"):
+        values = _entry(data, key, list, f"{where}: data")
+        if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise CheckpointError(f"{where}: its normalisation '{key}' must be 3 finite "
+                                  f"numbers (red, green, blue), not {str(values)[:80]}")
+    if not all(v > 0 for v in data["std"]):
+        raise CheckpointError(f"{where}: its normalisation 'std' must be positive, "
+                              f"not {data['std']}")
+
+
+def _check_weights(state: dict, where: str) -> None:
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{where}: damaged checkpoint, its weights hold "
+                                  f"{key!r}, which is not a tensor")
+        # A diverged run's NaN weights would give NaN predictions that look like answers.
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: the weights {key!r} hold NaN or infinite "
+                                  "values (a diverged run?); refusing to use them")
 
 
 def check_compatible(ckpt: dict, *, model_name: str | None = None,
@@ -104,20 +192,101 @@ def check_compatible(ckpt: dict, *, model_name: str | None = None,
             f"{where} has {found['num_classes']} classes, not {num_classes}")
 
 
-def model_from_checkpoint(ckpt: dict, *, where: str = "checkpoint") -> torch.nn.Module:
-    """Build the registered model the checkpoint names and load its weights (eval mode)."""
+def _build(info: dict, where: str, device: str | None = None) -> torch.nn.Module:
     from cifar_inception.models import create_model  # sideways: models know nothing of us
 
+    try:
+        with torch.device(device) if device else contextlib.nullcontext():
+            return create_model(info["name"], num_classes=info["num_classes"],
+                                **info["options"])
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        raise CheckpointError(f"{where}: cannot build model '{info['name']}' with options "
+                              f"{info['options']} ({str(exc)[:160]})") from None
+
+
+def check_shapes(ckpt: dict, *, where: str = "checkpoint") -> None:
+    """Build the model on the meta device (no memory) and compare it with the weights.
+
+    Only when the model is within :data:`MAX_PARAMETERS` and every weight has its shape is
+    the real model built, so its size is that of the weights already read.
+    """
     info = ckpt["model"]
-    model = create_model(info["name"], num_classes=info["num_classes"], **info["options"])
+    expected = _build(info, where, device="meta").state_dict()
+    size = sum(t.numel() for t in expected.values())
+    if size > MAX_PARAMETERS:
+        raise CheckpointError(f"{where}: model '{info['name']}' with options {info['options']} "
+                              f"and {info['num_classes']:,} classes would have {size:,} "
+                              f"weights, over the limit of {MAX_PARAMETERS:,}")
+    found = ckpt["state_dict"]
+    missing = sorted(expected.keys() - found.keys())
+    extra = sorted(found.keys() - expected.keys())
+    wrong = [key for key in expected.keys() & found.keys()
+             if tuple(expected[key].shape) != tuple(found[key].shape)]
+    if missing or extra or wrong:
+        problem = (f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+                   if extra else f"{wrong[0]!r} is {tuple(found[wrong[0]].shape)}, not "
+                   f"{tuple(expected[wrong[0]].shape)}")
+        raise CheckpointError(f"{where}: weights do not fit model '{info['name']}' with "
+                              f"options {info['options']} ({problem})")
+
+
+def model_from_checkpoint(ckpt: dict, *, where: str = "checkpoint") -> torch.nn.Module:
+    """Build the registered model the checkpoint names and load its weights (eval mode)."""
+    check_shapes(ckpt, where=where)
+    model = _build(ckpt["model"], where)
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:
+        info = ckpt["model"]
         raise CheckpointError(
             f"{where}: weights do not fit model '{info['name']}' with options "
             f"{info['options']} ({str(exc).splitlines()[0][:160]})"
         ) from None
     return model.eval()
+
+
+def check_run_matches(ckpt: dict, checkpoint: str | os.PathLike) -> None:
+    """Refuse a checkpoint that is not the run's own: its model, options and training
+    settings must be those of the config.json beside it (when there is one).
+
+    A best.pt copied from another run would otherwise be reported with this run's curves.
+    """
+    from cifar_inception.recipes import RUNTIME_FIELDS  # settings a resume may change
+
+    config_path = Path(checkpoint).parent / RUN_CONFIG
+    settings = _run_settings(config_path)
+    if settings is None:
+        return
+    recorded, found = {}, {"model": ckpt["model"]["name"],
+                           "model_options": ckpt["model"]["options"]}
+    if isinstance(settings.get("model"), str):
+        recorded["model"] = settings["model"]
+    if isinstance(settings.get("model_options"), dict):
+        recorded["model_options"] = settings["model_options"]
+    trained = ckpt.get("training", {}).get("config")
+    if isinstance(trained, dict):
+        for key in (settings.keys() & trained.keys()) - set(RUNTIME_FIELDS):
+            recorded[key], found[key] = settings[key], trained[key]
+    found = json.loads(json.dumps(found, default=str))  # tuples as config.json has them: lists
+    for key, value in recorded.items():
+        if value != found[key]:
+            raise CheckpointError(
+                f"{checkpoint} is not this run's checkpoint: its {key} is {found[key]!r}, "
+                f"but {config_path} says {value!r}")
+
+
+def _run_settings(config_path: Path) -> dict | None:
+    """The training settings config.json records (under "config"), or None without one."""
+    if not config_path.is_file():
+        return None
+    try:
+        record = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{config_path}: not readable JSON") from None
+    settings = record.get("config", record) if isinstance(record, dict) else None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{config_path}: not a run configuration")
+    return settings
 
 
 def load_trained_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:

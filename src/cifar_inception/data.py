@@ -124,7 +124,10 @@ def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
     Raises :class:`DataError` with a one-line message for anything wrong with the source.
     """
     root, explicit = resolve_data_dir(data_dir)
-    source = _find_source(root, explicit)
+    try:
+        source = _find_source(root, explicit)
+    except PermissionError as exc:  # e.g. a folder without read or search permission
+        raise DataError(f"cannot read {exc.filename or root}: permission denied") from None
     if source is None:
         if not download:
             raise DataError(
@@ -241,9 +244,7 @@ def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
         raise DataError(f"cannot create the data folder {folder}: {exc.strerror or exc}") from None
     advice = (f"without internet, fetch {ARCHIVE_NAME} (or an image-folder copy) elsewhere and "
               "pass --data-dir PATH")
-    # pooch sets the total from Content-Length; a bar whose total is unknown has no truth value
-    bar = _progress_bar(progress, desc=f"downloading {ARCHIVE_NAME}", total=1, unit="B",
-                        unit_scale=True, unit_divisor=1024)
+    bar = _DownloadBar(desc=f"downloading {ARCHIVE_NAME}") if progress else None
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # our own bar says what happens
@@ -437,7 +438,7 @@ def _decode_source(source: _Source, *, progress: bool) -> tuple[dict[str, np.nda
         return _parse_batches(blobs, label), "batches"
     if source.kind == "images":
         files = ((tuple(rel.split("/")), size,
-                  functools.partial(_read_file, path, f"{label}: {rel}", MAX_IMAGE_BYTES))
+                  functools.partial(_read_file, path, f"{label}: {rel}"))
                  for rel, path, size, _ in _folder_tree_listing(source.path))
         return _read_entries(files, label, progress=progress)
     return _read_entries(_archive_files(source.path), label, progress=progress)
@@ -445,7 +446,10 @@ def _decode_source(source: _Source, *, progress: bool) -> tuple[dict[str, np.nda
 
 def _read_cache(path: Path) -> tuple[dict[str, np.ndarray], str] | None:
     """The cached arrays, or None when absent or unreadable (it is then rebuilt and replaced)."""
-    if not path.is_file():
+    try:
+        if not path.is_file():  # raises when the cache folder may not be searched
+            return None
+    except OSError:
         return None
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -538,8 +542,9 @@ def _stat(path: Path) -> os.stat_result:
 # Reading files out of folders and archives
 
 
-# (path parts, size in bytes, a function returning the content)
-_FileEntry = tuple[tuple[str, ...], int, Callable[[], bytes]]
+# (path parts, size in bytes as listed, a function returning the content given a byte limit)
+_FileEntry = tuple[tuple[str, ...], int, Callable[[int], bytes]]
+_READ_CHUNK = 1 << 16
 
 
 def _folder_tree_listing(root: Path) -> list[tuple[str, Path, int, os.stat_result]]:
@@ -561,12 +566,26 @@ def _folder_tree_listing(root: Path) -> list[tuple[str, Path, int, os.stat_resul
 
 def _read_file(path: Path, label: str, limit: int) -> bytes:
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise DataError(f"{label}: {size:,} bytes is too large (limit {limit:,})")
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return read_capped(handle, limit, label)
     except OSError as exc:
         raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_capped(handle: io.BufferedIOBase, limit: int, label: str) -> bytes:
+    """At most ``limit`` bytes of a file or archive member, read in small chunks.
+
+    Sizes in zip and tar headers are the archive's word only: a member that claims 1,000
+    bytes may inflate to gigabytes. Reading in chunks and stopping past ``limit`` bounds the
+    memory whatever the headers say.
+    """
+    parts, total = [], 0
+    while chunk := handle.read(min(_READ_CHUNK, limit + 1 - total)):
+        parts.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise DataError(f"{label}: more than {limit:,} bytes, too large for CIFAR-10")
+    return b"".join(parts)
 
 
 def _archive_files(path: Path) -> Iterator[_FileEntry]:
@@ -585,7 +604,7 @@ def _tar_files(path: Path) -> Iterator[_FileEntry]:
                 _refuse_special_member(member, label)
                 if member.isreg():
                     yield parts, member.size, functools.partial(_read_tar_member, tar, member,
-                                                                label)
+                                                                f"{label}: {member.name}")
             _check_tar_end(stream, tar, label)
     except DataError:
         raise
@@ -654,15 +673,15 @@ def _archive_error(label: str, exc: BaseException) -> DataError:
     return DataError(f"{label}: truncated or corrupt archive ({_one_line(exc)})")
 
 
-def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, label: str) -> bytes:
+def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, label: str,
+                     limit: int) -> bytes:
     try:
         handle = tar.extractfile(member)
-        data = handle.read() if handle is not None else b""
+        data = read_capped(handle, limit, label) if handle is not None else b""
     except _STREAM_ERRORS as exc:
-        raise DataError(f"{label}: truncated or corrupt archive at {member.name} "
-                        f"({_one_line(exc)})") from None
+        raise DataError(f"{label}: truncated or corrupt archive ({_one_line(exc)})") from None
     if len(data) != member.size:
-        raise DataError(f"{label}: truncated archive ({member.name} is cut short)")
+        raise DataError(f"{label}: truncated archive (the member is cut short)")
     return data
 
 
@@ -685,15 +704,16 @@ def _zip_files(path: Path) -> Iterator[_FileEntry]:
                 raise DataError(f"{label}: refusing the link {name!r} (archives of CIFAR-10 "
                                 "hold plain files)")
             yield parts, info.file_size, functools.partial(_read_zip_member, archive, info,
-                                                           label)
+                                                           f"{label}: {name}")
 
 
-def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> bytes:
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str,
+                     limit: int) -> bytes:
     try:
-        return archive.read(info)
+        with archive.open(info) as handle:
+            return read_capped(handle, limit, label)
     except _STREAM_ERRORS as exc:
-        raise DataError(f"{label}: corrupt or truncated member {info.filename} "
-                        f"({_one_line(exc)})") from None
+        raise DataError(f"{label}: corrupt or truncated member ({_one_line(exc)})") from None
 
 
 def _member_parts(name: str, label: str) -> tuple[str, ...]:
@@ -852,13 +872,13 @@ def _read_entries(files: Iterable[_FileEntry], label: str, *,
                 if size > MAX_BATCH_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
                                     "for a CIFAR-10 batch")
-                batches[parts[-1]] = read()
+                batches[parts[-1]] = read(MAX_BATCH_BYTES)
                 continue
             if layout.add(parts) and layout.healthy:
                 if size > MAX_IMAGE_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
                                     "for a 32x32 image")
-                decoder.add("/".join(parts), read())
+                decoder.add("/".join(parts), read(MAX_IMAGE_BYTES))
         if batches:
             if layout.count:
                 raise DataError(f"{label}: holds both CIFAR-10 batch files and image folders; "
@@ -1121,6 +1141,42 @@ def _user_cache_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
+
+
+class _DownloadBar:
+    """The progress bar handed to pooch, drawn only once the server has answered.
+
+    pooch sets ``total`` from the response's Content-Length; a bar made before that would
+    flash "0.00/1.00" ahead of a network error.
+    """
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.bar = None
+
+    def __bool__(self) -> bool:  # pooch tests the bar's truth to decide whether to use it
+        return True
+
+    @property
+    def total(self) -> int | None:
+        return self.bar.total if self.bar is not None else None
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar = _progress_bar(True, total=value or None, unit="B", unit_scale=True,
+                                 unit_divisor=1024, **self.options)
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def reset(self) -> None:
+        if self.bar is not None:
+            self.bar.reset()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _progress_bar(enabled: bool, **options):  # noqa: ANN202

@@ -5,6 +5,11 @@ can fix: a missing data folder, a corrupt archive, an unknown model name. The CL
 ``error: <message>`` and exits with status 2; anything else is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class CifarInceptionError(Exception):
     """A problem with the user's input or environment, reported as one line."""
@@ -20,3 +25,17 @@ class ModelError(CifarInceptionError):
 
 class CheckpointError(CifarInceptionError):
     """A checkpoint that is missing, unsafe, corrupt, or for another model."""
+
+
+@contextlib.contextmanager
+def needs_extra(extra: str, what: str) -> Iterator[None]:
+    """Turn a missing optional dependency, imported inside the block, into one line that
+    names the extra to install: ``pip install 'cifar-inception[serve]'``."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("cifar_inception"):
+            raise  # our own module missing is a bug, not an extra to install
+        raise CifarInceptionError(
+            f"{what} needs the optional package {exc.name!r}, part of the [{extra}] extra: "
+            f"pip install 'cifar-inception[{extra}]'") from None

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from cifar_inception.augment import flip_where, normalize, translate
 from cifar_inception.checkpoint import (
     check_compatible,
+    check_run_matches,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
 )
+from cifar_inception.devices import pick_device
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
 
@@ -34,18 +36,6 @@ EVAL_FILE = "eval.json"
 TTA_SHIFT = 2
 # (mirror, dy, dx) of each test-time view
 TTA_VIEWS = tuple((flip, d, d) for flip in (False, True) for d in (0, -TTA_SHIFT, TTA_SHIFT))
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CifarInceptionError(f"device {device!r} asked for, but CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CifarInceptionError(f"unknown device {device!r}") from None
 
 
 def _view(images: torch.Tensor, flip: bool, dy: int, dx: int) -> torch.Tensor:
@@ -135,6 +125,7 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
         raise CifarInceptionError(f"batch size must be >= 1, not {batch_size}")
     path = resolve_checkpoint(checkpoint_or_run)
     ckpt = load_checkpoint(path)
+    check_run_matches(ckpt, path)
     if data is None:
         from cifar_inception.data import load_cifar10
 
@@ -147,6 +138,11 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
     log_probs = log_probabilities(model, images, ckpt["data"]["mean"], ckpt["data"]["std"],
                                   batch_size=batch_size, device=torch_device, tta=tta)
     result = classification_metrics(log_probs, labels, data.classes)
+    if not math.isfinite(result["test_loss"]):
+        # A NaN loss beside plausible accuracies would be recorded as if it meant something.
+        raise CifarInceptionError(
+            f"{path}: the model's outputs on the test set are NaN or infinite (test loss "
+            f"{result['test_loss']}); nothing written")
     result.update(tta=tta, num_images=int(labels.shape[0]), checkpoint=str(path))
     if write:
         atomic_write_json(Path(path).parent / EVAL_FILE, result)

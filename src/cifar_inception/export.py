@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from cifar_inception import __version__
-from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
 from cifar_inception.fileio import atomic_write_bytes
-from cifar_inception.predict import check_images
+from cifar_inception.predict import check_finite, check_images
 
 EXPORT_FORMAT = "cifar-inception-export/1"
 # Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
@@ -44,6 +44,8 @@ METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript
 MIN_OPSET = 18
 DEFAULT_OPSET = 20  # current, and run by ONNX Runtime 1.18 and later
 INPUT_NAME = "images"
+INPUT_TYPE = "tensor(uint8)"
+INPUT_SHAPE = (32, 32, 3)  # after the batch dimension, which stays dynamic
 OUTPUT_NAMES = ("logits", "probabilities")
 INPUT_DOC = ("images: uint8 (N, 32, 32, 3), RGB, 0-255, channels last (NHWC); "
              "normalised inside the graph")
@@ -244,6 +246,10 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         raise CifarInceptionError(
             f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "onnx":
+        with needs_extra("export", "ONNX export"):
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401  (runs the file to check it)
+            import onnxscript  # noqa: F401  (torch's ONNX exporter)
         _check_opset(opset)
     source = resolve_checkpoint(checkpoint_path)
     out = Path(out_path) if out_path is not None else default_output(source, fmt)
@@ -339,7 +345,8 @@ class OnnxClassifier:
 
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such ONNX file")
+            what = "not a regular file" if self.path.exists() else "no such ONNX file"
+            raise CheckpointError(f"{self.path}: {what}")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -369,11 +376,20 @@ class OnnxClassifier:
         }
 
     def _check_signature(self, num_classes: int) -> None:
+        """The interface :func:`export_model` writes: anything else would fail at run time
+        with ONNX Runtime's own traceback."""
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs.keys():
             raise CheckpointError(f"{self.path}: expected input '{INPUT_NAME}' and outputs "
                                   f"{', '.join(OUTPUT_NAMES)}; found {inputs}, {list(outputs)}")
+        found = self.session.get_inputs()[0]
+        shape = list(found.shape or [])
+        batch_fixed = bool(shape) and isinstance(shape[0], int)
+        if found.type != INPUT_TYPE or tuple(shape[1:]) != INPUT_SHAPE or batch_fixed:
+            raise CheckpointError(
+                f"{self.path}: its input is {found.type} {shape}, not the uint8 "
+                f"[N, 32, 32, 3] (any N, channels last) that cifar-inception exports")
         width = outputs[OUTPUT_NAMES[1]][-1]
         if isinstance(width, int) and width != num_classes:
             raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
@@ -385,7 +401,7 @@ class OnnxClassifier:
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
             out[start:start + len(batch)] = self.session.run([output], {INPUT_NAME: batch})[0]
-        return out
+        return check_finite(out, str(self.path))
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, 32, 32, 3) -> logits, float32 (N, C)."""

@@ -61,8 +61,9 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
         os.fsync(handle.fileno())
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read a JSON-lines file, ignoring a torn last line left by a crash."""
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The value of each line of a JSON-lines file, skipping lines that do not parse (a torn
+    last line left by a crash); what the values must be is the caller's to check."""
     rows = []
     for line in Path(path).read_text().splitlines():
         try:

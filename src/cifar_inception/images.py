@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cifar_inception.errors import CifarInceptionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The raster formats of those suffixes, and only them: Pillow would otherwise also try
+# formats such as EPS, whose plug-in runs Ghostscript on the file.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 
 # A photo of 40 megapixels is fine; a 200-megapixel PNG of a few kilobytes is an attack.
 MAX_PIXELS = 40_000_000
@@ -25,21 +29,58 @@ class ImageError(CifarInceptionError):
     """An image that cannot be read, is corrupt, or is too large to decode."""
 
 
+def _open_regular_file(path: str | os.PathLike, label: str):
+    """A binary file object for ``path``, refusing anything but a regular file.
+
+    The file is opened without blocking, so that a FIFO is refused instead of waiting
+    forever for a writer.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot open ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a folder" if
+                stat.S_ISDIR(mode) else "a device or socket")
+        raise ImageError(f"{label}: not a regular file ({kind})")
+    return os.fdopen(fd, "rb")
+
+
+def image_header(source: str | os.PathLike | bytes, *,
+                 name: str | None = None) -> tuple[int, int, bool]:
+    """Width, height and whether it has transparency, from the header alone, for budgeting
+    decodes: compositing transparency on white takes about twice the memory of the rest."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
+    fp = io.BytesIO(source) if isinstance(source, bytes) else _open_regular_file(source, label)
+    with fp:
+        try:
+            with Image.open(fp, formats=IMAGE_FORMATS) as image:
+                alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+                return image.size[0], image.size[1], alpha
+        except UnidentifiedImageError:
+            raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+_NOT_AN_IMAGE = "not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or TIFF)"
+
+
 def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image from a path or bytes, refusing decompression bombs.
 
-    The pixel count is checked from the header before any pixel is decoded. An EXIF
-    orientation is applied, so the image comes back upright.
+    Only :data:`IMAGE_FORMATS` are tried, and only regular files are read. The pixel count
+    is checked from the header before any pixel is decoded. An EXIF orientation is applied,
+    so the image comes back upright.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
-    try:
-        fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-    except OSError as exc:
-        raise ImageError(f"{label}: cannot open ({exc.strerror or exc})") from None
+    fp = io.BytesIO(source) if isinstance(source, bytes) else _open_regular_file(source, label)
     with fp:
         try:
-            image = Image.open(fp)
+            image = Image.open(fp, formats=IMAGE_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -55,7 +96,7 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
         except Image.DecompressionBombError:
             raise ImageError(f"{label}: refused as a possible decompression bomb") from None
         except UnidentifiedImageError:
-            raise ImageError(f"{label}: not an image file Pillow can read") from None
+            raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
     return image
@@ -69,20 +110,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode == "RGB":
         return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        if image.mode == "I" and values.max() <= 255:
-            top = 255.0
-        grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(grey, mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in _WIDE_GREY:
+        return _scale_to_grey(image).convert("RGB")
+    if (image.mode == "P" and "transparency" in image.info) or image.mode in _ALPHA_MODES:
+        return _composite_on_white(image)
     return image.convert("RGB")
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _composite_on_white(image: Image.Image, chunk: int = 1 << 20) -> Image.Image:
+    """Transparent pixels on white, a band of about ``chunk`` pixels at a time.
+
+    Whole-image RGBA copies, a white background and the composite would take four times
+    the decoded image (some 800 MB at 40 megapixels); bands keep it to the RGB result.
+    """
+    width, height = image.size
+    out = Image.new("RGB", image.size)
+    rows = max(1, chunk // max(width, 1))
+    for y in range(0, height, rows):
+        band = image.crop((0, y, width, min(y + rows, height))).convert("RGBA")
+        white = Image.new("RGBA", band.size, (255, 255, 255, 255))
+        out.paste(Image.alpha_composite(white, band).convert("RGB"), (0, y))
+    return out
+
+
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16- and 32-bit greyscale
+
+
+def _scale_to_grey(image: Image.Image, chunk: int = 1 << 20) -> Image.Image:
+    """16- and 32-bit greyscale -> 8-bit "L", scaled to its range.
+
+    Done a band of about ``chunk`` pixels at a time, cropped from the image: a float64 copy
+    of a whole 40-megapixel image would be 320 MB.
+    """
+    width, height = image.size
+    peak = float(image.getextrema()[1]) if width and height else 0.0
+    top = 65535.0 if image.mode.startswith("I;16") else max(peak, 1.0)
+    if image.mode == "I" and peak <= 255:
+        top = 255.0
+    grey = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, chunk // max(width, 1))
+    for y in range(0, height, rows):
+        band = np.asarray(image.crop((0, y, width, min(y + rows, height))), dtype=np.float64)
+        grey[y:y + rows] = np.clip(band / top * 255.0 + 0.5, 0, 255)
+    return Image.fromarray(grey, mode="L")
 
 
 def to_cifar_array(image: Image.Image) -> np.ndarray:
@@ -91,10 +164,19 @@ def to_cifar_array(image: Image.Image) -> np.ndarray:
     The whole image is squeezed to 32x32 (no crop), as CIFAR-10's own images were made
     from whole photos; an image already 32x32 is left exactly as it is.
     """
-    rgb = to_rgb(image)
-    if rgb.size != (32, 32):
-        rgb = rgb.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(rgb, dtype=np.uint8)
+    if image.mode in _WIDE_GREY:
+        image = _scale_to_grey(image)
+    if image.mode == "L":
+        # Greyscale is resized while it is one channel: the same pixels as resizing its RGB
+        # copy (each channel is resampled alike), without a full-size RGB copy in memory.
+        return np.asarray(to_rgb(_to_32x32(image)), dtype=np.uint8)
+    return np.asarray(_to_32x32(to_rgb(image)), dtype=np.uint8)
+
+
+def _to_32x32(image: Image.Image) -> Image.Image:
+    if image.size == (32, 32):
+        return image
+    return image.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def load_cifar_array(source: str | os.PathLike | bytes, *, name: str | None = None,

@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cifar_inception.errors import CifarInceptionError
+from cifar_inception.errors import CifarInceptionError, needs_extra
 from cifar_inception.images import MAX_PIXELS, ImageError, find_images, load_cifar_array
 
 # Files decoded and predicted together: bounds memory for a folder of any size.
@@ -53,12 +53,20 @@ def check_images(images: np.ndarray) -> np.ndarray:
     return images
 
 
+def check_finite(outputs: np.ndarray, source: str) -> np.ndarray:
+    """Refuse NaN or infinite model outputs, which would otherwise print as predictions."""
+    if not np.isfinite(outputs).all():
+        raise CifarInceptionError(f"{source}: the model gives NaN or infinite outputs; "
+                                  "its weights are unusable (a diverged run?)")
+    return outputs
+
+
 class TorchClassifier:
     """A trained PyTorch model with the normalisation and class names of its checkpoint."""
 
     def __init__(self, model, checkpoint: dict, *, source: str = "", device: str | None = None,
                  batch_size: int = 256):
-        from cifar_inception.evaluation import pick_device
+        from cifar_inception.devices import pick_device
 
         self.device = pick_device(device or "auto")
         self.model = model.to(self.device).eval()
@@ -99,7 +107,7 @@ class TorchClassifier:
                 logits = self.model(normalize(batch, self.mean, self.std))
                 probs = torch.softmax(logits.float(), dim=1)
                 out[start:start + len(batch)] = probs.cpu().numpy()
-        return out
+        return check_finite(out, self.info["source"] or self.model_name)
 
 
 def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Classifier:
@@ -109,12 +117,9 @@ def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Cl
     None means ``auto``: the GPU when there is one.
     """
     if Path(path).suffix.lower() == ".onnx":
-        try:  # onnxruntime is an optional dependency: imported only for .onnx files
+        # onnxruntime is an optional dependency: imported only for .onnx files
+        with needs_extra("export", f"{path}: reading ONNX files"):
             import onnxruntime  # noqa: F401
-        except ImportError:
-            raise CifarInceptionError(
-                f"{path}: reading ONNX files needs onnxruntime "
-                "(pip install 'cifar-inception[export]')") from None
         from cifar_inception.export import OnnxClassifier
 
         return OnnxClassifier(path)

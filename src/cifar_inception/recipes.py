@@ -1,7 +1,9 @@
 """Every training hyperparameter, and the named recipes that set them, in one place.
 
-:class:`TrainConfig` lists every option of a training run with its default. A *recipe* is a
-named partial configuration; :func:`build_config` layers them::
+:class:`TrainConfig` lists every option of a training run with its default, help text,
+bounds and command-line flag (see :mod:`cifar_inception.options`: the flags and the checks
+are generated from these declarations, so an option is added with one edit). A *recipe* is
+a named partial configuration; :func:`build_config` layers them::
 
     TrainConfig defaults  <  recipe  <  the recipe's entry for this model  <  explicit options
 
@@ -21,20 +23,21 @@ Recipes:
     (linear warm-up, then linear decay to zero), label smoothing 0.1, weight decay 5e-4 (not
     on norms and biases), random crop (reflect padding 4) and flip.
 ``cpu``
-    What ``cifar-inception train`` runs on a machine without a GPU: ``inception-cpu`` (the
-    small Inception net built for the CPU) with the default recipe's ingredients tuned for
-    it, sized to about ten minutes of training on a 2-core CPU (docs/training.md gives the
-    measurement).
+    The first CPU recipe: ``inception-cpu`` for 6 epochs with the default recipe's
+    ingredients (kept for comparison; ``cpu10`` replaced it as the CPU default).
 ``gpu``
     What ``cifar-inception train`` runs on a GPU: the best CIFAR-tuned model's full recipe.
 ``cpu10``
-    Time to accuracy on a 2-core CPU, and what ``cifar-inception train`` runs on a machine
-    without a GPU: ``inception-cpu`` for about ten minutes of training with the fast
-    CIFAR-10 trainers' tricks, each a switchable option (BENCHMARKS.md measures them):
-    bf16 autocast and channels_last on the CPU, batches of 1024, Nesterov SGD with a short
-    warm-up and a linear decay to 7%, label smoothing 0.2, a whitening stem (frozen, its
-    bias trained 3 epochs), batch norm with a 64x learning rate on its shifts, 2-pixel
-    reflect translations and alternating flips, lookahead, and test-time augmentation.
+    What ``cifar-inception train`` runs on a machine without a GPU: the best Inception net
+    that ten minutes buy on this machine. It trains ``inception-cpu`` for a time budget
+    (``budget``, 10 minutes): it measures this machine's speed, then fixes the number of steps
+    so that training, validation and the final test end within the budget, with every
+    schedule a fraction of the run. Precision and threads follow the CPU (bf16 only where it
+    is native, every core). The fast CIFAR-10 trainers' tricks, each a switchable option
+    (BENCHMARKS.md measures them): batches of 1024, Nesterov SGD with a warm-up over 23% of
+    the run and a linear decay to 7%, label smoothing 0.2, a whitening stem (frozen, its bias
+    trained for the first quarter), batch norm with a 64x learning rate on its shifts,
+    2-pixel reflect translations and alternating flips, lookahead, test-time augmentation.
 ``fast``
     Time to accuracy on one GPU: the same tricks on the wider ``inception-fast``.
 """
@@ -45,76 +48,163 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifar_inception.errors import CifarInceptionError
+from cifar_inception.options import (
+    ConfigError,
+    check_fields,
+    option,
+    parse_duration,
+    runtime_fields,
+)
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
 FLIP_MODES = ("random", "alternate")
 PADDING_MODES = ("reflect", "zeros")
 
+__all__ = ["ConfigError", "TrainConfig", "Recipe", "RECIPES", "FIELDS", "RUNTIME_FIELDS",
+           "build_config", "get_recipe", "list_recipes", "default_recipe_name", "validate"]
 
-class ConfigError(CifarInceptionError):
-    """An unknown recipe, an unknown option or a value out of range."""
+
+def _aux_weights_problem(weights: Any) -> str | None:
+    if isinstance(weights, (list, tuple)):
+        if all(_is_weight(w) for w in weights):
+            return None
+        return f"auxiliary weights must be numbers >= 0, not {list(weights)}"
+    return None if _is_weight(weights) else \
+        f"auxiliary weight must be a number >= 0, not {weights!r}"
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and 0 <= value < float("inf")
+
+
+def _device_problem(device: Any) -> str | None:
+    ok = isinstance(device, str) and (device in ("auto", "cpu") or device.startswith("cuda"))
+    return None if ok else f"device must be auto, cpu or cuda[:N], not {device!r}"
 
 
 @dataclass
 class TrainConfig:
     """Every option of a training run. Learning rate and batch size are global (all ranks)."""
 
-    # what to train
-    model: str = "googlenet"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    recipe: str | None = None
-    # data
-    data_dir: str | None = None
-    download: bool = True
-    val_size: int = 5000              # held out from the 50,000 training images; 0 = none
-    train_limit: int | None = None    # train on a seeded random subset of this many images
+    # what to train (the positional MODEL, --width and --option)
+    model: str = option("googlenet", "registered model name", group="model", cli=False)
+    model_options: dict[str, Any] = option(factory=dict, group="model", cli=False,
+                                           label="model options")
+    recipe: str | None = option(None, "named set of hyperparameters", cli=False)
+    # data (--data-dir and --no-download are shared with the other commands)
+    data_dir: str | None = option(None, group="data", cli=False, runtime=True)
+    download: bool = option(True, group="data", cli=False, runtime=True)
+    val_size: int = option(5000, "training images held out for validation (0: none)",
+                           group="data", label="validation size", minimum=0, metavar="N")
+    train_limit: int | None = option(
+        None, "train on a fixed random subset of N images (quick runs)", group="data",
+        minimum=1, metavar="N")
     # optimisation
-    epochs: int = 30
-    batch_size: int = 512             # global: split evenly over the ranks under torchrun
-    optimizer: str = "sgd"            # sgd (with Nesterov momentum by default), adamw, adam
-    lr: float = 0.4                   # peak learning rate, for the global batch
-    momentum: float = 0.9             # SGD momentum; Adam's beta1
-    nesterov: bool = True
-    weight_decay: float = 5e-4        # never applied to norms and biases
-    schedule: str = "onecycle"        # onecycle: warm-up then linear to final_lr; cosine; constant
-    warmup_epochs: float = 1.0        # linear warm-up from lr/10 (fractions of epochs allowed)
-    final_lr: float = 0.0             # where onecycle and cosine end, as a fraction of the peak
-    norm_bias_lr: float = 1.0         # learning-rate multiplier for norm shifts and biases
-    label_smoothing: float = 0.1
-    aux_weights: float | list[float] | None = None  # None: the model's own defaults
+    epochs: int = option(30, "epochs to train (overrides a recipe's --budget)",
+                         group="optimisation", minimum=1, metavar="N", runtime=True)
+    budget: float | None = option(
+        None, "train for as long as this allows on this machine, validation and the final "
+        "test included: SECONDS or a duration such as 90s, 10m, 1h (measures this machine's "
+        "speed, then fixes the number of steps; --epochs overrides it)", group="optimisation",
+        above=0, parse=parse_duration, metavar="DURATION")
+    train_steps: int | None = option(
+        None, "total optimiser steps, the last epoch cut short (default: epochs x steps per "
+        "epoch; --budget sets it)", group="optimisation", label="train steps", minimum=1,
+        metavar="N", runtime=True)
+    batch_size: int = option(512, "global batch size (split evenly over the ranks under "
+                             "torchrun)", group="optimisation", label="batch size", minimum=1,
+                             metavar="N")
+    optimizer: str = option("sgd", "sgd (Nesterov momentum), adamw, or adam (as the report's "
+                            "Keras runs)", group="optimisation", choices=OPTIMIZERS)
+    lr: float = option(0.4, "peak learning rate, for the global batch", group="optimisation",
+                       label="learning rate", above=0, metavar="LR")
+    momentum: float = option(0.9, "SGD momentum; Adam's beta1", group="optimisation",
+                             minimum=0, below=1, metavar="M")
+    nesterov: bool = option(True, "Nesterov momentum for SGD", group="optimisation")
+    weight_decay: float = option(5e-4, "weight decay (never on norms and biases)",
+                                 group="optimisation", minimum=0, metavar="WD")
+    schedule: str = option("onecycle", "per-step learning-rate schedule after the warm-up: "
+                           "onecycle (linear to --final-lr), cosine, constant",
+                           group="optimisation", choices=SCHEDULES)
+    warmup_epochs: float = option(1.0, "linear warm-up from lr/10, in epochs (fractions "
+                                  "allowed)", group="optimisation", label="warm-up epochs",
+                                  minimum=0, maximum=1e6, metavar="E")
+    warmup_fraction: float | None = option(
+        None, "warm-up length as a fraction of the run (overrides --warmup-epochs)",
+        group="optimisation", label="warm-up fraction", minimum=0, maximum=1, metavar="F")
+    final_lr: float = option(0.0, "where the schedule ends, as a fraction of the peak",
+                             group="optimisation", label="final learning rate", minimum=0,
+                             maximum=1, metavar="F")
+    norm_bias_lr: float = option(1.0, "learning-rate multiplier for norm shifts and biases",
+                                 group="optimisation",
+                                 label="norm/bias learning-rate multiplier", above=0,
+                                 metavar="X")
+    label_smoothing: float = option(0.1, group="optimisation", minimum=0, below=1,
+                                    metavar="S")
+    aux_weights: float | list[float] | None = option(
+        None, "auxiliary-loss weights: one for every head, or one per head (default: the "
+        "model's own)", group="optimisation", check=_aux_weights_problem, nargs="+",
+        parse=float, metavar="W")
     # weight averaging (airbench's lookahead)
-    lookahead: bool = False           # every lookahead_steps, reset the weights to their EMA
-    lookahead_steps: int = 5
-    lookahead_decay: float = 0.95     # EMA decay per step, ramped up by (progress)^3
+    lookahead: bool = option(False, "reset the weights to their moving average every few "
+                             "steps, and end on it (airbench's lookahead)", group="optimisation")
+    lookahead_steps: int = option(5, group="optimisation", minimum=1, metavar="K")
+    lookahead_decay: float = option(0.95, "moving-average decay per step (ramped up by "
+                                    "progress^3)", group="optimisation", minimum=0, below=1,
+                                    metavar="D")
     # first layer, for models with init_from_data (a whitening stem)
-    whiten_init: bool = True          # set the stem from the training images before step 1
-    whiten_bias_epochs: float | None = None  # freeze the stem's weights, train its bias this
-    #                                   many epochs; None: the stem trains like any layer
+    whiten_init: bool = option(True, "set a whitening stem from the training images (models "
+                               "that have one)", group="optimisation")
+    whiten_bias_epochs: float | None = option(
+        None, "freeze the whitening stem's weights and train its bias for E epochs (default: "
+        "the stem trains like any layer)", group="optimisation", minimum=0, maximum=1e6,
+        metavar="E")
+    whiten_bias_fraction: float | None = option(
+        None, "the same as a fraction of the run (overrides --whiten-bias-epochs)",
+        group="optimisation", minimum=0, maximum=1, metavar="F")
     # augmentation (on the device, in batches)
-    crop_padding: int = 4             # 0 = no random crop
-    padding_mode: str = "reflect"     # reflect or zeros
-    flip: bool = True
-    flip_mode: str = "random"         # random, or alternate: each image mirrored every other epoch
-    cutout: int = 0                   # side of the cutout square; 0 = none
+    crop_padding: int = option(4, "random crop after padding P pixels (0: no crop)",
+                               group="augmentation", minimum=0, maximum=16, metavar="P")
+    padding_mode: str = option("reflect", group="augmentation", choices=PADDING_MODES)
+    flip: bool = option(True, "random horizontal flip", group="augmentation")
+    flip_mode: str = option("random", "random flips, or alternate: each image mirrored every "
+                            "other epoch", group="augmentation", choices=FLIP_MODES)
+    cutout: int = option(0, "cutout square side (0: none)", group="augmentation",
+                         label="cutout size", minimum=0, maximum=32, metavar="S")
     # how to run
-    seed: int = 0
-    device: str = "auto"              # auto: CUDA when present, else the CPU
-    amp: bool = True                  # bf16 autocast, on CUDA only
-    channels_last: bool = True        # on CUDA only
-    cpu_amp: bool = False             # bf16 autocast on the CPU (fast with AVX-512 BF16 or AMX)
-    cpu_channels_last: bool = False   # channels_last on the CPU (faster oneDNN convolutions)
-    compile: bool = False             # torch.compile the model
-    sync_bn: bool = False             # SyncBatchNorm under torchrun (CUDA only)
-    num_threads: int | None = None    # CPU threads per process; None: every core available
-    eval_batch_size: int = 1000
-    out_dir: str = "runs"             # run folders go in here
-    name: str | None = None           # run folder name; None: <model>-<date>-<time>
-    stop_after_epochs: int | None = None  # pause once this many epochs are done (resume later)
-    test: bool = True                 # evaluate best.pt on the test set at the end
-    tta: bool = False                 # ... with test-time augmentation (flips and shifts)
-    dist_timeout: float = 600.0       # seconds a rank waits for the others before failing
+    seed: int = option(0, group="run", minimum=0, metavar="N")
+    device: str = option("auto", "auto (default), cpu, cuda, cuda:N", check=_device_problem,
+                         runtime=True, metavar="DEVICE")
+    amp: bool = option(True, "bf16 autocast on CUDA")
+    channels_last: bool = option(True, "channels_last memory format on CUDA")
+    cpu_amp: bool | None = option(
+        None, "bf16 autocast on the CPU (default: where this CPU computes bf16 natively and "
+        "faster, as with AVX-512 BF16 or AMX; fp32 elsewhere)")
+    cpu_channels_last: bool = option(False, "channels_last memory format on the CPU")
+    compile: bool = option(False, "torch.compile the model", runtime=True)
+    sync_bn: bool = option(False, "synchronise batch-norm statistics across processes "
+                           "(torchrun, CUDA)")
+    num_threads: int | None = option(
+        None, "CPU threads per process (default: the cores this process may use, shared "
+        "among ranks)", flag="threads", label="threads", minimum=1, maximum=4096,
+        metavar="N", runtime=True)
+    eval_batch_size: int = option(1000, label="eval batch size", minimum=1, maximum=1 << 20,
+                                  metavar="N", runtime=True)
+    out_dir: str = option("runs", "folder that receives the run folders", flag="output",
+                          metavar="DIR")
+    name: str | None = option(None, "run folder name (default: MODEL-DATE-TIME)",
+                              metavar="NAME")
+    stop_after_epochs: int | None = option(
+        None, "pause once N epochs are done; continue later with --resume", minimum=1,
+        metavar="N", runtime=True)
+    test: bool = option(True, "evaluate best.pt on the test set at the end", runtime=True)
+    tta: bool = option(False, "test-time augmentation in that evaluation (flips and shifts)",
+                       runtime=True)
+    dist_timeout: float = option(600.0, "seconds a process waits for the others under "
+                                 "torchrun", label="distributed timeout", above=0,
+                                 maximum=1e6, metavar="SECONDS", runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,8 +218,7 @@ class TrainConfig:
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 # Options that only say how to run, not what is computed: a resumed run may change these.
-RUNTIME_FIELDS = ("device", "num_threads", "eval_batch_size", "stop_after_epochs", "test",
-                  "dist_timeout", "data_dir", "download", "compile", "epochs", "tta")
+RUNTIME_FIELDS = runtime_fields(TrainConfig)
 
 
 @dataclass(frozen=True)
@@ -174,6 +263,7 @@ _DEFAULT = Recipe(
         "inception-v3": dict(epochs=30, batch_size=512, lr=0.4),
         "inception-cpu": _FAST_NETS,
         "inception-fast": _FAST_NETS,
+        "baseline-plain": _FAST_NETS,
     },
 )
 
@@ -199,17 +289,18 @@ _GPU = Recipe(
 _SPEED = dict(optimizer="sgd", batch_size=1024, lr=1.5, momentum=0.85, nesterov=True,
               weight_decay=2e-3 / 1.5, schedule="onecycle", final_lr=0.07, norm_bias_lr=64.0,
               label_smoothing=0.2, lookahead=True, lookahead_steps=5, lookahead_decay=0.95,
-              whiten_init=True, whiten_bias_epochs=3.0, crop_padding=2, padding_mode="reflect",
+              whiten_init=True, crop_padding=2, padding_mode="reflect",
               flip=True, flip_mode="alternate", cutout=0, tta=True, val_size=5000)
 
 _CPU10 = Recipe(
     name="cpu10",
-    description="about ten minutes on a 2-core CPU: inception-cpu, 12 epochs of 1024, bf16, "
-                "whitening stem, lookahead, alternating flips, TTA",
-    # One thread: on a machine that also runs anything else, two threads of this small
-    # network stall on each other (BENCHMARKS.md); --threads 2 on an idle machine.
-    settings=dict(_SPEED, epochs=12, warmup_epochs=2.76, cpu_amp=True,  # 23% of the run
-                  cpu_channels_last=True, num_threads=1),
+    description="the best Inception net that ten minutes buy on this CPU: inception-cpu for a "
+                "10-minute budget (training, validation and test), batches of 1024, whitening "
+                "stem, lookahead, alternating flips, TTA",
+    # Precision (cpu_amp None: bf16 only where it is native) and threads (every core) follow
+    # the machine; the budget fixes the epochs, and the schedules are fractions of the run.
+    settings=dict(_SPEED, epochs=12, budget=600.0, warmup_fraction=0.23,
+                  whiten_bias_fraction=0.25, cpu_channels_last=True),
     model="inception-cpu",
 )
 
@@ -217,7 +308,8 @@ _FAST = Recipe(
     name="fast",
     description="seconds on one GPU: inception-fast, 10 epochs of 1024, bf16, whitening "
                 "stem, lookahead, alternating flips, TTA",
-    settings=dict(_SPEED, epochs=10, warmup_epochs=2.3, amp=True, channels_last=True),  # 23%
+    settings=dict(_SPEED, epochs=10, warmup_fraction=0.23, whiten_bias_fraction=0.3,
+                  amp=True, channels_last=True),
     model="inception-fast",
 )
 
@@ -243,9 +335,17 @@ def default_recipe_name(model: str | None, *, cuda: bool) -> str:
     return "seed" if model.startswith("seed-") else "default"
 
 
+# A schedule's length in epochs, and the same as a fraction of the run (which wins when set).
+_FRACTION_OF = {"warmup_epochs": "warmup_fraction", "whiten_bias_epochs": "whiten_bias_fraction"}
+
+
 def build_config(model: str | None = None, recipe: str | None = None, *, cuda: bool = False,
                  **overrides: Any) -> TrainConfig:
-    """Layer defaults, recipe, the recipe's model entry and ``overrides`` into a checked config."""
+    """Layer defaults, recipe, the recipe's model entry and ``overrides`` into a checked config.
+
+    An explicit ``epochs`` (or ``train_steps``) replaces a recipe's time budget, and an
+    explicit ``warmup_epochs`` (``whiten_bias_epochs``) the recipe's warm-up (bias) fraction.
+    """
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown training option(s): {', '.join(unknown)}")
@@ -259,6 +359,11 @@ def build_config(model: str | None = None, recipe: str | None = None, *, cuda: b
     settings = {**chosen.settings, **chosen.per_model.get(model, {})}
     if chosen.model is not None and model != chosen.model:
         settings.pop("model_options", None)  # options belong to the recipe's own model
+    if {"epochs", "train_steps"} & set(overrides):
+        settings.pop("budget", None)
+    for epochs_name, fraction_name in _FRACTION_OF.items():
+        if epochs_name in overrides:  # an explicit length in epochs beats the recipe's fraction
+            settings.pop(fraction_name, None)
     options = {**settings.pop("model_options", {}), **overrides.pop("model_options", {})}
     config = TrainConfig(model=model, recipe=recipe_name, model_options=options,
                          **{**settings, **overrides})
@@ -266,58 +371,6 @@ def build_config(model: str | None = None, recipe: str | None = None, *, cuda: b
     return config
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
-
-
 def validate(config: TrainConfig) -> None:
     """Refuse values that cannot work, with the option's name in the message."""
-    c = config
-    _require(isinstance(c.epochs, int) and c.epochs >= 1, f"epochs must be >= 1, not {c.epochs}")
-    _require(isinstance(c.batch_size, int) and c.batch_size >= 1,
-             f"batch size must be >= 1, not {c.batch_size}")
-    _require(c.eval_batch_size >= 1, f"eval batch size must be >= 1, not {c.eval_batch_size}")
-    _require(c.lr > 0, f"learning rate must be > 0, not {c.lr}")
-    _require(0 <= c.momentum < 1, f"momentum must be in [0, 1), not {c.momentum}")
-    _require(c.weight_decay >= 0, f"weight decay must be >= 0, not {c.weight_decay}")
-    _require(0 <= c.label_smoothing < 1,
-             f"label smoothing must be in [0, 1), not {c.label_smoothing}")
-    _require(c.warmup_epochs >= 0, f"warm-up epochs must be >= 0, not {c.warmup_epochs}")
-    _require(c.optimizer in OPTIMIZERS,
-             f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {c.optimizer!r}")
-    _require(c.schedule in SCHEDULES,
-             f"schedule must be one of {', '.join(SCHEDULES)}, not {c.schedule!r}")
-    _require(c.flip_mode in FLIP_MODES,
-             f"flip mode must be one of {', '.join(FLIP_MODES)}, not {c.flip_mode!r}")
-    _require(0 <= c.final_lr <= 1, f"final learning rate must be in [0, 1], not {c.final_lr}")
-    _require(c.norm_bias_lr > 0,
-             f"norm/bias learning-rate multiplier must be > 0, not {c.norm_bias_lr}")
-    _require(isinstance(c.lookahead_steps, int) and c.lookahead_steps >= 1,
-             f"lookahead steps must be >= 1, not {c.lookahead_steps}")
-    _require(0 <= c.lookahead_decay < 1,
-             f"lookahead decay must be in [0, 1), not {c.lookahead_decay}")
-    _require(c.whiten_bias_epochs is None or c.whiten_bias_epochs >= 0,
-             f"whiten bias epochs must be >= 0, not {c.whiten_bias_epochs}")
-    _require(c.padding_mode in PADDING_MODES,
-             f"padding mode must be one of {', '.join(PADDING_MODES)}, not {c.padding_mode!r}")
-    _require(0 <= c.crop_padding <= 16, f"crop padding must be in [0, 16], not {c.crop_padding}")
-    _require(0 <= c.cutout <= 32, f"cutout size must be in [0, 32], not {c.cutout}")
-    _require(c.val_size >= 0, f"validation size must be >= 0, not {c.val_size}")
-    _require(c.train_limit is None or c.train_limit >= 1,
-             f"train limit must be >= 1, not {c.train_limit}")
-    _require(c.stop_after_epochs is None or c.stop_after_epochs >= 1,
-             f"stop after epochs must be >= 1, not {c.stop_after_epochs}")
-    _require(c.num_threads is None or c.num_threads >= 1,
-             f"threads must be >= 1, not {c.num_threads}")
-    _require(c.dist_timeout > 0, f"distributed timeout must be > 0, not {c.dist_timeout}")
-    weights = c.aux_weights
-    if isinstance(weights, (list, tuple)):
-        _require(all(isinstance(w, (int, float)) and w >= 0 for w in weights),
-                 f"auxiliary weights must be numbers >= 0, not {list(weights)}")
-    else:
-        _require(weights is None or (isinstance(weights, (int, float)) and weights >= 0),
-                 f"auxiliary weight must be a number >= 0, not {weights!r}")
-    _require(isinstance(c.model_options, dict), "model options must be a mapping")
-    _require(c.device == "auto" or c.device == "cpu" or c.device.startswith("cuda"),
-             f"device must be auto, cpu or cuda[:N], not {c.device!r}")
+    check_fields(config)

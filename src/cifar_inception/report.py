@@ -132,7 +132,11 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     """
     import torch
 
-    from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
+    from cifar_inception.checkpoint import (
+        check_run_matches,
+        load_trained_model,
+        resolve_checkpoint,
+    )
     from cifar_inception.data import load_cifar10
     from cifar_inception.evaluation import classification_metrics
     from cifar_inception.predict import TorchClassifier
@@ -145,6 +149,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
     metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
     model, ckpt = load_trained_model(checkpoint)
+    check_run_matches(ckpt, checkpoint)  # else one run's curves beside another's results
     if data_dir is None:
         data_dir = recorded_data_dir(config, ckpt)
     classifier = TorchClassifier(model, ckpt, source=str(checkpoint), device=device)

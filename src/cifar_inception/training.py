@@ -22,6 +22,7 @@ stops the run before anything of the bad epoch is written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ import os
 import platform
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,10 +46,12 @@ from torch.profiler import record_function
 
 from cifar_inception import __version__, distributed
 from cifar_inception.augment import AugmentPolicy, alternating_flips, normalize
+from cifar_inception.budget import EPOCH_FIXED_S, Plan, Rates, plan, time_per_call
 from cifar_inception.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from cifar_inception.devices import cpu_precision, pick_device, usable_cores
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError
-from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities, pick_device
+from cifar_inception.evaluation import EVAL_FILE, TTA_VIEWS, evaluate, log_probabilities
 from cifar_inception.fileio import (
     append_jsonl,
     atomic_write_json,
@@ -389,6 +393,8 @@ def resume_config(run: str | os.PathLike, **overrides: Any) -> TrainConfig:
     saved = TrainConfig.from_dict(ckpt["training"]["config"])
     values = saved.to_dict()
     values["stop_after_epochs"] = None  # a pause applies to the invocation that asked for it
+    if "epochs" in overrides and "train_steps" not in overrides:
+        values["train_steps"] = None  # more epochs replace a budget's plan: whole epochs
     for key, value in overrides.items():
         if key not in values:
             raise TrainingError(f"unknown training option {key!r}")
@@ -427,13 +433,19 @@ class Position:
 
 
 def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
-    if config.num_threads:
-        return config.num_threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return max(1, cores // ctx.world_size)
+    """--threads, else the cores this process may use, shared among the ranks on them."""
+    return config.num_threads or max(1, usable_cores() // ctx.world_size)
+
+
+def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
+    """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
+    threads = _threads_for(config, ctx)
+    torch.set_num_threads(threads)
+    precision = cpu_precision(config.cpu_amp)
+    how = "--threads" if config.num_threads else "the cores this process may use"
+    line = (f"{precision.describe()}; {threads} thread{'s' if threads != 1 else ''} per "
+            f"process ({how})")
+    return replace(config, cpu_amp=precision.bf16), line
 
 
 def train(config: TrainConfig | None = None, data: Any = None, *,
@@ -449,6 +461,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     rank 0 after each epoch is logged and saved, outside the epoch's timing (benchmarks use
     it to follow test accuracy against training time).
     """
+    started = time.perf_counter()  # a --budget counts from here
     if config is None:
         if resume is None:
             raise TrainingError("give a configuration or a run to resume")
@@ -460,11 +473,12 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     device = distributed.device_for(ctx, pick_device(config.device))
     emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
     threads_before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(_threads_for(config, ctx))
     try:
+        if device.type == "cpu":
+            config, line = _fit_cpu(config, ctx)
+            emit(line)
         distributed.init(ctx, device, config.dist_timeout)
-        return _train(config, data, resume, ctx, device, emit, epoch_end)
+        return _train(config, data, resume, ctx, device, emit, epoch_end, started)
     except CifarInceptionError as exc:
         if ctx.enabled:  # say which rank failed; torchrun then stops the others
             raise type(exc)(f"rank {ctx.rank}: {exc}") from None
@@ -499,11 +513,34 @@ class Loop:
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
-    def lr_at(self, epoch: int, step: int) -> float:
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: ``train_steps`` (a budget's), else every epoch's."""
+        return self.config.train_steps or self.config.epochs * self.steps_per_epoch
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """All of them, but in the last epoch of a run of ``train_steps``."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def schedule_steps(self, fraction: float | None, epochs: float | None) -> int | None:
+        """A schedule's length in steps: a fraction of the run, or epochs (None: none)."""
+        if fraction is not None:
+            return round(fraction * self.total_steps)
+        return None if epochs is None else round(epochs * self.steps_per_epoch)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule_steps(self.config.warmup_fraction, self.config.warmup_epochs)
+
+    @property
+    def whiten_bias_steps(self) -> int | None:
+        return self.schedule_steps(self.config.whiten_bias_fraction,
+                                   self.config.whiten_bias_epochs)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of global step ``step`` (0-based)."""
         c = self.config
-        return c.lr * lr_factor(epoch * self.steps_per_epoch + step,
-                                c.epochs * self.steps_per_epoch,
-                                round(c.warmup_epochs * self.steps_per_epoch), c.schedule,
+        return c.lr * lr_factor(step, self.total_steps, self.warmup_steps, c.schedule,
                                 c.final_lr)
 
     def checkpoint(self, position: Position, metrics: dict | None,
@@ -529,7 +566,8 @@ class Loop:
 
 def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
            ctx: DistContext, device: torch.device, emit: Callable[[str], None],
-           epoch_end: Callable[..., None] | None = None) -> TrainResult:
+           epoch_end: Callable[..., None] | None = None,
+           started: float | None = None) -> TrainResult:
     check_model(config)  # before the data is loaded: a typo should fail at once
     ckpt, position = _resume_state(config, resume)
     if data is None:
@@ -539,6 +577,15 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             data = load_cifar10(config.data_dir, download=config.download,
                                 progress=ctx.is_main)
     loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+    if config.budget is not None and ckpt is None:
+        budget_plan = plan_budget(loop, len(data.test_labels) if config.test else 0,
+                                  time.perf_counter() if started is None else started)
+        loop.config = config = replace(config, train_steps=budget_plan.train_steps,
+                                       epochs=budget_plan.epochs)
+        emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
+    elif config.train_steps is not None:  # the epochs that hold them, the last cut short
+        loop.config = config = replace(
+            config, epochs=math.ceil(config.train_steps / loop.steps_per_epoch))
     if ctx.is_main:
         loop.run_dir = _open_run_dir(loop, resume, position)
         emit(_start_line(loop, resumed=resume is not None))
@@ -564,7 +611,7 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
                     save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, None))
                 status = "interrupted"
                 message = (f"interrupted at epoch {epoch + 1}, step {stopped_at} of "
-                           f"{loop.steps_per_epoch}; saved {loop.run_dir / LAST}; continue "
+                           f"{loop.steps_in_epoch(epoch)}; saved {loop.run_dir / LAST}; continue "
                            f"with: cifar-inception train --resume {loop.run_dir}")
                 break
             with record_function("validation"):
@@ -597,6 +644,86 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
 
 
+def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
+    """Measure this machine's speed on a scratch copy of the model, then plan the run."""
+    rates = measure_rates(loop)
+    # Every rank steps together: the slowest one sets the pace.
+    slowest = distributed.all_reduce(torch.tensor(
+        [rates.step_s, rates.val_image_s, rates.test_image_s], dtype=torch.float64,
+        device=loop.device), loop.ctx, op="max").tolist()
+    views = len(TTA_VIEWS) if loop.config.tta else 1
+    val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
+    return plan(loop.config.budget, time.perf_counter() - started,
+                Rates(*slowest, epoch_s=rates.epoch_s),
+                steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
+                test_images=test_images * views)
+
+
+def measure_rates(loop: Loop) -> Rates:
+    """Seconds per training step and per validation and test image, measured on a copy of
+    the model (its optimiser and lookahead too), so that the run itself is untouched."""
+    config, device, data = loop.config, loop.device, loop.prepared
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if loop.cuda else None)
+    model = copy.deepcopy(loop.model)
+    net = distributed.wrap(model, loop.ctx, device)
+    optimizer = build_optimizer(config, model)
+    lookahead = (Lookahead(model, config.lookahead_steps, config.lookahead_decay)
+                 if config.lookahead else None)
+    autocast, channels_last = autocast_for(config, device), uses_channels_last(config, device)
+    batch = distributed.per_rank_batch(config.batch_size, loop.ctx)
+    images, targets = data.train_x[:batch], data.train_y[:batch]
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        x = normalize(loop.policy(images, generator=seeded_generator(device, "probe")), data.mean, data.std,
+                      channels_last=channels_last)
+        optimise(net, optimizer, x, targets, loop.aux_weights, config.label_smoothing,
+                 autocast)
+        calls += 1
+        if lookahead is not None:
+            lookahead.after_step(calls, 1 << 30)
+        _sync(device)
+
+    step_s = time_per_call(step)
+    model.eval()
+    sample = data.val_x[:config.eval_batch_size]
+    if sample.shape[0] == 0:
+        sample = data.train_x[:config.eval_batch_size]
+
+    def evaluate_sample(bf16: bool) -> Callable[[], None]:
+        def run() -> None:
+            with autocast_for(config, device) if bf16 else nullcontext():
+                log_probabilities(model, sample, data.mean, data.std,
+                                  batch_size=config.eval_batch_size, device=device,
+                                  channels_last=channels_last and bf16)
+        return run
+
+    per_image = 1.0 / sample.shape[0]
+    val_s = time_per_call(evaluate_sample(True), min_seconds=0.5, min_calls=1) * per_image
+    # The final test evaluates best.pt as evaluate() does: fp32, the default layout.
+    test_s = time_per_call(evaluate_sample(False), min_seconds=0.5, min_calls=1) * per_image
+
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".budget-probe-", dir=out_dir) as scratch:
+        def write_checkpoints() -> None:  # best.pt and last.pt, as an epoch's end writes them
+            save_checkpoint(Path(scratch) / BEST, {"model": model.state_dict()})
+            save_checkpoint(Path(scratch) / LAST, {"model": model.state_dict(),
+                                                   "optimizer": optimizer.state_dict()})
+
+        epoch_s = time_per_call(write_checkpoints, min_seconds=0.2, min_calls=1)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+    return Rates(step_s, val_s, test_s, epoch_s + EPOCH_FIXED_S)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
                 ) -> tuple[torch.Tensor, float, int | None]:
     """The steps of one epoch, from ``position.step`` on.
@@ -621,13 +748,14 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
     if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
         flips = alternating_flips(n_train, epoch,
                                   generator=seeded_generator(device, config.seed, "flips"))
-    stem_bias = _frozen_stem_bias(loop, epoch)
-    total_steps = config.epochs * loop.steps_per_epoch
+    stem_bias, bias_steps = _fixed_stem_bias(loop), loop.whiten_bias_steps
+    first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
+    steps = loop.steps_in_epoch(epoch)
     loop.model.train()
-    bar = _progress(loop.steps_per_epoch, position.step, epoch, config.epochs, ctx)
-    lr, stopped_at = loop.lr_at(epoch, position.step), None
-    for step in range(position.step, loop.steps_per_epoch):
-        lr = loop.lr_at(epoch, step)
+    bar = _progress(steps, position.step, epoch, config.epochs, ctx)
+    lr, stopped_at = loop.lr_at(first + position.step), None
+    for step in range(position.step, steps):
+        lr = loop.lr_at(first + step)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # The whole global batch is augmented alike on every rank; each keeps its share.
@@ -640,25 +768,16 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
             images = distributed.shard(images, ctx)
             targets = distributed.shard(data.train_y[index], ctx)
             x = normalize(images, data.mean, data.std, channels_last=channels_last)
-        with record_function("forward"):
-            with autocast:
-                output = loop.net(x)
-            loss, logits = training_loss(output, targets, loop.aux_weights,
-                                         config.label_smoothing)
-        with record_function("backward"):
-            loop.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        with record_function("optimizer"):
-            if stem_bias is not None:
-                stem_bias.grad = None  # past whiten_bias_epochs: SGD skips it
-            loop.optimizer.step()
-            if loop.lookahead is not None:
-                loop.lookahead.after_step(epoch * loop.steps_per_epoch + step + 1, total_steps)
+        frozen = stem_bias if stem_bias is not None and first + step >= bias_steps else None
+        loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
+                                config.label_smoothing, autocast, frozen=frozen)
+        if loop.lookahead is not None:
+            loop.lookahead.after_step(first + step + 1, loop.total_steps)
         sums += torch.stack([loss.detach().double() * per_rank,
                              (logits.argmax(1) == targets).sum().double(),
                              torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
 
-        last = step + 1 == loop.steps_per_epoch
+        last = step + 1 == steps
         if (step + 1) % check_every and not last:
             continue
         # One collective for both flags, so every rank stops at the same step.
@@ -678,17 +797,38 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest
     return distributed.all_reduce(sums, ctx), lr, stopped_at
 
 
-def _frozen_stem_bias(loop: Loop, epoch: int) -> torch.Tensor | None:
-    """The stem's bias when its training time (``whiten_bias_epochs``) is over, else None."""
-    if not _stem_is_fixed(loop.config, loop.model) or epoch < loop.config.whiten_bias_epochs:
-        return None
-    return loop.model.stem_conv().bias
+def optimise(net: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+             targets: torch.Tensor, aux_weights: tuple[float, ...], label_smoothing: float,
+             autocast: Any, frozen: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on a batch; the loss and the main head's logits.
+
+    ``frozen``: a parameter the step leaves as it is (the whitening stem's bias, once its
+    training time is over).
+    """
+    with record_function("forward"):
+        with autocast:
+            output = net(x)
+        loss, logits = training_loss(output, targets, aux_weights, label_smoothing)
+    with record_function("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("optimizer"):
+        if frozen is not None:
+            frozen.grad = None  # SGD skips a parameter without a gradient
+        optimizer.step()
+    return loss, logits
+
+
+def _fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
+    """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
+    return loop.model.stem_conv().bias if _stem_is_fixed(loop.config, loop.model) else None
 
 
 def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
-    """A whitening stem set from the data whose weights stay (``whiten_bias_epochs`` given)."""
-    return (config.whiten_init and config.whiten_bias_epochs is not None
-            and hasattr(model, "stem_conv"))
+    """A whitening stem set from the data whose weights stay (a bias training time given)."""
+    timed = config.whiten_bias_epochs is not None or config.whiten_bias_fraction is not None
+    return config.whiten_init and timed and hasattr(model, "stem_conv")
 
 
 def _end_of_epoch(loop: Loop, position: Position, row: dict,
@@ -786,8 +926,13 @@ def _start_line(loop: Loop, *, resumed: bool) -> str:
     processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
     return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
             f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
-            f"{p.val_x.shape[0]} validation images, {c.epochs} epochs of "
-            f"{loop.steps_per_epoch} steps, batch {c.batch_size}; run folder {loop.run_dir}")
+            f"{p.val_x.shape[0]} validation images, {_count(c.epochs, 'epoch')} of "
+            f"{loop.steps_per_epoch} steps ({loop.total_steps} in all), batch {c.batch_size}; "
+            f"run folder {loop.run_dir}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @torch.no_grad()

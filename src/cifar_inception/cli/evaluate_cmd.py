@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from cifar_inception.cli.common import add_data_args
 
@@ -59,10 +60,16 @@ def format_table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar_inception.evaluation import evaluate
+    from pathlib import Path
+
+    from cifar_inception.evaluation import EVAL_FILE, evaluate
 
     result = evaluate(args.checkpoint, tta=args.tta, device=args.device,
                       batch_size=args.batch_size, data_dir=args.data_dir,
                       download=not args.no_download, write=not args.no_write)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    if not args.no_write:
+        # On stderr with --json, so that stdout stays one JSON document.
+        written = Path(result["checkpoint"]).parent / EVAL_FILE
+        print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 0

@@ -17,7 +17,8 @@ greyscale, palette and 16-bit images are converted to 8-bit RGB, and the whole i
 squeezed to 32x32 pixels (no crop, aspect ratio not kept) with Pillow's antialiased bicubic
 filter, as CIFAR-10's images were made from whole photos. An image already 32x32 is used as
 it is. Folders are walked recursively for .png .jpg .jpeg .bmp .gif .webp .tif .tiff files.
-Images over 40 megapixels are refused unread (decompression-bomb guard).
+Only those formats and only regular files are read (a named pipe is skipped, not waited
+on). Images over 40 megapixels are refused unread (decompression-bomb guard).
 
 A file that cannot be read is reported on stderr and skipped; the exit status is then 1.
 """

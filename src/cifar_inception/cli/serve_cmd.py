@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from cifar_inception.cli.common import positive_int
 
@@ -15,10 +16,11 @@ top-5 classes, and as a JSON API:
   GET  /api/model     model name, options, parameters, classes, test accuracy if known
   GET  /api/health    {"status": "ok"}
 
-A request body over --max-upload-mb gets 413; a file that is not a readable image (or is
-over 40 megapixels, a possible decompression bomb) gets 400 with a message, for the whole
-request. The server binds to 127.0.0.1 by default: there is no authentication, so think
-before using --host 0.0.0.0.
+A request body over --max-upload-mb, or images totalling over 100 megapixels, gets 413; a
+file that is not a readable PNG, JPEG, GIF, BMP, WebP or TIFF image (or is over 40
+megapixels, a possible decompression bomb) gets 400 with a message, for the whole request.
+The server binds to 127.0.0.1 by default: there is no authentication, so think before
+using --host 0.0.0.0.
 """
 
 
@@ -30,9 +32,13 @@ def port_number(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    """argparse type: a finite number above 0 (inf and nan are refused, as no size)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text}")
     return value
 
 
@@ -62,9 +68,15 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cifar_inception.errors import needs_extra
     from cifar_inception.predict import load_classifier
-    from cifar_inception.serve import create_app
-    from cifar_inception.serve.server import is_loopback, open_listener, run_server, url_of
+
+    with needs_extra("serve", "serve"):
+        import python_multipart  # noqa: F401  (Starlette reads uploads with it)
+        import uvicorn  # noqa: F401
+
+        from cifar_inception.serve import create_app
+        from cifar_inception.serve.server import is_loopback, open_listener, run_server, url_of
 
     max_upload_bytes = max(1, int(args.max_upload_mb * 1024 * 1024))
     classifier = load_classifier(args.model, device=args.device)

@@ -15,8 +15,12 @@ multipart. The body is refused from its Content-Length when it declares one, and
 while it streams in either way, so nothing over the limit is ever read into memory.
 
 Decoding and inference run in worker threads (``run_in_threadpool``), never on the event
-loop; inference is serialised by a lock and decoding bounded by a semaphore, so memory stays
-bounded under load. Any failure stays inside its own request.
+loop; inference is serialised by a lock. Decoding is bounded by pixels, read from each
+file's header before anything is decoded: a request whose images total more than
+:data:`MAX_REQUEST_PIXELS` gets 413, and all requests together decode at most
+:data:`DECODE_PIXEL_BUDGET` pixels at once, so memory stays bounded under load. Redirects
+are relative, never built from the client's Host header. Any failure stays inside its own
+request.
 """
 
 from __future__ import annotations
@@ -39,21 +43,26 @@ from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar_inception.export import run_test_metrics
-from cifar_inception.images import MAX_PIXELS, ImageError, load_cifar_array
+from cifar_inception.images import MAX_PIXELS, ImageError, image_header, load_cifar_array
 from cifar_inception.predict import Classifier, top_classes
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_FILES = 64
 DEFAULT_TOP_K = 5
-# Images decoded at once: each may take up to MAX_PIXELS x 4 bytes while it is decoded.
-DECODE_SLOTS = 4
+# Pixels decoded at once, over all requests. Decoding takes about 4 bytes a pixel (155 MB
+# measured for a 40-megapixel RGB PNG, 148 MB for a 16-bit one), twice that with
+# transparency, which is therefore counted twice: about 640 MB in all.
+DECODE_PIXEL_BUDGET = 4 * MAX_PIXELS
+# Pixels in one request, all its images together (16 40-megapixel images would take a
+# minute to decode on 2 cores).
+MAX_REQUEST_PIXELS = 100_000_000
 
 SECURITY_HEADERS = {
     # The page loads only its own script and style; the 32x32 inputs arrive as data: URLs
@@ -122,26 +131,66 @@ def model_summary(classifier: Classifier) -> dict[str, Any]:
     }
 
 
+class PixelBudget:
+    """A semaphore counted in pixels: a decode waits until its image fits in the budget."""
+
+    def __init__(self, pixels: int):
+        self.total = self.free = pixels
+        self.condition = threading.Condition()
+
+    def acquire(self, pixels: int) -> int:
+        pixels = min(pixels, self.total)  # one image over the budget still gets it all
+        with self.condition:
+            self.condition.wait_for(lambda: self.free >= pixels)
+            self.free -= pixels
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        with self.condition:
+            self.free += pixels
+            self.condition.notify_all()
+
+
 class _Predictor:
     """Decoding and inference, called from worker threads."""
 
-    def __init__(self, classifier: Classifier, max_pixels: int):
+    def __init__(self, classifier: Classifier, max_pixels: int,
+                 max_request_pixels: int = MAX_REQUEST_PIXELS,
+                 budget_pixels: int = DECODE_PIXEL_BUDGET):
         self.classifier = classifier
         self.max_pixels = max_pixels
+        self.max_request_pixels = max_request_pixels
         self.inference_lock = threading.Lock()
-        self.decode_slots = threading.BoundedSemaphore(DECODE_SLOTS)
+        self.budget = PixelBudget(budget_pixels)
+
+    def costs(self, uploads: Sequence[tuple[str, bytes]]) -> list[int]:
+        """What decoding each upload takes from the budget, from its header; 413 when the
+        request's images total too many pixels."""
+        pixels, costs = [], []
+        for name, data in uploads:
+            if not data:
+                raise ImageError(f"{name}: empty file")
+            width, height, alpha = image_header(data, name=name)
+            # Over max_pixels, an image is refused from its header without being decoded.
+            pixels.append(min(width * height, self.max_pixels))
+            costs.append(pixels[-1] * (2 if alpha else 1))
+        if sum(pixels) > self.max_request_pixels:
+            raise HTTPException(413, f"the images of this request total {sum(pixels):,} "
+                                     f"pixels, over the limit of {self.max_request_pixels:,} "
+                                     "per request; send fewer or smaller images")
+        return costs
 
     def decode(self, uploads: Sequence[tuple[str, bytes]]) -> np.ndarray:
         """Every upload to uint8 (32, 32, 3); the first bad one raises ImageError."""
         arrays = []
-        for name, data in uploads:
-            if not data:
-                raise ImageError(f"{name}: empty file")
-            with self.decode_slots:
-                try:
-                    arrays.append(load_cifar_array(data, name=name, max_pixels=self.max_pixels))
-                except (OSError, ValueError) as exc:  # a mode Pillow cannot turn into RGB
-                    raise ImageError(f"{name}: cannot convert to RGB ({exc})") from None
+        for (name, data), cost in zip(uploads, self.costs(uploads)):
+            held = self.budget.acquire(cost)
+            try:
+                arrays.append(load_cifar_array(data, name=name, max_pixels=self.max_pixels))
+            except (OSError, ValueError) as exc:  # a mode Pillow cannot turn into RGB
+                raise ImageError(f"{name}: cannot convert to RGB ({exc})") from None
+            finally:
+                self.budget.release(held)
         return np.stack(arrays)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
@@ -212,15 +261,16 @@ async def read_uploads(request: Request, max_bytes: int,
 
 
 def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, *,
-               max_files: int = DEFAULT_MAX_FILES, max_pixels: int = MAX_PIXELS) -> Starlette:
+               max_files: int = DEFAULT_MAX_FILES, max_pixels: int = MAX_PIXELS,
+               max_request_pixels: int = MAX_REQUEST_PIXELS) -> Starlette:
     """The demo page and JSON API for ``classifier`` (see the module docstring)."""
     if max_upload_bytes < 1 or max_files < 1:
         raise ValueError("max_upload_bytes and max_files must be positive")
-    predictor = _Predictor(classifier, max_pixels)
+    predictor = _Predictor(classifier, max_pixels, max_request_pixels)
     classes = list(classifier.classes)
     summary = model_summary(classifier)
     summary["limits"] = {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
-                         "max_pixels": max_pixels}
+                         "max_pixels": max_pixels, "max_request_pixels": max_request_pixels}
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
@@ -252,6 +302,10 @@ def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOA
             })
         return JSONResponse({"model": classifier.model_name, "results": results})
 
+    async def static_folder(request: Request) -> Response:
+        # A relative Location: Starlette's own slash redirect copies the Host header into it.
+        return RedirectResponse("/static/", status_code=307)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code,
@@ -267,10 +321,13 @@ def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         Route("/api/health", health),
         Route("/api/model", model),
         Route("/api/predict", predict, methods=["POST"]),
+        Route("/static", static_folder),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=[Middleware(SecurityHeadersMiddleware)],
         exception_handlers={HTTPException: http_error, 500: server_error},
     )
+    app.router.redirect_slashes = False  # its redirects are absolute, from the Host header
+    return app

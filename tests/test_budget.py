@@ -1,0 +1,124 @@
+"""The time budget: steps from measured rates, schedules as fractions, a run that fits."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_inception.budget import TARGET, BudgetError, Rates, plan, time_per_call
+from cifar_inception.options import parse_duration
+from cifar_inception.recipes import build_config
+from cifar_inception.training import Loop, lr_factor, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic_data import TINY, easy_data  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+
+
+def test_plan_takes_the_most_steps_whose_validations_and_test_fit():
+    rates = Rates(step_s=0.5, val_image_s=0.001, test_image_s=0.002)
+    result = plan(100.0, 10.0, rates, steps_per_epoch=20, val_images=1000, test_images=1000)
+    # 100 x 0.985 - 10 elapsed - 2 s of test = 86.5 s; each epoch's validation and
+    # overhead take 1.3 s, so 8 epochs leave 76.1 s: 152 steps (a 9th epoch would not start).
+    assert (result.train_steps, result.epochs) == (152, 8)
+    assert result.expected_s == pytest.approx(10 + 152 * 0.5 + 8 * 1.3 + 2)
+    assert result.expected_s <= 100 * TARGET
+
+
+def test_plan_of_whole_epochs_when_the_budget_is_large():
+    rates = Rates(step_s=0.01, val_image_s=0.0, test_image_s=0.0)
+    result = plan(3600.0, 0.0, rates, steps_per_epoch=10, val_images=0, test_images=0)
+    assert result.train_steps > 10 * result.epochs - 10
+    assert result.expected_s <= 3600 * TARGET
+
+
+def test_a_budget_too_small_for_one_step_is_refused():
+    rates = Rates(step_s=8.0, val_image_s=0.01, test_image_s=0.01)
+    with pytest.raises(BudgetError, match="give a larger --budget"):
+        plan(10.0, 2.0, rates, steps_per_epoch=10, val_images=100, test_images=100)
+
+
+def test_time_per_call_counts_only_the_timed_calls():
+    calls = []
+    seconds = time_per_call(lambda: calls.append(1), min_seconds=0.0, min_calls=3)
+    assert len(calls) == 4 and seconds >= 0  # one untimed call first
+
+
+@pytest.mark.parametrize("text, seconds", [("600", 600), ("90s", 90), ("10m", 600),
+                                           ("1h", 3600), ("1h30m", 5400), ("2.5m", 150)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "-5m", "m"])
+def test_bad_durations_are_refused(text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
+        parse_duration(text)
+
+
+def loop_for(config, steps_per_epoch):
+    """A Loop that only knows its length (enough for the schedules)."""
+    return Loop(config, None, None, None, None, None, None, (), None, steps_per_epoch)
+
+
+def test_schedules_are_fractions_of_the_run_whatever_its_length():
+    for steps in (37, 3700):
+        config = build_config(TINY, "default", train_steps=steps, warmup_fraction=0.2,
+                              whiten_bias_fraction=0.25, final_lr=0.07)
+        loop = loop_for(config, steps_per_epoch=10)
+        assert loop.total_steps == steps
+        assert loop.warmup_steps == round(0.2 * steps)
+        assert loop.whiten_bias_steps == round(0.25 * steps)
+        assert loop.lr_at(loop.warmup_steps) == pytest.approx(config.lr)
+        assert loop.lr_at(steps) == pytest.approx(0.07 * config.lr)
+        assert loop.steps_in_epoch(steps // 10) == steps % 10  # the last epoch is cut short
+
+
+def test_schedules_in_epochs_without_fractions():
+    config = build_config(TINY, "default", epochs=4, warmup_epochs=0.5)
+    loop = loop_for(config, steps_per_epoch=10)
+    assert (loop.total_steps, loop.warmup_steps, loop.whiten_bias_steps) == (40, 5, None)
+    assert lr_factor(5, 40, 5, "onecycle", 0.0) == pytest.approx(1.0)
+
+
+def test_an_explicit_epoch_length_beats_the_recipes_fraction():
+    config = build_config(None, "cpu10", warmup_epochs=2.0, whiten_bias_epochs=1.0)
+    assert config.warmup_fraction is None and config.whiten_bias_fraction is None
+    assert build_config(None, "cpu10").warmup_fraction == pytest.approx(0.23)
+
+
+def test_epochs_replace_the_recipes_budget():
+    assert build_config(None, "cpu10").budget == 600
+    assert build_config(None, "cpu10", epochs=3).budget is None
+
+
+@pytest.mark.slow
+def test_a_budget_run_ends_within_its_budget(tmp_path):
+    """The run measures itself, plans, and ends (with validation and test) in time."""
+    budget = 25.0
+    config = build_config(TINY, "default", budget=budget, batch_size=32, lr=0.1, val_size=100,
+                          warmup_fraction=0.2, out_dir=str(tmp_path / "runs"), name="run",
+                          num_threads=1, tta=True)
+    lines = []
+    started = time.perf_counter()
+    result = train(config, easy_data(n_train=600, n_test=200), log=lines.append)
+    elapsed = time.perf_counter() - started
+    assert result.status == "completed" and result.test is not None
+    assert any(line.startswith(f"budget {budget:.0f}s:") for line in lines)
+    recorded = json.loads((result.run_dir / "config.json").read_text())["config"]
+    assert recorded["train_steps"] >= 2 and recorded["budget"] == budget
+    assert len(result.history) == recorded["epochs"]
+    # The plan aims at 98.5% of the budget; 10% of grace for a machine that slows meanwhile.
+    assert elapsed <= budget * 1.10, f"{elapsed:.1f} s for a budget of {budget} s"
+    assert elapsed >= budget * 0.5  # it used the time, rather than stopping at once
+    assert torch.get_num_threads() >= 1

@@ -1,0 +1,212 @@
+"""checkpoint: a loaded checkpoint is checked in one place before any loader trusts it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_inception import checkpoint as ckpt_mod
+from cifar_inception.cli import main
+from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.evaluation import evaluate
+from cifar_inception.models import list_models, register_model
+from cifar_inception.predict import load_classifier
+from cifar_inception.report import gather
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck"]
+TINY = "test-checkpoint-tiny"
+NAN_OUT = "test-checkpoint-nan-out"
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, num_classes: int = 10, hidden: int = 4):
+        super().__init__()
+        self.features = torch.nn.Conv2d(3, hidden, 3, padding=1)
+        self.head = torch.nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+class NanOut(torch.nn.Module):
+    """Finite (no) weights, NaN outputs: what only an output check can catch."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return torch.full((x.shape[0], self.num_classes), float("nan"))
+
+
+if TINY not in list_models():
+    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
+    register_model(NAN_OUT)(lambda num_classes=10: NanOut(num_classes))
+
+
+def tiny_checkpoint(**changes) -> dict:
+    torch.manual_seed(0)
+    model = TinyNet()
+    return ckpt_mod.make_checkpoint(
+        model_name=TINY, model_options={"hidden": 4}, num_classes=10, classes=CLASSES,
+        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], state_dict=model.state_dict(),
+        **changes)
+
+
+def save(path, ckpt) -> str:
+    ckpt_mod.save_checkpoint(path, ckpt)
+    return str(path)
+
+
+@pytest.fixture()
+def image(tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    return str(path)
+
+
+def assert_one_line_error(capsys, *needles: str) -> None:
+    captured = capsys.readouterr()
+    assert captured.err.startswith("cifar-inception: error: "), captured.err
+    assert captured.err.count("\n") == 1, captured.err
+    for needle in needles:
+        assert needle in captured.err, captured.err
+
+
+def damage(ckpt: dict, what: str) -> dict:
+    if what == "no model":
+        del ckpt["model"]
+    elif what == "3 classes":
+        ckpt["data"]["classes"] = CLASSES[:3]
+    elif what == "mean a string":
+        ckpt["data"]["mean"] = "0.5, 0.5, 0.5"
+    elif what == "std zeros":
+        ckpt["data"]["std"] = [0.0, 0.0, 0.0]
+    elif what == "weights not tensors":
+        ckpt["state_dict"]["head.bias"] = [0.0] * 10
+    elif what == "option nan":
+        ckpt["model"]["options"] = {"hidden": float("nan")}
+    return ckpt
+
+
+DAMAGE = {"no model": "no 'model' entry", "3 classes": "names 3 classes",
+          "mean a string": "'mean' entry is a str", "std zeros": "'std' must be positive",
+          "weights not tensors": "not a tensor", "option nan": "model option 'hidden'"}
+
+
+@pytest.mark.parametrize("what", list(DAMAGE))
+def test_damaged_checkpoints_are_refused_naming_the_problem(tmp_path, image, capsys, what):
+    path = save(tmp_path / "best.pt", damage(tiny_checkpoint(), what))
+    with pytest.raises(CheckpointError, match=DAMAGE[what]):
+        ckpt_mod.load_checkpoint(path)
+    assert main(["predict", path, image]) == 2
+    assert_one_line_error(capsys, DAMAGE[what])
+    assert main(["evaluate", path, "--no-download", "--data-dir", str(tmp_path)]) == 2
+    assert_one_line_error(capsys, DAMAGE[what])
+    assert main(["serve", path, "--port", "0"]) == 2
+    assert_one_line_error(capsys, DAMAGE[what])
+
+
+def test_a_huge_class_count_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(ckpt_mod, "_build", lambda *a, **k: built.append(a) or None)
+    ckpt = tiny_checkpoint()
+    ckpt["model"]["num_classes"] = 10**9
+    ckpt["data"]["classes"] = ["x"] * 3
+    path = save(tmp_path / "huge.pt", ckpt)
+    with pytest.raises(CheckpointError, match="num_classes must be a whole number from 1 to"):
+        load_classifier(path, device="cpu")
+    assert built == []
+
+
+def test_weights_of_another_size_are_refused_from_a_meta_model(tmp_path, monkeypatch):
+    devices = []
+    real_build = ckpt_mod._build
+    monkeypatch.setattr(ckpt_mod, "_build", lambda info, where, device=None: (
+        devices.append(device), real_build(info, where, device))[1])
+    for options, needle in (({"hidden": 10**5}, "weights do not fit"),
+                            ({"hidden": 10**9}, "over the limit")):
+        ckpt = tiny_checkpoint()
+        ckpt["model"]["options"] = options
+        path = save(tmp_path / "wide.pt", ckpt)
+        with pytest.raises(CheckpointError, match=needle):
+            load_classifier(path, device="cpu")
+    assert devices == ["meta", "meta"]  # the real model was never allocated
+
+
+def test_nan_weights_are_refused_by_every_command(tmp_path, image, capsys):
+    ckpt = tiny_checkpoint()
+    ckpt["state_dict"]["head.weight"][0, 0] = float("nan")
+    path = save(tmp_path / "best.pt", ckpt)
+    for args in (["predict", path, image], ["predict", path, image, "--json"],
+                 ["evaluate", path, "--no-download", "--data-dir", str(tmp_path)],
+                 ["export", path, "--format", "torchscript", "-o", str(tmp_path / "x.pt")]):
+        assert main(args) == 2
+        assert_one_line_error(capsys, "NaN or infinite")
+    assert capsys.readouterr().out == ""
+
+
+def test_nan_outputs_are_refused_by_predict_and_evaluate(tmp_path, image, capsys):
+    from cifar_inception.data import CIFAR10
+
+    ckpt = ckpt_mod.make_checkpoint(model_name=NAN_OUT, model_options={}, num_classes=10,
+                                    classes=CLASSES, mean=[0, 0, 0], std=[1, 1, 1],
+                                    state_dict={})
+    path = save(tmp_path / "best.pt", ckpt)
+    assert main(["predict", path, image, "--json"]) == 2
+    assert_one_line_error(capsys, "NaN or infinite outputs")
+    images = np.zeros((10, 32, 32, 3), np.uint8)
+    labels = np.arange(10)
+    data = CIFAR10(images, labels, images, labels, tuple(CLASSES), "made", "none")
+    with pytest.raises(CifarInceptionError, match="NaN or infinite"):
+        evaluate(path, data, device="cpu")
+    assert not (tmp_path / "eval.json").exists()
+
+
+def write_run_config(folder, **config) -> None:
+    (folder / "config.json").write_text(json.dumps({"config": config}))
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_run_config(run, model="googlenet", model_options={"width": 0.25}, seed=0)
+    save(run / "best.pt", tiny_checkpoint())
+    with pytest.raises(CheckpointError, match="not this run's checkpoint: its model is"):
+        evaluate(run, data=object())
+    with pytest.raises(CheckpointError, match="not this run's checkpoint"):
+        gather(run, device="cpu")
+    assert main(["evaluate", str(run), "--no-download"]) == 2
+    assert_one_line_error(capsys, "not this run's checkpoint", "config.json")
+    assert main(["report", str(run), "--no-download"]) == 2
+    assert_one_line_error(capsys, "not this run's checkpoint")
+
+
+def test_same_model_but_another_runs_training_settings_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    settings = {"model": TINY, "model_options": {"hidden": 4}, "seed": 1, "lr": 0.1,
+                "aux_weights": [0.3], "epochs": 5, "device": "cpu"}
+    write_run_config(run, **settings)
+    # A resume may change runtime settings (epochs, device): still the run's own.
+    own = dict(settings, epochs=10, device="cuda", aux_weights=(0.3,))
+    ckpt_mod.check_run_matches(tiny_checkpoint(training={"config": own}), run / "best.pt")
+    other = dict(settings, seed=2)
+    with pytest.raises(CheckpointError, match="its seed is 2"):
+        ckpt_mod.check_run_matches(tiny_checkpoint(training={"config": other}),
+                                   run / "best.pt")
+
+
+def test_a_fifo_is_not_read_as_a_checkpoint(tmp_path, image):
+    fifo = tmp_path / "model.pt"
+    import os
+
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_classifier(fifo, device="cpu")

@@ -1,0 +1,55 @@
+"""Where a run computes: precision from the CPU's capability, threads, the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cifar_inception.devices import cpu_precision, pick_device, usable_cores
+from cifar_inception.errors import CifarInceptionError
+
+
+def never_probed():
+    raise AssertionError("no probe is needed to decide this")
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "DEFAULT", "ZVECTOR"])
+def test_no_bf16_without_avx512(capability):
+    precision = cpu_precision(None, capability=capability, probe=never_probed)
+    assert not precision.bf16
+    assert precision.describe() == f"fp32: this CPU has no native bf16 (torch capability " \
+                                   f"{capability})"
+
+
+def test_avx512_without_bf16_instructions_stays_fp32():
+    precision = cpu_precision(None, capability="AVX512", native_bf16=False, probe=never_probed)
+    assert not precision.bf16 and "no AVX-512 BF16 or AMX" in precision.reason
+
+
+def test_native_bf16_is_used_when_the_probe_finds_it_faster():
+    precision = cpu_precision(None, capability="AVX512", native_bf16=True, probe=lambda: 1.6)
+    assert precision.bf16 and precision.describe().startswith("bf16: this CPU computes bf16")
+
+
+def test_native_bf16_that_is_not_faster_is_not_used():
+    precision = cpu_precision(None, capability="AVX512", native_bf16=True, probe=lambda: 1.05)
+    assert not precision.bf16 and "1.05x" in precision.reason
+
+
+@pytest.mark.parametrize("requested", [True, False])
+def test_the_flag_wins(requested):
+    precision = cpu_precision(requested, capability="AVX2", probe=never_probed)
+    assert precision.bf16 is requested and "cpu-amp" in precision.reason
+
+
+def test_threads_default_to_the_usable_cores():
+    assert 1 <= usable_cores() <= (torch.get_num_threads() + 1024)
+
+
+def test_unknown_or_missing_devices_are_one_line_errors():
+    with pytest.raises(CifarInceptionError, match="unknown device"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(CifarInceptionError, match="CUDA is not available"):
+            pick_device("cuda")
+    assert pick_device("cpu").type == "cpu"
