@@ -2,7 +2,9 @@
 
 Every module raises :class:`CifarInceptionError` (or a subclass) for bad input that the user
 can fix: a missing data folder, a corrupt archive, an unknown model name. The CLI prints
-``error: <message>`` and exits with status 2; anything else is a bug and keeps its traceback.
+``error: <message>`` and exits with status 2. An ``OSError`` (a full disk, a path that is a
+file, no permission) is printed the same way with status 1, and Ctrl-C exits with 130;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ class DataError(CifarInceptionError):
 
 class ModelError(CifarInceptionError):
     """Unknown model name, bad option, or an input of the wrong shape."""
+
+
+class TrainingError(CifarInceptionError):
+    """A run that cannot start or go on: diverged loss, impossible resume, too little data."""
 
 
 class CheckpointError(CifarInceptionError):

@@ -112,6 +112,12 @@ def _check_classes(ckpt: dict, classes: Sequence[str], where: str) -> None:
             f"but the data has {list(classes)}")
 
 
+def test_in_channels_last(device: torch.device) -> bool:
+    """The CPU's convolution kernels (oneDNN) run fp32 about 1.6x as fast on channels-last
+    tensors, on AVX2 and AVX-512 alike (benchmarks/throughput.py); the results are the same."""
+    return device.type == "cpu"
+
+
 def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: bool = False,
              device: str = "auto", batch_size: int = 1000, data_dir: str | None = None,
              download: bool = True, write: bool = True) -> dict[str, Any]:
@@ -133,10 +139,14 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
     _check_classes(ckpt, data.classes, str(path))
     torch_device = pick_device(device)
     model = model_from_checkpoint(ckpt, where=str(path)).to(torch_device)
+    channels_last = test_in_channels_last(torch_device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     images = torch.as_tensor(data.test_images)
     labels = torch.as_tensor(data.test_labels)
     log_probs = log_probabilities(model, images, ckpt["data"]["mean"], ckpt["data"]["std"],
-                                  batch_size=batch_size, device=torch_device, tta=tta)
+                                  batch_size=batch_size, device=torch_device, tta=tta,
+                                  channels_last=channels_last)
     result = classification_metrics(log_probs, labels, data.classes)
     if not math.isfinite(result["test_loss"]):
         # A NaN loss beside plausible accuracies would be recorded as if it meant something.

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from cifar_inception.errors import CheckpointError, CifarInceptionError
-from cifar_inception.fileio import atomic_write_bytes, atomic_write_text, read_jsonl
+from cifar_inception.fileio import atomic_write_bytes, atomic_write_text
+from cifar_inception.runs import read_history
 
 FIGURE_DPI = 110
 TRAIN_COLOUR, VAL_COLOUR, WRONG_COLOUR = "#1f77b4", "#d62728", "#c0392b"
@@ -147,7 +148,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
                                   "train wrote, with its metrics and configuration)")
     checkpoint = resolve_checkpoint(run)
     config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
-    metrics = read_jsonl(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+    metrics = read_history(run)
     model, ckpt = load_trained_model(checkpoint)
     check_run_matches(ckpt, checkpoint)  # else one run's curves beside another's results
     if data_dir is None:

@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,30 +46,47 @@ from torch.profiler import record_function
 
 from cifar_inception import __version__, distributed
 from cifar_inception.augment import AugmentPolicy, alternating_flips, normalize
-from cifar_inception.budget import EPOCH_FIXED_S, Plan, Rates, plan, time_per_call
+from cifar_inception.budget import (
+    EPOCH_FIXED_S,
+    TTA_SHARE,
+    Plan,
+    Rates,
+    plan,
+    time_per_call,
+    worth_tta,
+)
 from cifar_inception.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from cifar_inception.devices import cpu_precision, pick_device, usable_cores
 from cifar_inception.distributed import DistContext
-from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError
-from cifar_inception.evaluation import EVAL_FILE, TTA_VIEWS, evaluate, log_probabilities
-from cifar_inception.fileio import (
-    append_jsonl,
-    atomic_write_json,
-    atomic_write_text,
-    read_jsonl,
+from cifar_inception.errors import CheckpointError, CifarInceptionError, ModelError, TrainingError
+from cifar_inception.evaluation import (
+    EVAL_FILE,
+    TTA_VIEWS,
+    evaluate,
+    log_probabilities,
+    test_in_channels_last,
 )
+from cifar_inception.fileio import append_jsonl, atomic_write_json
 from cifar_inception.models import create_model
 from cifar_inception.recipes import RUNTIME_FIELDS, TrainConfig, get_recipe, validate
+from cifar_inception.runs import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    METRICS_FILE,
+    RunFolderError,
+    clear_for_restart,
+    locked,
+    new_run_folder,
+    read_history,
+    read_record,
+    remove_temporaries,
+    resume_target,
+    truncate_history,
+)
 
 SPLIT_SEED = 0  # every run holds out the same validation images, so runs compare
 INIT_IMAGES = 5000  # images a model's init_from_data hook sees
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-LAST, BEST = "last.pt", "best.pt"
-
-
-class TrainingError(CifarInceptionError):
-    """A run that cannot start or go on: diverged loss, impossible resume, too little data."""
 
 
 @dataclass
@@ -328,22 +345,6 @@ def check_model(config: TrainConfig) -> None:
                          f"its options: {', '.join(known) or 'none'}")
 
 
-def new_run_dir(config: TrainConfig) -> Path:
-    root = Path(config.out_dir)
-    if config.name:
-        path = root / config.name
-        if path.exists() and any(path.iterdir()):
-            raise TrainingError(f"run folder {path} already exists; continue it with "
-                                f"--resume {path}, or choose another --name")
-    else:
-        base = f"{config.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path, count = root / base, 2
-        while path.exists():
-            path, count = root / f"{base}-{count}", count + 1
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def hardware_info(device: torch.device, ctx: DistContext) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         (platform.processor() or platform.machine())
@@ -374,23 +375,11 @@ def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
 # --- resume
 
 
-def resume_checkpoint_path(run: str | os.PathLike) -> Path:
-    path = Path(run)
-    path = path / LAST if path.is_dir() else path
-    if not path.is_file():
-        raise CheckpointError(f"{run}: nothing to resume (no {LAST})")
-    return path
-
-
 def resume_config(run: str | os.PathLike, **overrides: Any) -> TrainConfig:
     """The configuration a run was started with, with runtime options (device, threads,
     epochs, ...) replaced by ``overrides``; changing anything that alters the computation
     (model, learning rate, ...) is refused."""
-    path = resume_checkpoint_path(run)
-    ckpt = load_checkpoint(path)
-    if "training" not in ckpt or "config" not in ckpt["training"]:
-        raise CheckpointError(f"{path}: holds no training state to resume from")
-    saved = TrainConfig.from_dict(ckpt["training"]["config"])
+    saved = TrainConfig.from_dict(_saved_config(run))
     values = saved.to_dict()
     values["stop_after_epochs"] = None  # a pause applies to the invocation that asked for it
     if "epochs" in overrides and "train_steps" not in overrides:
@@ -406,6 +395,22 @@ def resume_config(run: str | os.PathLike, **overrides: Any) -> TrainConfig:
     config = TrainConfig.from_dict(values)
     validate(config)
     return config
+
+
+def _saved_config(run: str | os.PathLike) -> dict:
+    """The configuration of the run to resume: its last.pt's, or, if the run died before
+    saving one, its config.json's (it is then started again)."""
+    target = resume_target(run)
+    if target.last is None:
+        record = read_record(target.folder, warn=lambda line: print(line, file=sys.stderr))
+        if record is None or not record.get("config"):
+            raise RunFolderError(f"{target.folder}: nothing to resume: no {LAST} yet, and its "
+                                 f"{CONFIG_FILE} is not a run record; start a new run")
+        return record["config"]
+    ckpt = load_checkpoint(target.last)
+    if "training" not in ckpt or "config" not in ckpt["training"]:
+        raise CheckpointError(f"{target.last}: holds no training state to resume from")
+    return ckpt["training"]["config"]
 
 
 def _check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
@@ -473,12 +478,13 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     device = distributed.device_for(ctx, pick_device(config.device))
     emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
     threads_before = torch.get_num_threads()
+    held = ExitStack()  # the run folder's lock, from before it is read to the end of the run
     try:
         if device.type == "cpu":
             config, line = _fit_cpu(config, ctx)
             emit(line)
         distributed.init(ctx, device, config.dist_timeout)
-        return _train(config, data, resume, ctx, device, emit, epoch_end, started)
+        return _train(config, data, resume, ctx, device, emit, epoch_end, started, held)
     except CifarInceptionError as exc:
         if ctx.enabled:  # say which rank failed; torchrun then stops the others
             raise type(exc)(f"rank {ctx.rank}: {exc}") from None
@@ -488,6 +494,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
             raise distributed.communication_error(ctx, exc) from None
         raise
     finally:
+        held.close()
         distributed.shutdown()
         torch.set_num_threads(threads_before)
 
@@ -567,8 +574,11 @@ class Loop:
 def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
            ctx: DistContext, device: torch.device, emit: Callable[[str], None],
            epoch_end: Callable[..., None] | None = None,
-           started: float | None = None) -> TrainResult:
+           started: float | None = None, held: ExitStack | None = None) -> TrainResult:
     check_model(config)  # before the data is loaded: a typo should fail at once
+    held = held if held is not None else ExitStack()
+    if resume is not None and ctx.is_main:  # one process per run folder, before reading it
+        held.enter_context(locked(resume_target(resume).folder))
     ckpt, position = _resume_state(config, resume)
     if data is None:
         from cifar_inception.data import load_cifar10
@@ -580,15 +590,18 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     if config.budget is not None and ckpt is None:
         budget_plan = plan_budget(loop, len(data.test_labels) if config.test else 0,
                                   time.perf_counter() if started is None else started)
+        if config.tta and not budget_plan.tta:
+            emit(f"test-time augmentation off: its {len(TTA_VIEWS)} views of the test set "
+                 f"would take over {TTA_SHARE:.0%} of the budget on this machine")
         loop.config = config = replace(config, train_steps=budget_plan.train_steps,
-                                       epochs=budget_plan.epochs)
+                                       epochs=budget_plan.epochs, tta=budget_plan.tta)
         emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
     elif config.train_steps is not None:  # the epochs that hold them, the last cut short
         loop.config = config = replace(
             config, epochs=math.ceil(config.train_steps / loop.steps_per_epoch))
     if ctx.is_main:
-        loop.run_dir = _open_run_dir(loop, resume, position)
-        emit(_start_line(loop, resumed=resume is not None))
+        loop.run_dir = _open_run_dir(loop, resume, ckpt, position, held, emit)
+        emit(_start_line(loop, resumed=ckpt is not None))
 
     status, message = "completed", ""
     stop = StopRequest()
@@ -630,7 +643,7 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
                            f"continue with: cifar-inception train --resume {loop.run_dir}")
                 break
 
-    history = read_jsonl(loop.run_dir / METRICS_FILE) if ctx.is_main else []
+    history = read_history(loop.run_dir) if ctx.is_main else []
     best = next((r for r in history if r["epoch"] == position.best_epoch), None)
     test = None
     if status == "completed" and ctx.is_main and config.test:
@@ -651,12 +664,12 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
     slowest = distributed.all_reduce(torch.tensor(
         [rates.step_s, rates.val_image_s, rates.test_image_s], dtype=torch.float64,
         device=loop.device), loop.ctx, op="max").tolist()
-    views = len(TTA_VIEWS) if loop.config.tta else 1
+    budget, rates = loop.config.budget, Rates(*slowest, epoch_s=rates.epoch_s)
+    tta = loop.config.tta and worth_tta(budget, test_images, len(TTA_VIEWS), rates.test_image_s)
     val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
-    return plan(loop.config.budget, time.perf_counter() - started,
-                Rates(*slowest, epoch_s=rates.epoch_s),
+    return plan(budget, time.perf_counter() - started, rates,
                 steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
-                test_images=test_images * views)
+                test_images=test_images * (len(TTA_VIEWS) if tta else 1), tta=tta)
 
 
 def measure_rates(loop: Loop) -> Rates:
@@ -691,18 +704,23 @@ def measure_rates(loop: Loop) -> Rates:
     if sample.shape[0] == 0:
         sample = data.train_x[:config.eval_batch_size]
 
-    def evaluate_sample(bf16: bool) -> Callable[[], None]:
+    def evaluate_sample(bf16: bool, in_channels_last: bool) -> Callable[[], None]:
+        net = model.to(memory_format=torch.channels_last if in_channels_last
+                       else torch.contiguous_format)
+
         def run() -> None:
             with autocast_for(config, device) if bf16 else nullcontext():
-                log_probabilities(model, sample, data.mean, data.std,
+                log_probabilities(net, sample, data.mean, data.std,
                                   batch_size=config.eval_batch_size, device=device,
-                                  channels_last=channels_last and bf16)
+                                  channels_last=in_channels_last)
         return run
 
     per_image = 1.0 / sample.shape[0]
-    val_s = time_per_call(evaluate_sample(True), min_seconds=0.5, min_calls=1) * per_image
-    # The final test evaluates best.pt as evaluate() does: fp32, the default layout.
-    test_s = time_per_call(evaluate_sample(False), min_seconds=0.5, min_calls=1) * per_image
+    val_s = time_per_call(evaluate_sample(True, channels_last), min_seconds=0.5,
+                          min_calls=1) * per_image
+    # The final test evaluates best.pt as evaluate() does: fp32, in its layout.
+    test_s = time_per_call(evaluate_sample(False, test_in_channels_last(device)),
+                           min_seconds=0.5, min_calls=1) * per_image
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -852,9 +870,9 @@ def _end_of_epoch(loop: Loop, position: Position, row: dict,
 def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
                   ) -> tuple[dict | None, Position]:
     """The checkpoint to continue from (checked against ``config``) and its position."""
-    if resume is None:
+    path = resume_target(resume).last if resume is not None else None
+    if path is None:  # a new run, or one that died before its first last.pt: from the start
         return None, Position()
-    path = resume_checkpoint_path(resume)
     ckpt = load_checkpoint(path)
     if "training" not in ckpt or "optimizer" not in ckpt["training"]:
         raise CheckpointError(f"{path}: holds no training state to resume from")
@@ -902,21 +920,29 @@ def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
                 steps_per_epoch, lookahead)
 
 
-def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, position: Position) -> Path:
-    """A new run folder with its config.json, or the resumed one with the resume recorded."""
+def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None,
+                  position: Position, held: ExitStack, emit: Callable[[str], None]) -> Path:
+    """The run folder, locked and cleaned of a kill's leftovers, with its config.json: a new
+    record for a new run (or one started again), the resume added to it otherwise."""
     if resume is None:
-        run_dir = new_run_dir(loop.config)
+        run_dir = new_run_folder(loop.config.out_dir, loop.config.name, loop.config.model)
+        held.enter_context(locked(run_dir))
+    else:
+        run_dir = resume_target(resume).folder  # locked since the start
+    remove_temporaries(run_dir)
+    record = None if ckpt is None else read_record(run_dir, emit)
+    if record is None:  # new, started again, or a record that must be rebuilt
+        if ckpt is None:
+            clear_for_restart(run_dir)
         record = run_record(loop.config, loop.prepared, loop.model, loop.aux_weights,
                             loop.device, loop.ctx)
-    else:
-        run_dir = resume_checkpoint_path(resume).parent
-        record = _read_record(run_dir)
+    if ckpt is not None:
         record["config"] = loop.config.to_dict()
         record.setdefault("resumed", []).append(
             {"at_epoch": position.epoch, "at_step": position.step, "command": list(sys.argv),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "hardware": hardware_info(loop.device, loop.ctx)})
-        _truncate_metrics(run_dir / METRICS_FILE, position.epoch)
+        truncate_history(run_dir, position.epoch, emit)
     atomic_write_json(run_dir / CONFIG_FILE, record)
     return run_dir
 
@@ -973,18 +999,3 @@ def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) ->
             else "no checkpoint was written")
     return (f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}), "
             f"learning rate {lr:.3g}; stopped, {kept}. Try a lower --lr")
-
-
-def _read_record(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return {"resumed": []}  # a lost config.json is rebuilt from the checkpoint's config
-
-
-def _truncate_metrics(path: Path, epochs_done: int) -> None:
-    """Drop metrics of epochs after the checkpoint (written before a crash), keep the rest."""
-    if not path.exists():
-        return
-    rows = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epochs_done]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))

@@ -56,3 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 1
+    except OSError as exc:  # a full disk, a folder that is a file, no permission, ...
+        print(f"cifar-inception: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device: runs/x/.last.pt.tmp``, rather than errno numbers."""
+    if exc.strerror is None:
+        return str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return exc.strerror + (f": {' -> '.join(names)}" if names else "")
