@@ -12,8 +12,8 @@ from cifar_inception import checkpoint as ckpt_mod
 from cifar_inception.cli import main
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.evaluation import evaluate
+from cifar_inception.inference import load_classifier
 from cifar_inception.models import list_models, register_model
-from cifar_inception.predict import load_classifier
 from cifar_inception.report import gather
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer",

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cifar_inception import data
-from cifar_inception.data import CLASSES, load_cifar10
+from cifar_inception.data import CLASSES, archives, load_cifar10, sources, trees
 from cifar_inception.errors import DataError
 from data_fixtures import (
     assert_arrays_equal,
@@ -305,16 +305,16 @@ def test_zip_with_a_symlink_is_refused(tmp_path):
 
 
 def test_decoding_in_worker_processes_keeps_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 7)
-    monkeypatch.setattr(data, "_worker_count", lambda: 2)
+    monkeypatch.setattr(trees, "_DECODE_CHUNK", 7)
+    monkeypatch.setattr(trees, "_worker_count", lambda: 2)
     started = []
-    original = data._ImageDecoder._start_pool_if_useful
+    original = trees._ImageDecoder._start_pool_if_useful
 
     def spy(self, first_chunk):
         original(self, first_chunk)
         started.append(self.executor is not None)
 
-    monkeypatch.setattr(data._ImageDecoder, "_start_pool_if_useful", spy)
+    monkeypatch.setattr(trees._ImageDecoder, "_start_pool_if_useful", spy)
     files, expected = image_tree_files(train_per_class=6, test_per_class=3)
     loaded = load_cifar10(pack(files, tmp_path / "t.tar.gz"), progress=False)
     assert started == [True]
@@ -322,8 +322,8 @@ def test_decoding_in_worker_processes_keeps_order(tmp_path, monkeypatch):
 
 
 def test_worker_error_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_DECODE_CHUNK", 5)
-    monkeypatch.setattr(data, "_worker_count", lambda: 2)
+    monkeypatch.setattr(trees, "_DECODE_CHUNK", 5)
+    monkeypatch.setattr(trees, "_worker_count", lambda: 2)
     files, _ = image_tree_files(train_per_class=4, test_per_class=2)
     files["train/truck/2.png"] = b"\x89PNG\r\n\x1a\n broken"
     assert "train/truck/2.png" in load_error(pack(files, tmp_path / "t.zip"))
@@ -366,7 +366,7 @@ def test_a_zip_member_inflating_past_its_header_is_cut_at_the_cap(tmp_path, monk
 
     archive = _zip_with_a_lying_member(tmp_path / "bomb.zip", "train/cat/1.png",
                                        claimed=1000, actual=64 << 20)
-    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1 << 20)
+    monkeypatch.setattr(sources, "MAX_IMAGE_BYTES", 1 << 20)
     tracemalloc.start()
     try:
         message = load_error(archive)
@@ -391,7 +391,7 @@ def test_a_tar_member_is_read_through_the_same_cap(tmp_path):
         tar.addfile(member, io.BytesIO(bytes(5000)))
     with tarfile.open(path) as tar:
         with pytest.raises(DataError, match="1.png: more than 1,000 bytes"):
-            data._read_tar_member(tar, tar.getmember("train/cat/1.png"), "t.tar: 1.png", 1000)
+            archives._read_tar_member(tar, tar.getmember("train/cat/1.png"), "t.tar: 1.png", 1000)
 
 
 def test_an_unreadable_data_folder_is_named(tmp_path, monkeypatch):

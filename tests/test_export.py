@@ -29,8 +29,8 @@ from cifar_inception.export import (
     run_test_metrics,
 )
 from cifar_inception.images import load_cifar_array
+from cifar_inception.inference import TorchClassifier, load_classifier
 from cifar_inception.models import create_model, list_models, register_model
-from cifar_inception.predict import TorchClassifier, load_classifier
 
 MEAN, STD = [0.491, 0.482, 0.447], [0.247, 0.243, 0.262]
 OPTIONS = {"width": 0.25}

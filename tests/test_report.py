@@ -206,7 +206,7 @@ def test_report_files_and_page(tmp_path, data_tree):
 def test_report_without_eval_json_evaluates_the_test_set(tmp_path, data_tree):
     """The metrics are those of the checkpoint's own predictions on the test images."""
     from cifar_inception.data import load_cifar10
-    from cifar_inception.predict import load_classifier
+    from cifar_inception.inference import load_classifier
 
     run = write_run(tmp_path / "run", data_tree, eval_json=False)
     data = report.gather(run, device="cpu")

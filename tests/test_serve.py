@@ -278,8 +278,8 @@ def test_a_real_checkpoint_reports_its_run_test_accuracy(tmp_path):
     import torch
 
     from cifar_inception import checkpoint as ckpt_mod
+    from cifar_inception.inference import load_classifier
     from cifar_inception.models import create_model
-    from cifar_inception.predict import load_classifier
 
     torch.manual_seed(0)
     model = create_model("googlenet", width=0.25)

@@ -12,9 +12,10 @@ scale), the model name and options, the parameter count and the known metrics tr
 the file: as ``metadata_props`` in ONNX, and as an extra file ``cifar_inception.json`` in
 ``.pt2`` and TorchScript archives.
 
-:class:`OnnxClassifier` runs an exported ONNX file with ONNX Runtime alone (no PyTorch), with
-the same interface as :class:`cifar_inception.predict.TorchClassifier`. This module imports
-torch only inside the export functions, so that path stays free of it.
+:class:`OnnxClassifier` (from :mod:`cifar_inception.inference`) runs an exported ONNX file
+with ONNX Runtime alone (no PyTorch), with the same interface as
+:class:`cifar_inception.inference.TorchClassifier`. This module imports torch only inside the
+export functions.
 """
 
 from __future__ import annotations
@@ -33,20 +34,24 @@ from typing import Any
 import numpy as np
 
 from cifar_inception import __version__
-from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
+from cifar_inception.errors import CifarInceptionError, needs_extra
 from cifar_inception.fileio import atomic_write_bytes
-from cifar_inception.predict import check_finite, check_images
+from cifar_inception.inference import (  # noqa: F401  (re-exported: part of this API)
+    EXPORT_FORMAT,
+    INPUT_NAME,
+    INPUT_SHAPE,
+    INPUT_TYPE,
+    JSON_KEYS,
+    OUTPUT_NAMES,
+    OnnxClassifier,
+    checkpoint_test_metrics,
+    read_onnx_metadata,
+)
+from cifar_inception.runs import read_eval
 
-EXPORT_FORMAT = "cifar-inception-export/1"
-# Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
-JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics")
 METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript archives
 MIN_OPSET = 18
 DEFAULT_OPSET = 20  # current, and run by ONNX Runtime 1.18 and later
-INPUT_NAME = "images"
-INPUT_TYPE = "tensor(uint8)"
-INPUT_SHAPE = (32, 32, 3)  # after the batch dimension, which stays dynamic
-OUTPUT_NAMES = ("logits", "probabilities")
 INPUT_DOC = ("images: uint8 (N, 32, 32, 3), RGB, 0-255, channels last (NHWC); "
              "normalised inside the graph")
 OUTPUT_DOC = ("logits: float32 (N, num_classes); "
@@ -122,18 +127,7 @@ def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
 
 def run_test_metrics(checkpoint: Path) -> dict[str, float]:
     """test_top1/test_top5 from the run folder's eval.json, when it evaluated this checkpoint."""
-    path = checkpoint.parent / "eval.json"
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(result, dict):
-        return {}
-    evaluated = result.get("checkpoint")
-    if evaluated and Path(str(evaluated)).name != checkpoint.name:
-        return {}  # eval.json speaks of another checkpoint of the run (say last.pt)
-    return {key: result[key] for key in ("test_top1", "test_top5")
-            if isinstance(result.get(key), (int, float))}
+    return checkpoint_test_metrics(read_eval(checkpoint.parent), checkpoint)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:
@@ -307,106 +301,3 @@ def export_torchscript(checkpoint_path: str | os.PathLike,
                        out_path: str | os.PathLike | None = None) -> ExportResult:
     """A traced TorchScript module (``torch.jit.load(path)``), for LibTorch."""
     return export_model(checkpoint_path, out_path, fmt="torchscript")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference with ONNX Runtime only
-
-
-def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[str, Any]:
-    """Decode the metadata an export wrote; refuse files that do not carry it."""
-    if metadata_props.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(
-            f"{where}: not an ONNX file exported by cifar-inception "
-            f"(no '{EXPORT_FORMAT}' metadata)")
-    meta: dict[str, Any] = dict(metadata_props)
-    for key in JSON_KEYS:
-        if key in meta:
-            try:
-                meta[key] = json.loads(meta[key])
-            except ValueError:
-                raise CheckpointError(f"{where}: its metadata '{key}' is not valid JSON") from None
-    classes = meta.get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        raise CheckpointError(f"{where}: its metadata has no valid class names")
-    return meta
-
-
-class OnnxClassifier:
-    """An exported ONNX file run by ONNX Runtime: the classifier interface of ``predict``.
-
-    ``classes``, ``model_name``, ``info`` and ``predict_proba(uint8 (N, 32, 32, 3))``, as
-    :class:`cifar_inception.predict.TorchClassifier`. PyTorch is not imported.
-    """
-
-    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
-                 batch_size: int = 256, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            what = "not a regular file" if self.path.exists() else "no such ONNX file"
-            raise CheckpointError(f"{self.path}: {what}")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=options,
-                providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # ONNX Runtime raises its own, undocumented exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{self.path}: not a readable ONNX model ({first[:160]})") from None
-        meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
-                                  where=str(self.path))
-        self._check_signature(len(meta["classes"]))
-        self.metadata = meta
-        self.classes = tuple(meta["classes"])
-        self.model_name = str(meta.get("model", ""))
-        self.batch_size = batch_size
-        self.info = {
-            "model": self.model_name,
-            "options": meta.get("options", {}),
-            "num_classes": len(self.classes),
-            "params": meta.get("params"),
-            "metrics": meta.get("metrics", {}),
-            "format": "onnx",
-            "source": str(self.path),
-        }
-
-    def _check_signature(self, num_classes: int) -> None:
-        """The interface :func:`export_model` writes: anything else would fail at run time
-        with ONNX Runtime's own traceback."""
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
-        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs.keys():
-            raise CheckpointError(f"{self.path}: expected input '{INPUT_NAME}' and outputs "
-                                  f"{', '.join(OUTPUT_NAMES)}; found {inputs}, {list(outputs)}")
-        found = self.session.get_inputs()[0]
-        shape = list(found.shape or [])
-        batch_fixed = bool(shape) and isinstance(shape[0], int)
-        if found.type != INPUT_TYPE or tuple(shape[1:]) != INPUT_SHAPE or batch_fixed:
-            raise CheckpointError(
-                f"{self.path}: its input is {found.type} {shape}, not the uint8 "
-                f"[N, 32, 32, 3] (any N, channels last) that cifar-inception exports")
-        width = outputs[OUTPUT_NAMES[1]][-1]
-        if isinstance(width, int) and width != num_classes:
-            raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
-                                  f"metadata names {num_classes} classes")
-
-    def _run(self, output: str, images: np.ndarray) -> np.ndarray:
-        images = np.ascontiguousarray(check_images(images))
-        out = np.empty((len(images), len(self.classes)), dtype=np.float32)
-        for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size]
-            out[start:start + len(batch)] = self.session.run([output], {INPUT_NAME: batch})[0]
-        return check_finite(out, str(self.path))
-
-    def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) -> logits, float32 (N, C)."""
-        return self._run(OUTPUT_NAMES[0], images)
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) -> probabilities, float32 (N, C)."""
-        return self._run(OUTPUT_NAMES[1], images)

@@ -1,7 +1,8 @@
 """Image files -> top-k classes, from a PyTorch checkpoint (or run folder) or an ONNX file.
 
-``load_classifier`` returns an object with one small interface, shared by ``predict`` and
-``serve``, whatever the model is stored as::
+``load_classifier`` (from :mod:`cifar_inception.inference`, where the classifiers live)
+returns an object with one small interface, shared by ``predict`` and ``serve``, whatever
+the model is stored as::
 
     clf = load_classifier("runs/googlenet")          # or "model.onnx"
     clf.classes                                      # ("airplane", ..., "truck")
@@ -18,112 +19,21 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
-from cifar_inception.errors import CifarInceptionError, needs_extra
 from cifar_inception.images import MAX_PIXELS, ImageError, find_images, load_cifar_array
+from cifar_inception.inference import (  # noqa: F401  (re-exported: part of this API)
+    Classifier,
+    TorchClassifier,
+    check_finite,
+    check_images,
+    load_classifier,
+)
 
 # Files decoded and predicted together: bounds memory for a folder of any size.
 FILE_CHUNK = 256
-
-
-@runtime_checkable
-class Classifier(Protocol):
-    """What ``predict`` and ``serve`` need from a trained model, however it is stored."""
-
-    classes: tuple[str, ...]
-    model_name: str
-    info: dict[str, Any]
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) RGB -> class probabilities, float (N, len(classes))."""
-        ...
-
-
-def check_images(images: np.ndarray) -> np.ndarray:
-    """Accept a single image or a batch of 32x32 RGB uint8 images; return a batch."""
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-        raise CifarInceptionError(
-            f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} {images.shape}")
-    return images
-
-
-def check_finite(outputs: np.ndarray, source: str) -> np.ndarray:
-    """Refuse NaN or infinite model outputs, which would otherwise print as predictions."""
-    if not np.isfinite(outputs).all():
-        raise CifarInceptionError(f"{source}: the model gives NaN or infinite outputs; "
-                                  "its weights are unusable (a diverged run?)")
-    return outputs
-
-
-class TorchClassifier:
-    """A trained PyTorch model with the normalisation and class names of its checkpoint."""
-
-    def __init__(self, model, checkpoint: dict, *, source: str = "", device: str | None = None,
-                 batch_size: int = 256):
-        from cifar_inception.devices import pick_device
-
-        self.device = pick_device(device or "auto")
-        self.model = model.to(self.device).eval()
-        self.checkpoint_info = checkpoint["model"]
-        self.mean = checkpoint["data"]["mean"]
-        self.std = checkpoint["data"]["std"]
-        self.classes = tuple(checkpoint["data"]["classes"])
-        self.model_name = checkpoint["model"]["name"]
-        self.batch_size = batch_size
-        self.info = {
-            "model": self.model_name,
-            "options": dict(checkpoint["model"]["options"]),
-            "num_classes": checkpoint["model"]["num_classes"],
-            "params": sum(p.numel() for p in model.parameters()),
-            "metrics": dict(checkpoint.get("metrics") or {}),
-            "format": "pytorch",
-            "source": source,
-        }
-
-    @classmethod
-    def from_path(cls, path: str | os.PathLike, *, device: str | None = None) -> TorchClassifier:
-        """A checkpoint file or a run folder (its best.pt, else last.pt), loaded weights-only."""
-        from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
-
-        model, ckpt = load_trained_model(path)
-        return cls(model, ckpt, source=str(resolve_checkpoint(path)), device=device)
-
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        from cifar_inception.augment import normalize
-
-        images = check_images(images)
-        out = np.empty((len(images), len(self.classes)), dtype=np.float32)
-        with torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                batch = torch.tensor(images[start:start + self.batch_size], device=self.device)
-                logits = self.model(normalize(batch, self.mean, self.std))
-                probs = torch.softmax(logits.float(), dim=1)
-                out[start:start + len(batch)] = probs.cpu().numpy()
-        return check_finite(out, self.info["source"] or self.model_name)
-
-
-def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Classifier:
-    """An ``.onnx`` file -> ONNX Runtime; anything else -> a PyTorch checkpoint or run folder.
-
-    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:1``...) applies to PyTorch checkpoints;
-    None means ``auto``: the GPU when there is one.
-    """
-    if Path(path).suffix.lower() == ".onnx":
-        # onnxruntime is an optional dependency: imported only for .onnx files
-        with needs_extra("export", f"{path}: reading ONNX files"):
-            import onnxruntime  # noqa: F401
-        from cifar_inception.export import OnnxClassifier
-
-        return OnnxClassifier(path)
-    return TorchClassifier.from_path(path, device=device)
 
 
 @dataclass

@@ -25,6 +25,7 @@ import numpy as np
 
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.fileio import atomic_write_bytes, atomic_write_text
+from cifar_inception.inference import TorchClassifier
 from cifar_inception.runs import read_history
 
 FIGURE_DPI = 110
@@ -87,21 +88,18 @@ def recorded_data_dir(config: dict, ckpt: dict) -> str | None:
     return None
 
 
-def predict_test_set(classifier, images: np.ndarray, *, progress: bool,
+def predict_test_set(classifier: TorchClassifier, images: np.ndarray, *, progress: bool,
                      chunk: int = 1000):
     """Log-probabilities of every test image, as ``evaluate`` computes them, with a bar."""
     import torch
     from tqdm import tqdm
-
-    from cifar_inception.evaluation import log_probabilities
 
     parts = []
     with tqdm(total=len(images), desc="predicting the test set", unit="img", leave=False,
               disable=not progress) as bar:
         for start in range(0, len(images), chunk):
             batch = torch.as_tensor(images[start:start + chunk])
-            parts.append(log_probabilities(classifier.model, batch, classifier.mean,
-                                           classifier.std, device=classifier.device))
+            parts.append(classifier.log_probabilities(batch))
             bar.update(len(batch))
     return torch.cat(parts)
 
@@ -140,7 +138,6 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     )
     from cifar_inception.data import load_cifar10
     from cifar_inception.evaluation import classification_metrics
-    from cifar_inception.predict import TorchClassifier
 
     run = Path(run)
     if not run.is_dir():

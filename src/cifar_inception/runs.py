@@ -193,3 +193,15 @@ def truncate_history(folder: Path, epochs_done: int, warn: Warn) -> list[dict]:
     if (folder / METRICS_FILE).exists():
         atomic_write_text(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+# --- the evaluation of a run
+
+
+def read_eval(folder: str | os.PathLike) -> dict | None:
+    """The run folder's eval.json; None when it is missing, unreadable or not a JSON object."""
+    try:
+        result = json.loads((Path(folder) / EVAL_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None

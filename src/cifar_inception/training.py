@@ -49,6 +49,7 @@ from cifar_inception.augment import AugmentPolicy, alternating_flips, normalize
 from cifar_inception.budget import (
     EPOCH_FIXED_S,
     TTA_SHARE,
+    BudgetError,
     Plan,
     Rates,
     plan,
@@ -587,9 +588,11 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             data = load_cifar10(config.data_dir, download=config.download,
                                 progress=ctx.is_main)
     loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+    run_started = time.perf_counter() if started is None else started
+    test_images = len(data.test_labels) if config.test else 0
+    budget_plan = None
     if config.budget is not None and ckpt is None:
-        budget_plan = plan_budget(loop, len(data.test_labels) if config.test else 0,
-                                  time.perf_counter() if started is None else started)
+        budget_plan = plan_budget(loop, test_images, run_started)
         if config.tta and not budget_plan.tta:
             emit(f"test-time augmentation off: its {len(TTA_VIEWS)} views of the test set "
                  f"would take over {TTA_SHARE:.0%} of the budget on this machine")
@@ -606,7 +609,8 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     status, message = "completed", ""
     stop = StopRequest()
     with stop.installed():
-        for epoch in range(position.epoch, config.epochs):
+        epoch = position.epoch - 1
+        while (epoch := epoch + 1) < config.epochs:  # a budget's re-plan may change the end
             if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
                 status = "paused"
                 message = (f"paused after epoch {epoch} of {config.epochs}; continue with: "
@@ -627,9 +631,14 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
                            f"{loop.steps_in_epoch(epoch)}; saved {loop.run_dir / LAST}; continue "
                            f"with: cifar-inception train --resume {loop.run_dir}")
                 break
+            trained_s = time.perf_counter() - started
             with record_function("validation"):
                 val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
                                                        device, ctx)
+            if budget_plan is not None and epoch == 0 and config.epochs > 1:
+                loop.config = config = replan_budget(
+                    loop, budget_plan, run_started, trained_s,
+                    time.perf_counter() - started - trained_s, test_images, emit)
             row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
                    "train_loss": float(totals[0] / totals[2]),
                    "train_acc": float(totals[1] / totals[2]),
@@ -670,6 +679,39 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
     return plan(budget, time.perf_counter() - started, rates,
                 steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
                 test_images=test_images * (len(TTA_VIEWS) if tta else 1), tta=tta)
+
+
+def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, train_s: float,
+                  val_s: float, test_images: int, emit: Callable[[str], None]) -> TrainConfig:
+    """Plan the rest of the run again from its first epoch, a far longer measurement than
+    the probe's few steps (which a busy machine, or kernels still warming up, can mislead);
+    the schedules, fractions of the run, follow. The run's config and config.json get it."""
+    config, ctx, steps_per_epoch = loop.config, loop.ctx, loop.steps_per_epoch
+    done = loop.steps_in_epoch(0)
+    val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / ctx.world_size)
+    measured = distributed.all_reduce(torch.tensor(
+        [train_s / done, val_s / max(1, val_per_rank)], dtype=torch.float64,
+        device=loop.device), ctx, op="max").tolist()
+    rates = replace(budget_plan.rates, step_s=measured[0], val_image_s=measured[1])
+    views = len(TTA_VIEWS) if config.tta else 1
+    try:
+        rest = plan(config.budget, time.perf_counter() - run_started, rates,
+                    steps_per_epoch=steps_per_epoch, val_images=val_per_rank,
+                    test_images=test_images * views).train_steps
+    except BudgetError:  # the budget is spent already: end with this epoch
+        rest = 0
+    total = done + rest
+    if abs(total - config.train_steps) <= 0.01 * config.train_steps:
+        return config
+    emit(f"budget re-planned after epoch 1 (measured {config.batch_size / rates.step_s:,.0f} "
+         f"training images/s): {total / steps_per_epoch:.2f} epochs, {total} steps in all")
+    config = replace(config, train_steps=total, epochs=math.ceil(total / steps_per_epoch))
+    if loop.run_dir is not None:
+        record = read_record(loop.run_dir, emit)
+        if record is not None:
+            record["config"] = config.to_dict()
+            atomic_write_json(loop.run_dir / CONFIG_FILE, record)
+    return config
 
 
 def measure_rates(loop: Loop) -> Rates:

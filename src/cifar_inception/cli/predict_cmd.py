@@ -56,7 +56,8 @@ def format_prediction(result, width: int) -> str:
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import CifarInceptionError
     from cifar_inception.images import find_images
-    from cifar_inception.predict import iter_predictions, load_classifier
+    from cifar_inception.inference import load_classifier
+    from cifar_inception.predict import iter_predictions
 
     if not find_images(args.paths):
         raise CifarInceptionError(

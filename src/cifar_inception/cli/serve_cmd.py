@@ -69,7 +69,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import needs_extra
-    from cifar_inception.predict import load_classifier
+    from cifar_inception.inference import load_classifier
 
     with needs_extra("serve", "serve"):
         import python_multipart  # noqa: F401  (Starlette reads uploads with it)

@@ -1,6 +1,6 @@
-"""The web demo: one page and a small JSON API over any classifier from ``predict``.
+"""The web demo: one page and a small JSON API over any classifier from ``inference``.
 
-    from cifar_inception.predict import load_classifier
+    from cifar_inception.inference import load_classifier
     from cifar_inception.serve import create_app
     app = create_app(load_classifier("runs/googlenet"))   # an ASGI app; run it with uvicorn
 """

@@ -1,0 +1,180 @@
+"""Fetching the official archive: download with progress and MD5 verification, safe extraction."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from cifar_inception.data.archives import (
+    _STREAM_ERRORS,
+    _archive_error,
+    _extract_member,
+    _tar_members,
+)
+from cifar_inception.data.batches import _check_batches_folder, _has_all_batches
+from cifar_inception.data.common import (
+    ARCHIVE_NAME,
+    BATCHES_DIR,
+    CIFAR10_MD5,
+    CIFAR10_URL,
+    ENV_URL,
+    MAX_BATCH_BYTES,
+    _one_line,
+    _progress_bar,
+)
+from cifar_inception.errors import DataError
+
+
+def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
+                     md5: str | None = None, progress: bool = True) -> Path:
+    """Download the official archive into ``folder`` and return its path.
+
+    The file arrives under a temporary name and is renamed only once its MD5 matches; a
+    mismatching or broken download is removed. ``url`` defaults to ``$CIFAR_INCEPTION_URL``,
+    else the data set's home page.
+    """
+    import pooch
+    import requests
+
+    folder = Path(folder)
+    url = url or os.environ.get(ENV_URL) or CIFAR10_URL
+    md5 = md5 or CIFAR10_MD5
+    if not url.lower().startswith(("http://", "https://")):
+        raise DataError(f"the download address must start with http:// or https://: {url}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the data folder {folder}: {exc.strerror or exc}") from None
+    advice = (f"without internet, fetch {ARCHIVE_NAME} (or an image-folder copy) elsewhere and "
+              "pass --data-dir PATH")
+    bar = _DownloadBar(desc=f"downloading {ARCHIVE_NAME}") if progress else None
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # our own bar says what happens
+    try:
+        path = pooch.retrieve(url, known_hash=f"md5:{md5}", fname=ARCHIVE_NAME, path=folder,
+                              progressbar=bar if bar is not None else False)
+    except ValueError as exc:
+        if "does not match" in str(exc):
+            got = re.search(r"got ([0-9a-f]{32})", str(exc))
+            raise DataError(
+                f"the file downloaded from {url} failed the MD5 check (expected {md5}"
+                f"{', got ' + got.group(1) if got else ''}) and was removed; try again, or "
+                f"{advice}") from None
+        raise DataError(f"cannot download {url}: {_one_line(exc)}") from None
+    except requests.exceptions.HTTPError as exc:
+        raise DataError(f"cannot download {url}: the server answered "
+                        f"{exc.response.status_code if exc.response is not None else exc}; "
+                        f"{advice}") from None
+    except requests.exceptions.ChunkedEncodingError:
+        raise DataError(f"the download from {url} was cut short (truncated) and was removed; "
+                        f"try again, or {advice}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise DataError(f"cannot download CIFAR-10 from {url}: network unreachable "
+                        f"({_root_cause(exc)}); {advice}") from None
+    except requests.exceptions.RequestException as exc:
+        raise DataError(f"cannot download {url}: {_one_line(exc)}; {advice}") from None
+    except OSError as exc:  # after requests' errors, which are OSErrors too: saving failed
+        raise DataError(f"cannot save the download in {folder}: {exc.strerror or exc}") from None
+    finally:
+        logger.setLevel(level)
+        if bar is not None:
+            bar.close()
+    return Path(path)
+
+
+def extract_official_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Extract ``cifar-10-batches-py/`` from the official archive into ``folder``, safely.
+
+    Every member is checked before it is written: absolute names, ``..``, links and devices
+    are refused. Extraction goes to a temporary folder that is renamed into place at the end.
+    """
+    archive, folder = Path(archive), Path(folder)
+    target = folder / BATCHES_DIR
+    label = str(archive)
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".cifar-10-extract-", dir=folder))
+    except OSError as exc:
+        raise DataError(f"cannot extract {label} into {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            with contextlib.closing(_tar_members(archive, label)) as members:
+                for tar, member, parts in members:
+                    if not parts or parts[0] != BATCHES_DIR:
+                        continue  # not part of the data set: left out
+                    if member.isreg() and member.size > MAX_BATCH_BYTES:
+                        raise DataError(f"{label}: {member.name} is {member.size:,} bytes, too "
+                                        "large for a CIFAR-10 batch")
+                    _extract_member(tar, member, scratch)
+        except DataError:
+            raise
+        except _STREAM_ERRORS as exc:  # while a member was written out
+            raise _archive_error(label, exc) from None
+        _check_batches_folder(scratch / BATCHES_DIR, label)
+        try:
+            (scratch / BATCHES_DIR).rename(target)
+        except OSError as exc:
+            if not _has_all_batches(target):  # else another process got there first
+                raise DataError(f"cannot create {target}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # our own scratch folder only
+    return target
+
+
+class _DownloadBar:
+    """The progress bar handed to pooch, drawn only once the server has answered.
+
+    pooch sets ``total`` from the response's Content-Length; a bar made before that would
+    flash "0.00/1.00" ahead of a network error.
+    """
+
+    def __init__(self, **options) -> None:
+        self.options = options
+        self.bar = None
+
+    def __bool__(self) -> bool:  # pooch tests the bar's truth to decide whether to use it
+        return True
+
+    @property
+    def total(self) -> int | None:
+        return self.bar.total if self.bar is not None else None
+
+    @total.setter
+    def total(self, value: int) -> None:
+        self.bar = _progress_bar(True, total=value or None, unit="B", unit_scale=True,
+                                 unit_divisor=1024, **self.options)
+
+    def update(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def reset(self) -> None:
+        if self.bar is not None:
+            self.bar.reset()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason of a requests error, briefly (e.g. 'Connection refused')."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 20:
+        chain.append(current)
+        reason = getattr(current, "reason", None)
+        current = (reason if isinstance(reason, BaseException)
+                   else current.__cause__ or current.__context__)
+    for item in reversed(chain):
+        if isinstance(item, OSError) and item.strerror:
+            return item.strerror
+        match = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(item))
+        if match:
+            return match.group(1).strip()
+    return type(chain[-1]).__name__

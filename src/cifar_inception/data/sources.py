@@ -1,0 +1,225 @@
+"""Finding CIFAR-10 in a folder or file, checksumming it (remembered), and decoding it to arrays."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifar_inception.data.archives import _archive_files, _archive_type, _FileEntry, read_capped
+from cifar_inception.data.batches import _check_batches_folder, _parse_batches
+from cifar_inception.data.cache import cache_dir
+from cifar_inception.data.common import (
+    ARCHIVE_NAME,
+    BATCH_FILES,
+    BATCHES_DIR,
+    ENV_DATA,
+    MAX_BATCH_BYTES,
+    MAX_IMAGE_BYTES,
+    SPLITS,
+)
+from cifar_inception.data.trees import _ImageDecoder, _TreeLayout
+from cifar_inception.errors import DataError
+from cifar_inception.fileio import atomic_write_json
+
+# ---------------------------------------------------------------------------------------------
+# Finding the source
+
+
+@dataclass(frozen=True)
+class _Source:
+    kind: str   # "batches" (a cifar-10-batches-py folder), "archive" (a file), "images" (a folder)
+    path: Path
+
+
+def _find_source(root: Path, explicit: bool) -> _Source | None:
+    """What ``root`` holds, or None when it is a folder with nothing yet (download there)."""
+    if root.is_file():
+        if _archive_type(root) is None:
+            raise DataError(f"{root} is neither a folder nor a .zip, .tar or .tar.gz archive")
+        return _Source("archive", root)
+    if not root.exists():
+        if explicit:
+            raise DataError(f"{root} does not exist (point --data-dir or ${ENV_DATA} at a "
+                            "CIFAR-10 copy, or at an existing folder to download it into)")
+        return None
+    if not root.is_dir():
+        raise DataError(f"{root} is neither a folder nor a file")
+    for folder in (root / BATCHES_DIR, root):
+        if any((folder / name).exists() for name in BATCH_FILES):
+            _check_batches_folder(folder, str(folder))
+            return _Source("batches", folder)
+    if (root / ARCHIVE_NAME).is_file():
+        return _Source("archive", root / ARCHIVE_NAME)
+    tree = _find_tree_root(root)
+    return _Source("images", tree) if tree is not None else None
+
+
+def _find_tree_root(root: Path) -> Path | None:
+    """``root`` or its one subfolder that holds train/ and test/; None when there is none."""
+    present = [split for split in SPLITS if (root / split).is_dir()]
+    if len(present) == 2:
+        return root
+    if present:
+        missing = next(split for split in SPLITS if split not in present)
+        raise DataError(f"{root} has {present[0]}/ but no {missing}/ folder beside it")
+    nested = sorted(folder for folder in _subfolders(root)
+                    if all((folder / split).is_dir() for split in SPLITS))
+    if len(nested) > 1:
+        names = ", ".join(folder.name for folder in nested)
+        raise DataError(f"{root} holds several image-folder trees ({names}); point --data-dir "
+                        "at one of them")
+    return nested[0] if nested else None
+
+
+def _subfolders(folder: Path) -> Iterator[Path]:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise DataError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
+    for entry in entries:
+        if not entry.name.startswith(".") and entry.is_dir():
+            yield Path(entry.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: the official batches and image-folder trees, from one stream of files
+
+
+def _decode_source(source: _Source, *, progress: bool) -> tuple[dict[str, np.ndarray], str]:
+    label = str(source.path)
+    if source.kind == "batches":
+        blobs = {name: _read_file(source.path / name, f"{label}: {name}", MAX_BATCH_BYTES)
+                 for name in BATCH_FILES}
+        return _parse_batches(blobs, label), "batches"
+    if source.kind == "images":
+        files = ((tuple(rel.split("/")), size,
+                  functools.partial(_read_file, path, f"{label}: {rel}"))
+                 for rel, path, size, _ in _folder_tree_listing(source.path))
+        return _read_entries(files, label, progress=progress)
+    return _read_entries(_archive_files(source.path), label, progress=progress)
+
+
+def _read_entries(files: Iterable[_FileEntry], label: str, *,
+                  progress: bool) -> tuple[dict[str, np.ndarray], str]:
+    """Sort a stream of files into official batches or an image tree, decoding as they come."""
+    batches: dict[str, bytes] = {}
+    layout = _TreeLayout(label)
+    with _ImageDecoder(label, progress=progress) as decoder:
+        for parts, size, read in files:
+            if not parts:
+                continue
+            if len(parts) <= 2 and parts[-1] in BATCH_FILES:
+                if size > MAX_BATCH_BYTES:
+                    raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
+                                    "for a CIFAR-10 batch")
+                batches[parts[-1]] = read(MAX_BATCH_BYTES)
+                continue
+            if layout.add(parts) and layout.healthy:
+                if size > MAX_IMAGE_BYTES:
+                    raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
+                                    "for a 32x32 image")
+                decoder.add("/".join(parts), read(MAX_IMAGE_BYTES))
+        if batches:
+            if layout.count:
+                raise DataError(f"{label}: holds both CIFAR-10 batch files and image folders; "
+                                "use one or the other")
+            missing = [name for name in BATCH_FILES if name not in batches]
+            if missing:
+                raise DataError(f"{label}: incomplete CIFAR-10 batches, missing "
+                                f"{', '.join(missing)}")
+            return _parse_batches(batches, label), "batches"
+        layout.check()
+        return layout.assemble(decoder.finish()), "images"
+
+
+def _folder_tree_listing(root: Path) -> list[tuple[str, Path, int, os.stat_result]]:
+    """Files in ``root/{train,test}/<folder>/``, sorted: (relative name, path, size, stat)."""
+    listing = []
+    for split in SPLITS:
+        for folder in sorted(_subfolders(root / split)):
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                raise DataError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
+            for entry in entries:
+                if entry.is_file():
+                    st = entry.stat()
+                    rel = f"{split}/{folder.name}/{entry.name}"
+                    listing.append((rel, Path(entry.path), st.st_size, st))
+    return listing
+
+
+def _read_file(path: Path, label: str, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return read_capped(handle, limit, label)
+    except OSError as exc:
+        raise DataError(f"{label}: cannot read ({exc.strerror or exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Checksums, remembered by path, size and modification time
+
+
+def _source_checksum(source: _Source) -> str:
+    if source.kind == "archive":
+        stats = [("", source.path, _stat(source.path))]
+    elif source.kind == "batches":
+        stats = [(name, source.path / name, _stat(source.path / name)) for name in BATCH_FILES]
+    else:
+        stats = [(rel, path, st) for rel, path, _, st in _folder_tree_listing(source.path)]
+    fingerprint = hashlib.sha256(json.dumps(
+        [(rel, st.st_size, st.st_mtime_ns) for rel, _, st in stats]).encode()).hexdigest()
+    memo_path = cache_dir() / "checksums.json"
+    memo = _read_memo(memo_path)
+    key = str(source.path.resolve())
+    entry = memo.get(key)
+    if isinstance(entry, dict) and entry.get("fingerprint") == fingerprint:
+        return str(entry["checksum"])
+    checksum = "sha256:" + _hash_files(stats, str(source.path))
+    memo.pop(key, None)
+    memo[key] = {"fingerprint": fingerprint, "checksum": checksum}
+    while len(memo) > 200:  # forget the oldest
+        memo.pop(next(iter(memo)))
+    try:
+        atomic_write_json(memo_path, memo)
+    except OSError:
+        pass  # only a speed-up
+    return checksum
+
+
+def _hash_files(stats: list[tuple[str, Path, os.stat_result]], label: str) -> str:
+    """SHA-256 of one file, or of the names and contents of several, in the given order."""
+    digest = hashlib.sha256()
+    for rel, path, _ in stats:
+        if len(stats) > 1:
+            digest.update(rel.encode() + b"\0")
+        try:
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        except OSError as exc:
+            raise DataError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+    return digest.hexdigest()
+
+
+def _read_memo(path: Path) -> dict:
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -1,0 +1,250 @@
+"""Image-folder trees: the ``[top/]split/class/file`` layout check and the multiprocess decoder."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from cifar_inception.data.common import BATCHES_DIR, CLASSES, IMAGE_SIZE, SPLITS, _progress_bar
+from cifar_inception.errors import DataError
+from cifar_inception.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+
+_DECODE_CHUNK = 2000  # images per task for the decoding processes
+_MAX_PROBLEMS = 6     # problems named in one error message
+
+
+class _TreeLayout:
+    """Checks ``[top/]split/class/file`` paths as they stream past and remembers each image."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.tops: set[str] = set()                 # the folder train/ and test/ sit in ("" = none)
+        self.folders = {split: Counter() for split in SPLITS}  # class folder -> images in it
+        self.problems: list[str] = []
+        self.keys: list[tuple[int, int, list]] = []  # (split, class, natural name) per image
+        self.healthy = True  # False once the tree is known to be wrong: stop decoding
+
+    @property
+    def count(self) -> int:
+        return len(self.keys)
+
+    def add(self, parts: tuple[str, ...]) -> bool:
+        """Record one file; True when it is an image of the tree to decode."""
+        if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+            return False  # hidden files and macOS resource forks
+        if parts[0] in SPLITS:
+            top, rel = "", parts
+        elif len(parts) > 1 and parts[1] in SPLITS:
+            top, rel = parts[0], parts[1:]
+        else:
+            return False  # not part of the tree
+        if len(rel) != 3:
+            return False  # beside the class folders, or nested deeper
+        split, folder, filename = rel
+        self.tops.add(top)
+        if len(self.tops) > 1:
+            self.healthy = False
+        if os.path.splitext(filename)[1].lower() not in IMAGE_SUFFIXES:
+            self.problems.append(f"{'/'.join(parts)} is not an image file")
+            self.healthy = False
+            return False
+        self.folders[split][folder] += 1
+        if folder not in CLASSES:
+            self.healthy = False
+            return False
+        self.keys.append((SPLITS.index(split), CLASSES.index(folder), _natural_key(filename)))
+        return True
+
+    def check(self) -> None:
+        problems = list(self.problems)
+        if len(self.tops) > 1:
+            tops = ", ".join(f"{t}/" if t else "the top level" for t in sorted(self.tops))
+            problems.append(f"train/ and test/ appear in several places ({tops})")
+        if not any(self.folders.values()):
+            raise DataError(
+                f"{self.label}: no CIFAR-10 found (expected train/<class>/ and test/<class>/ "
+                f"image folders, or the {BATCHES_DIR} files)")
+        for split in SPLITS:
+            found = self.folders[split]
+            if not found:
+                problems.append(f"no {split}/ class folders")
+                continue
+            missing = [c for c in CLASSES if c not in found]
+            extra = sorted(f for f in found if f not in CLASSES)
+            if missing:
+                problems.append(f"{split}/ lacks the class folder(s) {', '.join(missing)}")
+            if extra:
+                problems.append(f"{split}/ has unexpected folder(s) "
+                                f"{', '.join(_with_suggestion(f) for f in extra)}")
+        if problems:
+            shown = problems[:_MAX_PROBLEMS]
+            more = len(problems) - len(shown)
+            raise DataError(f"{self.label}: " + "; ".join(shown)
+                            + (f"; and {more} more" if more else "")
+                            + f" (the classes are {', '.join(CLASSES)})")
+
+    def assemble(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Split and order the decoded images: by class in the official order, then by name."""
+        arrays = {}
+        for index, split in enumerate(SPLITS):
+            rows = [i for i, key in enumerate(self.keys) if key[0] == index]
+            rows.sort(key=lambda i: self.keys[i][1:])
+            arrays[f"{split}_images"] = images[rows]
+            arrays[f"{split}_labels"] = np.array([self.keys[i][1] for i in rows], dtype=np.int64)
+        return arrays
+
+
+def _with_suggestion(folder: str) -> str:
+    close = difflib.get_close_matches(folder.lower(), CLASSES, n=1, cutoff=0.6)
+    return f"{folder!r} (did you mean {close[0]!r}?)" if close else repr(folder)
+
+
+def _natural_key(name: str) -> list:
+    """'img10.png' after 'img9.png': digits compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class _ImageDecoder:
+    """Decodes images in chunks, in worker processes once there is enough work to share.
+
+    Chunks are handed out while the source is still being read, so reading a compressed archive
+    and decoding overlap. Results keep the order in which images were added.
+    """
+
+    def __init__(self, label: str, *, progress: bool, chunk: int | None = None) -> None:
+        self.label = label
+        self.chunk = chunk or _DECODE_CHUNK
+        self.names: list[str] = []
+        self.blobs: list[bytes] = []
+        self.results: list = []  # per chunk: a decoded array, or (future, names, blobs)
+        self.executor = None
+        self.pool_failed = _worker_count() < 2
+        self.progress = progress
+        self.started = False
+        self.bar = None
+
+    def __enter__(self) -> _ImageDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.bar is not None:
+            self.bar.close()
+
+    def add(self, name: str, blob: bytes) -> None:
+        self.names.append(name)
+        self.blobs.append(blob)
+        if len(self.blobs) >= self.chunk:
+            self._raise_early_failure()
+            self._dispatch()
+
+    def _raise_early_failure(self) -> None:
+        """Re-raise a worker's error (a corrupt image, say) without reading on to the end."""
+        for result in self.results:
+            if isinstance(result, tuple) and result[0].done():
+                exc = result[0].exception()
+                if exc is not None and not isinstance(exc, _broken_pool_errors()):
+                    raise exc
+
+    def finish(self) -> np.ndarray:
+        self._dispatch()
+        decoded = []
+        for result in self.results:
+            if isinstance(result, tuple):
+                future, names, blobs = result
+                try:
+                    result = future.result()
+                except _broken_pool_errors():  # a worker died: decode that chunk here instead
+                    result = self._decode_here(names, blobs)
+            decoded.append(result)
+        if not decoded:
+            return np.empty((0, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        return np.concatenate(decoded)
+
+    def _dispatch(self) -> None:
+        if not self.blobs:
+            return
+        names, blobs = self.names, self.blobs
+        self.names, self.blobs = [], []
+        if not self.started:  # the first chunk tells whether a pool is worth starting
+            self.started = True
+            self._start_pool_if_useful(len(blobs))
+            self.bar = _progress_bar(self.progress, desc=f"decoding {Path(self.label).name}",
+                                     unit=" images")
+        if self.executor is None:
+            self.results.append(self._decode_here(names, blobs))
+            return
+        future = self.executor.submit(_decode_chunk, self.label, names, blobs)
+        if self.bar is not None:
+            count = len(blobs)
+            future.add_done_callback(lambda _: self.bar.update(count))
+        self.results.append((future, names, blobs))
+
+    def _start_pool_if_useful(self, first_chunk: int) -> None:
+        # A pool costs a fraction of a second to start; a small tree decodes faster here.
+        if self.pool_failed or first_chunk < self.chunk:
+            return
+        from concurrent.futures import ProcessPoolExecutor
+        try:
+            self.executor = ProcessPoolExecutor(max_workers=_worker_count(),
+                                                mp_context=_pool_context())
+        except (OSError, ValueError, NotImplementedError):
+            self.pool_failed = True  # no process support here: decode in this process
+
+    def _decode_here(self, names: list[str], blobs: list[bytes]) -> np.ndarray:
+        images = _decode_chunk(self.label, names, blobs)
+        if self.bar is not None:
+            self.bar.update(len(blobs))
+        return images
+
+
+def _decode_chunk(label: str, names: list[str], blobs: list[bytes]) -> np.ndarray:
+    """Decode 32x32 images (run in a worker process): uint8 (len(blobs), 32, 32, 3)."""
+    out = np.empty((len(blobs), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
+        out[i] = _decode_cifar_image(blob, f"{label}: {name}")
+    return out
+
+
+def _decode_cifar_image(blob: bytes, name: str) -> np.ndarray:
+    """One image file that must be 32x32 -> RGB uint8 (32, 32, 3); DataError naming the file."""
+    try:
+        image = open_image(blob, name=name)
+    except ImageError as exc:
+        raise DataError(str(exc)) from None
+    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+        width, height = image.size
+        raise DataError(f"{name} is {width}x{height} pixels; CIFAR-10 images are "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+    return np.asarray(to_rgb(image), dtype=np.uint8)
+
+
+def _worker_count() -> int:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
+def _pool_context():  # noqa: ANN202
+    import multiprocessing
+
+    # Fork starts workers at once and never re-imports the caller's script (with spawn, a
+    # script without an ``if __name__ == "__main__"`` guard would run itself again).
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return None
+
+
+def _broken_pool_errors() -> tuple[type[BaseException], ...]:
+    from concurrent.futures.process import BrokenProcessPool
+
+    return (BrokenProcessPool,)

@@ -1,0 +1,290 @@
+"""Trained models behind one small interface, from a PyTorch checkpoint or an exported ONNX file.
+
+``load_classifier`` returns an object with one small interface, shared by ``predict`` and
+``serve``, whatever the model is stored as::
+
+    clf = load_classifier("runs/googlenet")          # or "model.onnx"
+    clf.classes                                      # ("airplane", ..., "truck")
+    clf.model_name, clf.info                         # "googlenet", {...}
+    clf.predict_proba(images)                        # uint8 (N, 32, 32, 3) -> float (N, C)
+
+:class:`TorchClassifier` runs a checkpoint with PyTorch; :class:`OnnxClassifier` runs a file
+written by :mod:`cifar_inception.export` with ONNX Runtime alone. Both check their input
+with :func:`check_images`, predict in batches with :func:`predict_in_batches` and describe
+themselves with :func:`classifier_info`. This module imports torch only inside
+:class:`TorchClassifier`, so the ONNX path stays free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
+
+# The interface of an exported file (see :mod:`cifar_inception.export`).
+EXPORT_FORMAT = "cifar-inception-export/1"
+# Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
+JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics")
+INPUT_NAME = "images"
+INPUT_TYPE = "tensor(uint8)"
+INPUT_SHAPE = (32, 32, 3)  # after the batch dimension, which stays dynamic
+OUTPUT_NAMES = ("logits", "probabilities")
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """What ``predict`` and ``serve`` need from a trained model, however it is stored."""
+
+    classes: tuple[str, ...]
+    model_name: str
+    info: dict[str, Any]
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) RGB -> class probabilities, float (N, len(classes))."""
+        ...
+
+
+def check_images(images: np.ndarray) -> np.ndarray:
+    """Accept a single image or a batch of 32x32 RGB uint8 images; return a batch."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
+        raise CifarInceptionError(
+            f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} {images.shape}")
+    return images
+
+
+def check_finite(outputs: np.ndarray, source: str) -> np.ndarray:
+    """Refuse NaN or infinite model outputs, which would otherwise print as predictions."""
+    if not np.isfinite(outputs).all():
+        raise CifarInceptionError(f"{source}: the model gives NaN or infinite outputs; "
+                                  "its weights are unusable (a diverged run?)")
+    return outputs
+
+
+def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarray, *,
+                       num_classes: int, batch_size: int, source: str) -> np.ndarray:
+    """Checked images -> float32 (N, num_classes), ``batch_size`` images per ``run_batch``.
+
+    ``run_batch`` gets a C-contiguous uint8 (n, 32, 32, 3) slice and returns (n, num_classes);
+    outputs that are not finite are refused, naming ``source``.
+    """
+    images = np.ascontiguousarray(check_images(images))
+    out = np.empty((len(images), num_classes), dtype=np.float32)
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        out[start:start + len(batch)] = run_batch(batch)
+    return check_finite(out, source)
+
+
+def classifier_info(model_name: str, *, options: Any, num_classes: int, params: int | None,
+                    metrics: Any, fmt: str, source: str) -> dict[str, Any]:
+    """The ``info`` of a classifier: what ``predict --json`` prints and ``serve`` describes."""
+    return {
+        "model": model_name,
+        "options": options,
+        "num_classes": num_classes,
+        "params": params,
+        "metrics": metrics,
+        "format": fmt,
+        "source": source,
+    }
+
+
+def checkpoint_test_metrics(evaluation: dict | None, checkpoint: Path) -> dict[str, float]:
+    """test_top1/test_top5 of a run's eval.json (as :func:`cifar_inception.runs.read_eval`
+    returns it), when it evaluated this checkpoint; else nothing."""
+    if evaluation is None:
+        return {}
+    evaluated = evaluation.get("checkpoint")
+    if evaluated and Path(str(evaluated)).name != checkpoint.name:
+        return {}  # eval.json speaks of another checkpoint of the run (say last.pt)
+    return {key: evaluation[key] for key in ("test_top1", "test_top5")
+            if isinstance(evaluation.get(key), (int, float))}
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+
+
+class TorchClassifier:
+    """A trained PyTorch model with the normalisation and class names of its checkpoint."""
+
+    def __init__(self, model, checkpoint: dict, *, source: str = "", device: str | None = None,
+                 batch_size: int = 256):
+        from cifar_inception.devices import pick_device
+
+        self.device = pick_device(device or "auto")
+        self.model = model.to(self.device).eval()
+        self.checkpoint_info = checkpoint["model"]
+        self.mean = checkpoint["data"]["mean"]
+        self.std = checkpoint["data"]["std"]
+        self.classes = tuple(checkpoint["data"]["classes"])
+        self.model_name = checkpoint["model"]["name"]
+        self.batch_size = batch_size
+        self.info = classifier_info(
+            self.model_name,
+            options=dict(checkpoint["model"]["options"]),
+            num_classes=checkpoint["model"]["num_classes"],
+            params=sum(p.numel() for p in model.parameters()),
+            metrics=dict(checkpoint.get("metrics") or {}),
+            fmt="pytorch",
+            source=source,
+        )
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, *, device: str | None = None) -> TorchClassifier:
+        """A checkpoint file or a run folder (its best.pt, else last.pt), loaded weights-only."""
+        from cifar_inception.checkpoint import load_trained_model, resolve_checkpoint
+
+        model, ckpt = load_trained_model(path)
+        return cls(model, ckpt, source=str(resolve_checkpoint(path)), device=device)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        from cifar_inception.augment import normalize
+
+        def run_batch(batch: np.ndarray) -> np.ndarray:
+            logits = self.model(normalize(torch.tensor(batch, device=self.device),
+                                          self.mean, self.std))
+            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+
+        with torch.inference_mode():
+            return predict_in_batches(run_batch, images, num_classes=len(self.classes),
+                                      batch_size=self.batch_size,
+                                      source=self.info["source"] or self.model_name)
+
+    def log_probabilities(self, images):
+        """uint8 (N, 32, 32, 3) images, a tensor -> log-probabilities (N, C), a float32 tensor
+        on the CPU, as ``evaluate`` computes them without TTA."""
+        from cifar_inception.evaluation import log_probabilities
+
+        return log_probabilities(self.model, images, self.mean, self.std, device=self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime only
+
+
+def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[str, Any]:
+    """Decode the metadata an export wrote; refuse files that do not carry it."""
+    if metadata_props.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(
+            f"{where}: not an ONNX file exported by cifar-inception "
+            f"(no '{EXPORT_FORMAT}' metadata)")
+    meta: dict[str, Any] = dict(metadata_props)
+    for key in JSON_KEYS:
+        if key in meta:
+            try:
+                meta[key] = json.loads(meta[key])
+            except ValueError:
+                raise CheckpointError(f"{where}: its metadata '{key}' is not valid JSON") from None
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{where}: its metadata has no valid class names")
+    return meta
+
+
+class OnnxClassifier:
+    """An exported ONNX file run by ONNX Runtime: the classifier interface of ``predict``.
+
+    ``classes``, ``model_name``, ``info`` and ``predict_proba(uint8 (N, 32, 32, 3))``, as
+    :class:`TorchClassifier`. PyTorch is not imported.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, providers: list[str] | None = None,
+                 batch_size: int = 256, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            what = "not a regular file" if self.path.exists() else "no such ONNX file"
+            raise CheckpointError(f"{self.path}: {what}")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), sess_options=options,
+                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # ONNX Runtime raises its own, undocumented exception types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{self.path}: not a readable ONNX model ({first[:160]})") from None
+        meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
+                                  where=str(self.path))
+        self._check_signature(len(meta["classes"]))
+        self.metadata = meta
+        self.classes = tuple(meta["classes"])
+        self.model_name = str(meta.get("model", ""))
+        self.batch_size = batch_size
+        self.info = classifier_info(
+            self.model_name,
+            options=meta.get("options", {}),
+            num_classes=len(self.classes),
+            params=meta.get("params"),
+            metrics=meta.get("metrics", {}),
+            fmt="onnx",
+            source=str(self.path),
+        )
+
+    def _check_signature(self, num_classes: int) -> None:
+        """The interface :func:`cifar_inception.export.export_model` writes: anything else
+        would fail at run time with ONNX Runtime's own traceback."""
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs.keys():
+            raise CheckpointError(f"{self.path}: expected input '{INPUT_NAME}' and outputs "
+                                  f"{', '.join(OUTPUT_NAMES)}; found {inputs}, {list(outputs)}")
+        found = self.session.get_inputs()[0]
+        shape = list(found.shape or [])
+        batch_fixed = bool(shape) and isinstance(shape[0], int)
+        if found.type != INPUT_TYPE or tuple(shape[1:]) != INPUT_SHAPE or batch_fixed:
+            raise CheckpointError(
+                f"{self.path}: its input is {found.type} {shape}, not the uint8 "
+                f"[N, 32, 32, 3] (any N, channels last) that cifar-inception exports")
+        width = outputs[OUTPUT_NAMES[1]][-1]
+        if isinstance(width, int) and width != num_classes:
+            raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
+                                  f"metadata names {num_classes} classes")
+
+    def _run(self, output: str, images: np.ndarray) -> np.ndarray:
+        def run_batch(batch: np.ndarray) -> np.ndarray:
+            return self.session.run([output], {INPUT_NAME: batch})[0]
+
+        return predict_in_batches(run_batch, images, num_classes=len(self.classes),
+                                  batch_size=self.batch_size, source=str(self.path))
+
+    def predict_logits(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) -> logits, float32 (N, C)."""
+        return self._run(OUTPUT_NAMES[0], images)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, 32, 32, 3) -> probabilities, float32 (N, C)."""
+        return self._run(OUTPUT_NAMES[1], images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Either
+
+
+def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Classifier:
+    """An ``.onnx`` file -> ONNX Runtime; anything else -> a PyTorch checkpoint or run folder.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:1``...) applies to PyTorch checkpoints;
+    None means ``auto``: the GPU when there is one.
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        # onnxruntime is an optional dependency: imported only for .onnx files
+        with needs_extra("export", f"{path}: reading ONNX files"):
+            import onnxruntime  # noqa: F401
+        return OnnxClassifier(path)
+    return TorchClassifier.from_path(path, device=device)
