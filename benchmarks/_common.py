@@ -6,6 +6,7 @@ folder on ``sys.path``, which is how they import this module.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -19,6 +20,7 @@ import torch
 
 from cifar_inception import __version__
 from cifar_inception.devices import cpu_capability, has_native_bf16
+from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
 
 
@@ -142,3 +144,15 @@ class Timer:
         started = time.perf_counter()
         work()
         return time.perf_counter() - started
+
+
+def run_script(name: str, parser: argparse.ArgumentParser, run: Callable[[Any], Any],
+               argv: list[str] | None = None) -> Any:
+    """Parse, check ``--seeds`` where there is one, run; a user error is one line, exit 1."""
+    args = parser.parse_args(argv)
+    if getattr(args, "seeds", 1) < 1:
+        raise SystemExit("--seeds must be >= 1")
+    try:
+        return run(args)
+    except CifarInceptionError as exc:
+        raise SystemExit(f"{name}: error: {exc}") from None

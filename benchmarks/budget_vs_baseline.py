@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 
-from _common import describe, environment, format_table, mean_spread, write_json
+from _common import describe, environment, format_table, mean_spread, run_script, write_json
 from cifar_inception.devices import pick_device
-from cifar_inception.errors import CifarInceptionError
 from cifar_inception.models import create_model
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config, get_recipe
@@ -174,13 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
-    try:
-        return run(args)
-    except CifarInceptionError as exc:
-        raise SystemExit(f"budget_vs_baseline: error: {exc}") from None
+    return run_script("budget_vs_baseline", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 # PYTHONPATH when that fails or INSTALL=0.
 #
 # Steps, most important first, each cut short if the time budget (BUDGET_S, 510 s) runs out:
-#   1. the fast recipe for SEEDS seeds (default 5): time to 92/93/94%, accuracy at 2/3/5/10 s;
+#   1. the fast recipe for SEEDS seeds (default 5): time to 92/93/94%, accuracy at 2/3/5/10 s,
+#      then the plain baseline (baseline-plain, airbench94's network) by the same recipe;
 #   2. throughput (images/s, training and inference) of every registered model;
 #   3. an ablation: the fast recipe with one trick switched off at a time, ABLATION_SEEDS
 #      seeds each (default 2).
@@ -90,6 +91,9 @@ step() {  # step NAME COMMAND...: run with the time left, log to NAME.log
 tta="$here/time_to_accuracy.py"
 step fast "$python" "$tta" --recipe fast --seeds "$seeds" --data-dir "$data" --quiet \
     --out-dir "$results/runs" --json "$results/fast.json" "${tiny[@]}"
+step baseline "$python" "$tta" --recipe fast --model baseline-plain --seeds "$seeds" \
+    --data-dir "$data" --quiet --out-dir "$results/runs" --json "$results/baseline.json" \
+    "${tiny[@]}"
 step throughput "$python" "$here/throughput.py" "${throughput[@]}" \
     --json "$results/throughput.json"
 step ablation "$python" "$tta" --recipe fast --seeds "$ablation_seeds" --data-dir "$data" \
@@ -102,7 +106,7 @@ step ablation "$python" "$tta" --recipe fast --seeds "$ablation_seeds" --data-di
 # -- the tables, last
 echo
 echo "================ results ($mode, $(( $(date +%s) - started ))s in all) ================"
-for name in fast throughput ablation; do
+for name in fast baseline throughput ablation; do
     log="$results/$name.log"
     [ -f "$log" ] || continue
     # each table starts at a blank line followed by a title line; print from the first one

@@ -40,8 +40,7 @@ from typing import Any
 
 import torch
 
-from _common import describe, environment, format_table, mean_spread, pick_device, write_json
-from cifar_inception.errors import CifarInceptionError
+from _common import describe, environment, format_table, mean_spread, pick_device, run_script, write_json
 from cifar_inception.evaluation import classification_metrics, log_probabilities
 from cifar_inception.models.registry import option_value
 from cifar_inception.recipes import TrainConfig, build_config, get_recipe
@@ -290,13 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("--seeds must be >= 1")
-    try:
-        return run(args)
-    except CifarInceptionError as exc:
-        raise SystemExit(f"time_to_accuracy: error: {exc}") from None
+    return run_script("time_to_accuracy", build_parser(), run, argv)
 
 
 if __name__ == "__main__":

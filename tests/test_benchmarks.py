@@ -26,11 +26,6 @@ from synthetic_data import easy_data, write_image_tree  # noqa: E402
 TINY_MODEL = ["--set", 'model_options={"width": 0.25}', "--set", "num_threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("tree")
@@ -116,7 +111,7 @@ def test_gpu_script_falls_back_on_the_cpu(tmp_path, image_tree):
     tail = done.stdout[done.stdout.index("==== results"):]
     for title in ("Time to accuracy", "Throughput", "Ablation"):
         assert title in tail
-    for name in ("fast.json", "throughput.json", "ablation.json"):
+    for name in ("fast.json", "baseline.json", "throughput.json", "ablation.json"):
         assert json.loads((tmp_path / "out" / name).read_text())["environment"]
 
 
@@ -124,3 +119,25 @@ def test_gpu_script_refuses_missing_data(tmp_path):
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no data" in done.stderr
+
+
+def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, capsys):
+    """One epoch, then a second call that resumes to two: the table has the report's
+    figures beside ours, and the test results of the final weights and of best.pt."""
+    import reproduce_report
+
+    common = ["--models", "seed-googlenet:fix_3x3=true", "--data-dir", str(image_tree),
+              "--device", "cpu", "--threads", "1", "--set", "val_size=20",
+              "--set", "train_limit=64", "--out-dir", str(tmp_path / "runs")]
+    reproduce_report.main([*common, "--epochs", "1"])
+    out = tmp_path / "repro.json"
+    result = reproduce_report.main([*common, "--epochs", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "94.44%" in printed
+    run = tmp_path / "runs" / "seed-googlenet-fix_3x3-true"
+    assert len(json.loads((run / "config.json").read_text())["resumed"]) == 1
+    rows = [r for r in result["epochs"] if "train_loss" in r]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    test = result["tests"][0]
+    assert 0.0 <= test["test_acc_final"] <= 1.0 and test["test_loss_best"] > 0
+    assert json.loads(out.read_text())["tests"] == result["tests"]

@@ -19,11 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic_data import TINY, easy_data  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
-
-
 def test_plan_takes_the_most_steps_whose_validations_and_test_fit():
     rates = Rates(step_s=0.5, val_image_s=0.001, test_image_s=0.002)
     result = plan(100.0, 10.0, rates, steps_per_epoch=20, val_images=1000, test_images=1000)

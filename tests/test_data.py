@@ -31,14 +31,6 @@ from data_fixtures import (
 )
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """Every test gets its own array cache and no data folder from the environment."""
-    monkeypatch.setenv(data.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA, raising=False)
-    monkeypatch.delenv(data.ENV_URL, raising=False)
-
-
 def test_classes_are_the_official_ten_in_order():
     assert CLASSES == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                        "ship", "truck")

@@ -14,13 +14,6 @@ from cifar_inception.data import CLASSES
 from data_fixtures import image_tree_files, pack, write_official_folder
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA, raising=False)
-    monkeypatch.delenv(data.ENV_URL, raising=False)
-
-
 def run(capsys, *argv):
     code = main(["data", *map(str, argv)])
     out, err = capsys.readouterr()

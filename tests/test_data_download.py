@@ -79,10 +79,7 @@ def server(archives):
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA, raising=False)
-    monkeypatch.delenv(data.ENV_URL, raising=False)
+def no_proxy(monkeypatch):
     for proxy in ("http_proxy", "https_proxy", "all_proxy"):  # talk to 127.0.0.1 directly
         monkeypatch.delenv(proxy, raising=False)
         monkeypatch.delenv(proxy.upper(), raising=False)

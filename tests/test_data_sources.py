@@ -26,12 +26,6 @@ from data_fixtures import (
 CONTAINERS = ["folder", "zip", "tar", "tar.gz"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    monkeypatch.setenv(data.ENV_CACHE, str(tmp_path / "cache"))
-    monkeypatch.delenv(data.ENV_DATA, raising=False)
-
-
 def make_source(tmp_path, files, container):
     """The same tree as a folder or an archive; returns what to pass as data_dir."""
     folder = tmp_path / "sources"

@@ -41,7 +41,7 @@ import synthetic_data  # registers the tiny test model
 from cifar_inception.errors import CifarInceptionError
 
 if os.environ.get("TEST_FAIL_RANK") == os.environ.get("RANK"):
-    import cifar_inception.training as train
+    import cifar_inception.training.optim as train
     real, calls = train.training_loss, []
 
     def failing(*args, **kwargs):  # this rank fails at its third step

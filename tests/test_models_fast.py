@@ -17,13 +17,7 @@ from cifar_inception.summary import count_macs
 NAMES = ("inception-cpu", "inception-fast")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: tiny batches gain nothing from two, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny batches: one thread each
 
 
 def small(name: str, **options) -> FastInception:

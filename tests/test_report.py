@@ -63,12 +63,6 @@ def data_tree(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Decoded arrays go to a temporary cache, never the user's."""
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
-
-
 METRICS = [
     {"epoch": 1, "seconds": 10.5, "train_loss": 2.1, "train_acc": 0.22, "val_loss": 1.9,
      "val_acc": 0.31, "lr": 0.05},

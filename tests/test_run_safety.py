@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import cifar_inception.fileio as fileio
-import cifar_inception.training as train_mod
+import cifar_inception.training.optim as train_mod
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
 from cifar_inception.runs import locked
@@ -21,11 +21,6 @@ from cifar_inception.runs import locked
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import cifar_inception.training as train_mod
+import cifar_inception.training.optim as optim_mod
 from cifar_inception.augment import normalize
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
@@ -35,21 +36,6 @@ sys.path.insert(0, str(TESTS))
 from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
 
 METRIC_KEYS = {"epoch", "seconds", "train_loss", "train_acc", "val_loss", "val_acc", "lr"}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    """Decoded arrays go to a temporary cache, never the user's."""
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def one_thread():
-    """One thread: on a busy machine a second thread mostly waits for the first."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -274,10 +260,10 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, data, monkeypatch)
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "training_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(optim_mod, "training_loss", loss_then_ctrl_c)
     handler_before = signal.getsignal(signal.SIGINT)  # (ignored when started in the background)
     stopped = train(tiny_config(tmp_path / "b", model_options=options), data, log=quiet)
-    monkeypatch.setattr(train_mod, "training_loss", real_loss)
+    monkeypatch.setattr(optim_mod, "training_loss", real_loss)
     assert stopped.status == "interrupted" and stopped.epoch == 1
     position = load_checkpoint(stopped.run_dir / "last.pt")["training"]["position"]
     assert (position["epoch"], position["step"]) == (1, 2)
@@ -317,7 +303,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypat
         loss, logits = real_loss(*args, **kwargs)
         return (loss * float("nan") if calls["n"] > 10 else loss), logits  # epoch 2
 
-    monkeypatch.setattr(train_mod, "training_loss", poisoned)
+    monkeypatch.setattr(optim_mod, "training_loss", poisoned)
     with pytest.raises(TrainingError, match="NaN or infinite in epoch 2") as info:
         train(tiny_config(tmp_path), data, log=quiet)
     assert "last good checkpoint" in str(info.value)

@@ -36,10 +36,11 @@ import torch
 
 from cifar_inception.errors import CheckpointError
 from cifar_inception.fileio import atomic_write_bytes
+from cifar_inception.runs import BEST, CONFIG_FILE, LAST
 
 FORMAT = "cifar-inception-checkpoint/1"
-CHECKPOINT_NAMES = ("best.pt", "last.pt")
-RUN_CONFIG = "config.json"  # written by train beside the checkpoints
+CHECKPOINT_NAMES = (BEST, LAST)  # what a run folder stands for when used (resume uses LAST)
+RUN_CONFIG = CONFIG_FILE  # written by train beside the checkpoints
 
 # Bounds on what a checkpoint may ask a loader to build, checked before any weight is
 # allocated: a header saying num_classes = 10**9 must not make us allocate half a terabyte.

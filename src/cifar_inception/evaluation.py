@@ -31,8 +31,7 @@ from cifar_inception.checkpoint import (
 from cifar_inception.devices import pick_device
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
-
-EVAL_FILE = "eval.json"
+from cifar_inception.runs import EVAL_FILE
 TTA_SHIFT = 2
 # (mirror, dy, dx) of each test-time view
 TTA_VIEWS = tuple((flip, d, d) for flip in (False, True) for d in (0, -TTA_SHIFT, TTA_SHIFT))

@@ -31,6 +31,7 @@ GROUPS = {
     "augmentation": "augmentation (on the device, in batches)",
     "run": "run",
 }
+DEVICE_HELP = "auto (the GPU when there is one, the default), cpu, cuda or cuda:N"
 MAX_INT = 2 ** 63 - 1  # what a seed or a count may be: torch's generators take 64 bits
 
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cifar_inception.options import (
+    DEVICE_HELP,
     ConfigError,
     check_fields,
     option,
@@ -175,7 +176,7 @@ class TrainConfig:
                          label="cutout size", minimum=0, maximum=32, metavar="S")
     # how to run
     seed: int = option(0, group="run", minimum=0, metavar="N")
-    device: str = option("auto", "auto (default), cpu, cuda, cuda:N", check=_device_problem,
+    device: str = option("auto", DEVICE_HELP, check=_device_problem,
                          runtime=True, metavar="DEVICE")
     amp: bool = option(True, "bf16 autocast on CUDA")
     channels_last: bool = option(True, "channels_last memory format on CUDA")

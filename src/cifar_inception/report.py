@@ -26,7 +26,7 @@ import numpy as np
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.fileio import atomic_write_bytes, atomic_write_text
 from cifar_inception.inference import TorchClassifier
-from cifar_inception.runs import read_history
+from cifar_inception.runs import CONFIG_FILE, EVAL_FILE, read_history
 
 FIGURE_DPI = 110
 TRAIN_COLOUR, VAL_COLOUR, WRONG_COLOUR = "#1f77b4", "#d62728", "#c0392b"
@@ -117,7 +117,7 @@ def saved_evaluation(path: Path, checkpoint: Path,
     if recorded and Path(recorded).name != checkpoint.name:
         return None, (f"computed for this report (eval.json is for {Path(recorded).name}, "
                       f"this report for {checkpoint.name})")
-    return evaluation, "eval.json"
+    return evaluation, EVAL_FILE
 
 
 def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
@@ -144,7 +144,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
         raise CifarInceptionError(f"{run}: not a run folder (a report needs the folder that "
                                   "train wrote, with its metrics and configuration)")
     checkpoint = resolve_checkpoint(run)
-    config = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    config = read_json(run / CONFIG_FILE) if (run / CONFIG_FILE).is_file() else {}
     metrics = read_history(run)
     model, ckpt = load_trained_model(checkpoint)
     check_run_matches(ckpt, checkpoint)  # else one run's curves beside another's results
@@ -159,7 +159,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
 
     labels = torch.as_tensor(np.asarray(data.test_labels))
     log_probs = predict_test_set(classifier, data.test_images, progress=progress)
-    evaluation, evaluation_source = saved_evaluation(run / "eval.json", checkpoint, len(labels))
+    evaluation, evaluation_source = saved_evaluation(run / EVAL_FILE, checkpoint, len(labels))
     if evaluation is None:
         evaluation = classification_metrics(log_probs, labels, data.classes)
         evaluation.update(tta=False, num_images=len(labels), checkpoint=str(checkpoint))

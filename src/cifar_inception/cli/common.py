@@ -25,6 +25,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_device_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device``, the same flag with the same default for every command."""
+    from cifar_inception.options import DEVICE_HELP
+
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help=f"torch device {what}: {DEVICE_HELP}")
+
+
 def positive_int(text: str) -> int:
     """argparse type: a whole number of at least 1."""
     value = int(text)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cifar_inception.cli.common import add_data_args
+from cifar_inception.cli.common import add_data_args, add_device_arg
 
 DESCRIPTION = """\
 Evaluate a trained model on the CIFAR-10 test set: loss (cross-entropy), top-1 and top-5
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run folder or .pt checkpoint")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: flips and small translations")
-    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    add_device_arg(parser, "for evaluating")
     parser.add_argument("--batch-size", type=int, default=1000, metavar="N")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.add_argument("--no-write", action="store_true", help="do not write eval.json")

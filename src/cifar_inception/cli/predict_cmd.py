@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cifar_inception.cli.common import positive_int
+from cifar_inception.cli.common import add_device_arg, positive_int
 
 DESCRIPTION = """\
 Classify image files with a trained model: a run folder (its best.pt, else last.pt),
@@ -39,9 +39,7 @@ def register(subparsers) -> None:
                         help="how many classes to show per image (default: 5)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document instead of text")
-    parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device for a PyTorch checkpoint: auto, cpu, cuda, "
-                             "cuda:1... (default: auto, the GPU when there is one)")
+    add_device_arg(parser, "for a PyTorch checkpoint")
     parser.set_defaults(func=run)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cifar_inception.cli.common import add_data_args
+from cifar_inception.cli.common import add_data_args, add_device_arg
 
 DESCRIPTION = """\
 Draw a run's training curves, confusion matrix, most confidently misclassified test images
@@ -32,9 +32,7 @@ def register(subparsers) -> None:
                         help="where to write the figures and report.html (default: RUN/report)")
     parser.add_argument("--misclassified", type=int, default=40, metavar="N",
                         help="how many misclassified test images to show (default: 40)")
-    parser.add_argument("--device", default=None, metavar="DEVICE",
-                        help="torch device for predicting the test set: auto, cpu, cuda, "
-                             "cuda:1... (default: auto, the GPU when there is one)")
+    add_device_arg(parser, "for predicting the test set")
     parser.set_defaults(func=run)
 
 

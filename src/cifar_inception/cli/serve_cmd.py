@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from cifar_inception.cli.common import positive_int
+from cifar_inception.cli.common import add_device_arg, positive_int
 
 DESCRIPTION = """\
 Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
@@ -59,9 +59,7 @@ def register(subparsers) -> None:
                         help="largest request body accepted, in MiB (default: 10)")
     parser.add_argument("--max-files", type=positive_int, default=64, metavar="N",
                         help="most image files in one request (default: 64)")
-    parser.add_argument("--device", default=None,
-                        help="torch device for a PyTorch checkpoint (default: cuda if "
-                             "available, else cpu)")
+    add_device_arg(parser, "for a PyTorch checkpoint")
     parser.add_argument("--no-access-log", action="store_true",
                         help="do not log every request")
     parser.set_defaults(func=run)

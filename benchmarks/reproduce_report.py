@@ -1,0 +1,183 @@
+"""The report's experiments, reproduced: its networks with its recipe, beside its own logs.
+
+    python benchmarks/reproduce_report.py --data-dir ../shared/data/cifar10-jpeg.tar.gz \\
+        --models seed-googlenet seed-googlenet:fix_3x3=true seed-naive --json repro.json
+
+For every model (``NAME`` or ``NAME:KEY=VALUE,...``) this trains the network with the
+``seed`` recipe (the report's Keras runs: Adam 1e-3, batch 32, no augmentation, every head
+weighted 1.0) for the report's epochs, or ``--epochs``, then evaluates on the test set both
+the final weights (what the report's ``model.evaluate`` measured) and ``best.pt``. Its run
+folder is ``--out-dir/NAME[...]``: a run that was stopped (Ctrl-C, kill, the end of a
+sitting) is resumed where it stopped, and a finished one is only evaluated, so a long
+reproduction can be done in several sittings with the same command.
+
+Printed: per epoch, the report's train and validation loss and accuracy beside ours, and the
+seconds per epoch of each (the report's on its unknown hardware, ours on this machine); then
+the test results, with the loss the report printed as an accuracy ("94.44%" for GoogLeNet
+is its main head's test loss, 0.9444) beside our loss. ``--recipe default`` trains the same
+networks with the project's CIFAR recipe instead (augmentation, SGD one-cycle, smoothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from _common import describe, environment, format_table, run_script, write_json
+from throughput import parse_spec
+from time_to_accuracy import parse_settings
+
+from cifar_inception.devices import pick_device
+from cifar_inception.evaluation import evaluate
+from cifar_inception.recipes import build_config
+from cifar_inception.runs import read_history
+from cifar_inception.training import resume_config, train
+
+# The report's own logs (../shared/seed/000_8473259bbac85932.txt), as printed there. Per
+# epoch: (train loss, train acc, val loss, val acc, seconds). For the Inception v2 run the
+# train loss is Keras' total (main + both auxiliary heads), the rest is the main head's.
+REPORT: dict[str, dict[str, Any]] = {
+    "seed-naive": {
+        "epochs": 10, "split": "40,000 / 10,000",
+        "log": [(1.8379, 0.3395, 1.6550, 0.4111, 222), (1.5573, 0.4449, 1.4866, 0.4762, 212),
+                (1.4143, 0.4927, 1.3949, 0.5068, 211), (1.3176, 0.5305, 1.3100, 0.5325, 211),
+                (1.2406, 0.5557, 1.2676, 0.5540, 211), (1.1767, 0.5809, 1.2955, 0.5385, 211)],
+        "test": "Test acc: 56.05% (an accuracy)", "test_acc": 0.5605, "test_loss": None,
+        "note": "the log stops in epoch 7 of 10; the test figure is of those weights",
+    },
+    "seed-googlenet": {
+        "epochs": 10, "split": "not printed", "log": [],
+        "test": "Test loss3_classifier_act_loss: 94.44% (a loss: 0.9444)",
+        "test_acc": None, "test_loss": 0.9444,
+        "note": "no training log; its '3x3' convolutions are 1x1 kernels (fix_3x3 corrects them)",
+    },
+    "seed-inception-v2": {
+        "epochs": 25, "split": "45,000 / 5,000",
+        "log": [(2.1086, 0.2259, 2.0959, 0.2504, 1221), (1.8816, 0.3799, 1.7787, 0.3479, 1213),
+                (1.6195, 0.4480, 1.7269, 0.3858, 1217), (1.5882, 0.4836, 1.5171, 0.4548, 1219),
+                (1.4846, 0.5377, 1.3459, 0.5362, 1218), (1.3215, 0.5539, 1.2158, 0.5672, 1218),
+                (1.1796, 0.5825, 1.3076, 0.5332, 1218), (1.1099, 0.6090, 1.3094, 0.5434, 1218),
+                (1.1338, 0.6296, 1.2195, 0.5758, 1219), (1.0711, 0.6543, 1.0518, 0.6358, 1221),
+                (1.0583, 0.6793, 1.1399, 0.5552, 1222), (0.9687, 0.6949, 1.4228, 0.5634, 1224),
+                (0.9514, 0.7142, 1.0789, 0.6328, 1205)],
+        "test": "Test output_loss: 71.70% (a loss: 0.7170)", "test_acc": None,
+        "test_loss": 0.7170, "note": "the log stops after epoch 13 of 25",
+    },
+}
+
+
+def run_name(spec: str) -> str:
+    """A folder name for a model spec: ``seed-googlenet:fix_3x3=true`` -> ``seed-googlenet-fix_3x3-true``."""
+    return spec.replace(":", "-").replace("=", "-").replace(",", "-")
+
+
+def train_or_resume(spec: str, args: argparse.Namespace, settings: dict[str, Any]) -> Path:
+    """Train ``spec`` to its epochs in its run folder, continuing what an earlier call left."""
+    model, options = parse_spec(spec)
+    folder = Path(args.out_dir) / run_name(spec)
+    epochs = args.epochs or REPORT.get(model, {}).get("epochs") or 10
+    runtime = {"epochs": epochs, "device": args.device}
+    if args.threads:
+        runtime["num_threads"] = args.threads
+    if (folder / "last.pt").is_file():
+        config = resume_config(folder, **runtime)
+        done = len(read_history(folder))
+        if done >= epochs:
+            print(f"{spec}: all {epochs} epochs done in {folder}; evaluating", flush=True)
+            return folder
+        print(f"{spec}: resuming {folder} after epoch {done}", flush=True)
+        result = train(config, resume=folder)
+    else:
+        config = build_config(model, args.recipe, model_options=options, out_dir=args.out_dir,
+                              name=folder.name, data_dir=args.data_dir, download=args.download,
+                              test=False, **{**settings, **runtime})
+        result = train(config)
+    if result.status != "completed":
+        raise SystemExit(f"{spec}: {result.message}")
+    return folder
+
+
+def epoch_rows(spec: str, folder: Path) -> list[dict[str, Any]]:
+    model, _ = parse_spec(spec)
+    ours = read_history(folder)
+    theirs = REPORT.get(model, {}).get("log", [])
+    rows = []
+    for epoch in range(1, max(len(ours), len(theirs)) + 1):
+        row: dict[str, Any] = {"model": spec, "epoch": epoch}
+        if epoch <= len(theirs):
+            loss, acc, val_loss, val_acc, seconds = theirs[epoch - 1]
+            row.update(report_train_loss=loss, report_train_acc=acc, report_val_loss=val_loss,
+                       report_val_acc=val_acc, report_s=seconds)
+        if epoch <= len(ours):
+            r = ours[epoch - 1]
+            row.update(train_loss=r["train_loss"], train_acc=r["train_acc"],
+                       val_loss=r["val_loss"], val_acc=r["val_acc"], seconds=r["seconds"])
+        rows.append(row)
+    return rows
+
+
+def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict[str, Any]:
+    model, _ = parse_spec(spec)
+    final = evaluate(folder / "last.pt", data_dir=data_dir, device=device, write=False)
+    best = evaluate(folder / "best.pt", data_dir=data_dir, device=device)
+    report = REPORT.get(model, {})
+    return {"model": spec, "epochs": len(epoch_rows(spec, folder)),
+            "report_printed": report.get("test", "-"),
+            "test_acc_final": final["test_top1"], "test_loss_final": final["test_loss"],
+            "test_acc_best": best["test_top1"], "test_loss_best": best["test_loss"]}
+
+
+EPOCH_COLUMNS = ("model", "epoch", "report_train_loss", "train_loss", "report_train_acc",
+                 "train_acc", "report_val_loss", "val_loss", "report_val_acc", "val_acc",
+                 "report_s", "seconds")
+TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_loss_final",
+                "test_acc_best", "test_loss_best")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = parse_settings(args.set)
+    env = environment(pick_device(args.device))
+    print(f"{describe(env)}; recipe {args.recipe}", flush=True)
+    epochs, tests = [], []
+    for spec in args.models:
+        folder = train_or_resume(spec, args, settings)
+        epochs += epoch_rows(spec, folder)
+        tests.append(test_row(spec, folder, args.data_dir, args.device))
+    result = {"benchmark": "reproduce_report", "environment": env, "command": sys.argv,
+              "recipe": args.recipe, "epochs": epochs, "tests": tests,
+              "report_notes": {m: r["note"] for m, r in REPORT.items()}}
+    write_json(args.json, result)
+    print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
+          f"{describe(env)}")
+    print(format_table(epochs, EPOCH_COLUMNS))
+    print("\nTest set: the final weights (as the report evaluated) and best.pt")
+    print(format_table(tests, TEST_COLUMNS))
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", metavar="SPEC",
+                        default=["seed-googlenet", "seed-googlenet:fix_3x3=true", "seed-naive"])
+    parser.add_argument("--recipe", default="seed")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs for every model (default: the report's)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option (repeatable)")
+    parser.add_argument("--out-dir", default="runs/reproduce")
+    parser.add_argument("--json", default=None, metavar="PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return run_script("reproduce_report", build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    main()

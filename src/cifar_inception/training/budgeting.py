@@ -1,0 +1,158 @@
+"""Fitting a run to a time budget (``--budget``): measure this machine's speed, plan the
+steps, and plan again after the first epoch."""
+
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from cifar_inception import distributed
+from cifar_inception.augment import normalize
+from cifar_inception.budget import (
+    EPOCH_FIXED_S,
+    BudgetError,
+    Plan,
+    Rates,
+    plan,
+    time_per_call,
+    worth_tta,
+)
+from cifar_inception.checkpoint import save_checkpoint
+from cifar_inception.evaluation import TTA_VIEWS, log_probabilities, test_in_channels_last
+from cifar_inception.fileio import atomic_write_json
+from cifar_inception.recipes import TrainConfig
+from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
+from cifar_inception.training.optim import Lookahead, build_optimizer, optimise
+from cifar_inception.training.setup import (
+    Loop,
+    autocast_for,
+    seeded_generator,
+    uses_channels_last,
+)
+
+
+def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
+    """Measure this machine's speed on a scratch copy of the model, then plan the run."""
+    rates = measure_rates(loop)
+    # Every rank steps together: the slowest one sets the pace.
+    slowest = distributed.all_reduce(torch.tensor(
+        [rates.step_s, rates.val_image_s, rates.test_image_s], dtype=torch.float64,
+        device=loop.device), loop.ctx, op="max").tolist()
+    budget, rates = loop.config.budget, Rates(*slowest, epoch_s=rates.epoch_s)
+    tta = loop.config.tta and worth_tta(budget, test_images, len(TTA_VIEWS), rates.test_image_s)
+    val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
+    return plan(budget, time.perf_counter() - started, rates,
+                steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
+                test_images=test_images * (len(TTA_VIEWS) if tta else 1), tta=tta)
+
+
+def measure_rates(loop: Loop) -> Rates:
+    """Seconds per training step and per validation and test image, measured on a copy of
+    the model (its optimiser and lookahead too), so that the run itself is untouched."""
+    config, device, data = loop.config, loop.device, loop.prepared
+    rng = torch.get_rng_state(), (torch.cuda.get_rng_state(device) if loop.cuda else None)
+    model = copy.deepcopy(loop.model)
+    net = distributed.wrap(model, loop.ctx, device)
+    optimizer = build_optimizer(config, model)
+    lookahead = (Lookahead(model, config.lookahead_steps, config.lookahead_decay)
+                 if config.lookahead else None)
+    autocast, channels_last = autocast_for(config, device), uses_channels_last(config, device)
+    batch = distributed.per_rank_batch(config.batch_size, loop.ctx)
+    images, targets = data.train_x[:batch], data.train_y[:batch]
+    calls = 0
+
+    def step() -> None:
+        nonlocal calls
+        x = normalize(loop.policy(images, generator=seeded_generator(device, "probe")), data.mean, data.std,
+                      channels_last=channels_last)
+        optimise(net, optimizer, x, targets, loop.aux_weights, config.label_smoothing,
+                 autocast)
+        calls += 1
+        if lookahead is not None:
+            lookahead.after_step(calls, 1 << 30)
+        _sync(device)
+
+    step_s = time_per_call(step)
+    model.eval()
+    sample = data.val_x[:config.eval_batch_size]
+    if sample.shape[0] == 0:
+        sample = data.train_x[:config.eval_batch_size]
+
+    def evaluate_sample(bf16: bool, in_channels_last: bool) -> Callable[[], None]:
+        net = model.to(memory_format=torch.channels_last if in_channels_last
+                       else torch.contiguous_format)
+
+        def run() -> None:
+            with autocast_for(config, device) if bf16 else nullcontext():
+                log_probabilities(net, sample, data.mean, data.std,
+                                  batch_size=config.eval_batch_size, device=device,
+                                  channels_last=in_channels_last)
+        return run
+
+    per_image = 1.0 / sample.shape[0]
+    val_s = time_per_call(evaluate_sample(True, channels_last), min_seconds=0.5,
+                          min_calls=1) * per_image
+    # The final test evaluates best.pt as evaluate() does: fp32, in its layout.
+    test_s = time_per_call(evaluate_sample(False, test_in_channels_last(device)),
+                           min_seconds=0.5, min_calls=1) * per_image
+
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".budget-probe-", dir=out_dir) as scratch:
+        def write_checkpoints() -> None:  # best.pt and last.pt, as an epoch's end writes them
+            save_checkpoint(Path(scratch) / BEST, {"model": model.state_dict()})
+            save_checkpoint(Path(scratch) / LAST, {"model": model.state_dict(),
+                                                   "optimizer": optimizer.state_dict()})
+
+        epoch_s = time_per_call(write_checkpoints, min_seconds=0.2, min_calls=1)
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
+    return Rates(step_s, val_s, test_s, epoch_s + EPOCH_FIXED_S)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, step_s: float,
+                  val_s: float, test_images: int, emit: Callable[[str], None]) -> TrainConfig:
+    """Plan the rest of the run again from its first epoch (``step_s`` seconds a step, its
+    first few left out; ``val_s`` for its validation), a far longer measurement than the
+    probe's few steps, which a busy machine can mislead; the schedules, fractions of the
+    run, follow. The run's config and config.json get the new plan."""
+    config, ctx, steps_per_epoch = loop.config, loop.ctx, loop.steps_per_epoch
+    done = loop.steps_in_epoch(0)
+    val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / ctx.world_size)
+    measured = distributed.all_reduce(torch.tensor(
+        [step_s, val_s / max(1, val_per_rank)], dtype=torch.float64,
+        device=loop.device), ctx, op="max").tolist()
+    rates = replace(budget_plan.rates, step_s=measured[0], val_image_s=measured[1])
+    views = len(TTA_VIEWS) if config.tta else 1
+    try:
+        rest = plan(config.budget, time.perf_counter() - run_started, rates,
+                    steps_per_epoch=steps_per_epoch, val_images=val_per_rank,
+                    test_images=test_images * views).train_steps
+    except BudgetError:  # the budget is spent already: end with this epoch
+        rest = 0
+    total = done + rest
+    if abs(total - config.train_steps) <= 0.01 * config.train_steps:
+        return config
+    emit(f"budget re-planned after epoch 1 (measured {config.batch_size / rates.step_s:,.0f} "
+         f"training images/s): {total / steps_per_epoch:.2f} epochs, {total} steps in all")
+    config = replace(config, train_steps=total, epochs=math.ceil(total / steps_per_epoch))
+    if loop.run_dir is not None:
+        record = read_record(loop.run_dir, emit)
+        if record is not None:
+            record["config"] = config.to_dict()
+            atomic_write_json(loop.run_dir / CONFIG_FILE, record)
+    return config

@@ -1,0 +1,432 @@
+"""The training loop, top to bottom.
+
+``train(config)`` loads CIFAR-10 once, splits off the validation images, computes the
+normalisation statistics on the training split, and moves every image to the device as uint8.
+Each epoch then:
+
+1. draws a permutation of the training images from a generator seeded by (seed, epoch);
+2. per step, gathers the global batch, augments it on the device (crop, flip, cutout) with a
+   generator seeded by (seed, epoch, step), keeps this rank's share, and normalises it;
+3. runs forward (bf16 autocast and channels_last on CUDA) and backward on
+   ``main loss + sum(aux weight x aux loss)``, steps the optimiser, and sets the learning rate
+   of the next step from the schedule (a pure function of the step number);
+4. validates, prints one Keras-like line, appends to ``metrics.jsonl`` and saves ``last.pt``
+   (and ``best.pt`` when the validation accuracy improved), atomically.
+
+Because the data order and the augmentation are functions of (seed, epoch, step), and the
+checkpoint carries the optimiser state and the global RNG state (dropout), a resumed run
+continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
+step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. A NaN or infinite loss
+stops the run before anything of the bad epoch is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from cifar_inception import distributed
+from cifar_inception.augment import alternating_flips, normalize
+from cifar_inception.budget import TTA_SHARE
+from cifar_inception.checkpoint import save_checkpoint
+from cifar_inception.devices import pick_device
+from cifar_inception.distributed import DistContext
+from cifar_inception.errors import CifarInceptionError, TrainingError
+from cifar_inception.evaluation import EVAL_FILE, TTA_VIEWS, evaluate, log_probabilities
+from cifar_inception.fileio import append_jsonl
+from cifar_inception.recipes import TrainConfig, validate
+from cifar_inception.runs import BEST, LAST, METRICS_FILE, locked, read_history, resume_target
+from cifar_inception.training.budgeting import plan_budget, replan_budget
+from cifar_inception.training.optim import optimise
+from cifar_inception.training.record import _open_run_dir
+from cifar_inception.training.resume import Position, _resume_state, resume_config
+from cifar_inception.training.setup import (
+    DeviceData,
+    Loop,
+    _build_loop,
+    _fit_cpu,
+    _fixed_stem_bias,
+    autocast_for,
+    check_model,
+    prepare_data,
+    seeded_generator,
+    uses_channels_last,
+)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path | None       # None on ranks other than 0
+    status: str                # "completed", "paused" (stop_after_epochs) or "interrupted"
+    epoch: int                 # epochs completed
+    history: list[dict]        # every epoch's metrics so far (metrics.jsonl)
+    best: dict | None          # the metrics of the epoch saved as best.pt
+    test: dict | None          # eval.json of best.pt, when the test set was evaluated
+    message: str = ""
+
+
+def train(config: TrainConfig | None = None, data: Any = None, *,
+          resume: str | os.PathLike | None = None,
+          log: Callable[[str], None] | None = None,
+          epoch_end: Callable[..., None] | None = None) -> TrainResult:
+    """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
+
+    ``data``: a loaded ``CIFAR10`` (default: ``load_cifar10(config.data_dir)``).
+    ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
+    run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
+    print; only rank 0 logs under torchrun). ``epoch_end(row, model, mean, std)``: called on
+    rank 0 after each epoch is logged and saved, outside the epoch's timing (benchmarks use
+    it to follow test accuracy against training time).
+    """
+    started = time.perf_counter()  # a --budget counts from here
+    if config is None:
+        if resume is None:
+            raise TrainingError("give a configuration or a run to resume")
+        config = resume_config(resume)
+    validate(config)
+    if config.data_dir is not None:  # recorded absolute, so evaluation finds it from anywhere
+        config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
+    ctx = distributed.context_from_environment()
+    device = distributed.device_for(ctx, pick_device(config.device))
+    emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
+    threads_before = torch.get_num_threads()
+    held = ExitStack()  # the run folder's lock, from before it is read to the end of the run
+    try:
+        if device.type == "cpu":
+            config, line = _fit_cpu(config, ctx)
+            emit(line)
+        distributed.init(ctx, device, config.dist_timeout)
+        return _train(config, data, resume, ctx, device, emit, epoch_end, started, held)
+    except CifarInceptionError as exc:
+        if ctx.enabled:  # say which rank failed; torchrun then stops the others
+            raise type(exc)(f"rank {ctx.rank}: {exc}") from None
+        raise
+    except RuntimeError as exc:
+        if ctx.enabled and distributed.is_communication_failure(exc):
+            raise distributed.communication_error(ctx, exc) from None
+        raise
+    finally:
+        held.close()
+        distributed.shutdown()
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
+           ctx: DistContext, device: torch.device, emit: Callable[[str], None],
+           epoch_end: Callable[..., None] | None = None,
+           started: float | None = None, held: ExitStack | None = None) -> TrainResult:
+    check_model(config)  # before the data is loaded: a typo should fail at once
+    held = held if held is not None else ExitStack()
+    if resume is not None and ctx.is_main:  # one process per run folder, before reading it
+        held.enter_context(locked(resume_target(resume).folder))
+    ckpt, position = _resume_state(config, resume)
+    if data is None:
+        from cifar_inception.data import load_cifar10
+
+        with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
+            data = load_cifar10(config.data_dir, download=config.download,
+                                progress=ctx.is_main)
+    loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+    run_started = time.perf_counter() if started is None else started
+    test_images = len(data.test_labels) if config.test else 0
+    budget_plan = None
+    if config.budget is not None and ckpt is None:
+        budget_plan = plan_budget(loop, test_images, run_started)
+        if config.tta and not budget_plan.tta:
+            emit(f"test-time augmentation off: its {len(TTA_VIEWS)} views of the test set "
+                 f"would take over {TTA_SHARE:.0%} of the budget on this machine")
+        loop.config = config = replace(config, train_steps=budget_plan.train_steps,
+                                       epochs=budget_plan.epochs, tta=budget_plan.tta)
+        emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
+    elif config.train_steps is not None:  # the epochs that hold them, the last cut short
+        loop.config = config = replace(
+            config, epochs=math.ceil(config.train_steps / loop.steps_per_epoch))
+    if ctx.is_main:
+        loop.run_dir = _open_run_dir(loop, resume, ckpt, position, held, emit)
+        emit(_start_line(loop, resumed=ckpt is not None))
+
+    status, message = "completed", ""
+    stop = StopRequest()
+    with stop.installed():
+        epoch = position.epoch - 1
+        while (epoch := epoch + 1) < config.epochs:  # a budget's re-plan may change the end
+            if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
+                status = "paused"
+                message = _stop_message(f"paused after epoch {epoch} of {config.epochs}",
+                                        loop.run_dir, saved=False)
+                emit(message)
+                break
+            started = time.perf_counter() - position.seconds
+            result = train_epoch(loop, epoch, position, stop)
+            if result.stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
+                position = replace(position, epoch=epoch, step=result.stopped_at,
+                                   loss_sum=result.loss_sum, correct=result.correct,
+                                   seen=result.seen,
+                                   seconds=time.perf_counter() - started)
+                if ctx.is_main:
+                    save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, None))
+                status = "interrupted"
+                message = _stop_message(f"interrupted at epoch {epoch + 1}, step "
+                                        f"{result.stopped_at} of {loop.steps_in_epoch(epoch)}",
+                                        loop.run_dir, saved=True)
+                break
+            trained_s = time.perf_counter() - started
+            with record_function("validation"):
+                val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
+                                                       device, ctx)
+            if budget_plan is not None and epoch == 0 and config.epochs > 1:
+                loop.config = config = replan_budget(
+                    loop, budget_plan, run_started, result.warm_step_s or trained_s / loop.steps_in_epoch(0),
+                    time.perf_counter() - started - trained_s, test_images, emit)
+            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
+                   "train_loss": result.loss_sum / result.seen,
+                   "train_acc": result.correct / result.seen,
+                   "val_loss": val_loss, "val_acc": val_acc, "lr": result.lr}
+            position = _end_of_epoch(loop, position, row, emit)
+            if epoch_end is not None and ctx.is_main:
+                epoch_end(row, loop.model, loop.prepared.mean, loop.prepared.std)
+            if stop.requested:  # Ctrl-C during validation or saving: the epoch is complete
+                status = "interrupted"
+                message = _stop_message(f"interrupted after epoch {epoch + 1}", loop.run_dir,
+                                        saved=True)
+                break
+
+    history = read_history(loop.run_dir) if ctx.is_main else []
+    best = next((r for r in history if r["epoch"] == position.best_epoch), None)
+    test = None
+    if status == "completed" and ctx.is_main and config.test:
+        test = evaluate(loop.run_dir / BEST, data, device=str(device),
+                        batch_size=config.eval_batch_size, tta=config.tta)
+        emit(f"test ({BEST}, epoch {position.best_epoch}"
+             f"{', with test-time augmentation' if config.tta else ''}): "
+             f"loss {test['test_loss']:.4f} - "
+             f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
+             f"({loop.run_dir / EVAL_FILE})")
+    return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What :func:`train_epoch` returns: the epoch's sums over all ranks (a resumed epoch's
+    earlier steps included), and how the epoch ended."""
+
+    loss_sum: float            # sum of the batches' mean loss x their size
+    correct: float             # training images the main head got right
+    seen: float                # training images stepped on
+    lr: float                  # the learning rate of the last step
+    stopped_at: int | None     # steps done when a stop request ended the epoch early, else None
+    # Seconds per step after the first few (their one-time kernel set-up and allocations
+    # excluded), for a budget's re-plan; None when the epoch was too short to tell.
+    warm_step_s: float | None = None
+
+
+WARM_STEPS = 3  # steps of an epoch that a speed measurement leaves out
+
+
+def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest) -> EpochResult:
+    """The steps of one epoch, from ``position.step`` on.
+
+    Returns the global (loss sum, correct, seen) of the epoch, the last learning rate, and
+    the number of steps done when a stop request ended the epoch early (else None).
+    """
+    config, ctx, device, data = loop.config, loop.ctx, loop.device, loop.prepared
+    n_train = data.train_x.shape[0]
+    per_rank = distributed.per_rank_batch(config.batch_size, ctx)
+    order = torch.randperm(n_train, device=device,
+                           generator=seeded_generator(device, config.seed, "order", epoch))
+    # Partial sums of an interrupted epoch are global; rank 0 carries them on.
+    carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
+        else [0.0, 0.0, 0.0]
+    sums = torch.tensor(carried, dtype=torch.float64, device=device)
+    cutout_fill = [round(m * 255) for m in data.mean]  # normalises to about zero
+    check_every = 10 if loop.cuda else 1  # a check syncs CUDA; the CPU pays nothing
+    autocast = autocast_for(config, device)
+    channels_last = uses_channels_last(config, device)
+    flips = None
+    if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
+        flips = alternating_flips(n_train, epoch,
+                                  generator=seeded_generator(device, config.seed, "flips"))
+    stem_bias, bias_steps = _fixed_stem_bias(loop), loop.whiten_bias_steps
+    first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
+    steps = loop.steps_in_epoch(epoch)
+    loop.model.train()
+    bar = _progress(steps, position.step, epoch, config.epochs, ctx)
+    lr, stopped_at = loop.lr_at(first + position.step), None
+    warm = None  # (steps done, time) once WARM_STEPS are done, at a point where all is synced
+    for step in range(position.step, steps):
+        lr = loop.lr_at(first + step)
+        for group in loop.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        # The whole global batch is augmented alike on every rank; each keeps its share.
+        with record_function("data"):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images = loop.policy(data.train_x[index], fill=cutout_fill,
+                                 flip_mask=None if flips is None else flips[index],
+                                 generator=seeded_generator(device, config.seed, "augment",
+                                                            epoch, step))
+            images = distributed.shard(images, ctx)
+            targets = distributed.shard(data.train_y[index], ctx)
+            x = normalize(images, data.mean, data.std, channels_last=channels_last)
+        frozen = stem_bias if stem_bias is not None and first + step >= bias_steps else None
+        loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
+                                config.label_smoothing, autocast, frozen=frozen)
+        if loop.lookahead is not None:
+            loop.lookahead.after_step(first + step + 1, loop.total_steps)
+        sums += torch.stack([loss.detach().double() * per_rank,
+                             (logits.argmax(1) == targets).sum().double(),
+                             torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
+
+        last = step + 1 == steps
+        if (step + 1) % check_every and not last:
+            continue
+        # One collective for both flags, so every rank stops at the same step.
+        stop_now, diverged = distributed.all_reduce(torch.tensor(
+            [float(stop.requested), float(not torch.isfinite(sums[0]))], device=device),
+            ctx, op="max").tolist()
+        if diverged:
+            bar.close()
+            raise TrainingError(_diverged_message(loop.run_dir, epoch, step, lr))
+        if warm is None and step + 1 - position.step >= WARM_STEPS:
+            warm = (step + 1, time.perf_counter())
+        bar.update(step + 1 - bar.n)
+        if bar.n % 10 == 0 or last:
+            bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
+        if stop_now and not last:
+            stopped_at = step + 1
+            break
+    bar.close()
+    loss_sum, correct, seen = distributed.all_reduce(sums, ctx).tolist()
+    done = (stopped_at or steps) - warm[0] if warm is not None else 0
+    warm_step_s = (time.perf_counter() - warm[1]) / done if done >= WARM_STEPS else None
+    return EpochResult(loss_sum, correct, seen, lr, stopped_at, warm_step_s)
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConfig,
+                       device: torch.device, ctx: DistContext) -> tuple[float | None, float | None]:
+    """Validation loss (plain cross-entropy of the main head) and accuracy, over all ranks."""
+    if prepared.val_x.shape[0] == 0:
+        return None, None
+    distributed.broadcast_buffers(model, ctx)  # every rank evaluates rank 0's model
+    model.eval()
+    images = prepared.val_x[ctx.rank::ctx.world_size]
+    labels = prepared.val_y[ctx.rank::ctx.world_size]
+    with autocast_for(config, device):  # as in training: bf16 when the run uses it
+        log_probs = log_probabilities(model, images, prepared.mean, prepared.std,
+                                      batch_size=config.eval_batch_size, device=device,
+                                      channels_last=uses_channels_last(config, device))
+    labels_cpu = labels.cpu()
+    sums = torch.tensor([float(F.nll_loss(log_probs, labels_cpu, reduction="sum")),
+                         float((log_probs.argmax(1) == labels_cpu).sum()), float(len(labels))],
+                        dtype=torch.float64, device=device)
+    distributed.all_reduce(sums, ctx)
+    model.train()
+    return float(sums[0] / sums[2]), float(sums[1] / sums[2])
+
+
+def _end_of_epoch(loop: Loop, position: Position, row: dict,
+                  emit: Callable[[str], None]) -> Position:
+    """Log the epoch, then save best.pt (if it improved) and last.pt; the new position."""
+    score = row["val_acc"] if row["val_acc"] is not None else float(row["epoch"])  # the last
+    improved = position.best_score is None or score > position.best_score
+    position = Position(row["epoch"], 0,
+                        best_score=score if improved else position.best_score,
+                        best_epoch=row["epoch"] if improved else position.best_epoch)
+    if loop.ctx.is_main:
+        emit(format_epoch_line(row, loop.config.epochs))
+        append_jsonl(loop.run_dir / METRICS_FILE, row)
+        if improved:
+            save_checkpoint(loop.run_dir / BEST,
+                            loop.checkpoint(position, row, with_training=False))
+        save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, row))
+    return position
+
+
+# --- what the above uses, in order of use
+
+
+def _start_line(loop: Loop, *, resumed: bool) -> str:
+    c, p = loop.config, loop.prepared
+    processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
+    return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
+            f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
+            f"{p.val_x.shape[0]} validation images, {_count(c.epochs, 'epoch')} of "
+            f"{loop.steps_per_epoch} steps ({loop.total_steps} in all), batch {c.batch_size}; "
+            f"run folder {loop.run_dir}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second one stops now."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach only the main thread; nothing to install
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _stop_message(stopped: str, run_dir: Path | None, *, saved: bool) -> str:
+    """How the run stopped, the last.pt it saved (``saved``), and the command that continues it."""
+    if run_dir is None:  # a rank other than 0 under torchrun: rank 0 saves and says where
+        return f"{stopped}; rank 0 saved the run"
+    kept = f"; saved {run_dir / LAST}" if saved else ""
+    return f"{stopped}{kept}; continue with: cifar-inception train --resume {run_dir}"
+
+
+def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
+    """A tqdm bar on a terminal; a silent stand-in elsewhere."""
+    from tqdm import tqdm
+
+    enabled = ctx.is_main and sys.stdout.isatty()
+    return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
+                unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) -> str:
+    last = run_dir / LAST if run_dir is not None else None
+    kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
+            else "no checkpoint was written")
+    return (f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}), "
+            f"learning rate {lr:.3g}; stopped, {kept}. Try a lower --lr")
+
+
+def format_epoch_line(row: dict, epochs: int) -> str:
+    """``Epoch 3/10 - 42.1s - loss: 1.2345 - acc: 0.5678 - val_loss: ... - lr: ...``"""
+    parts = [f"Epoch {row['epoch']}/{epochs}", f"{row['seconds']:.1f}s",
+             f"loss: {row['train_loss']:.4f}", f"acc: {row['train_acc']:.4f}"]
+    if row["val_loss"] is not None:
+        parts += [f"val_loss: {row['val_loss']:.4f}", f"val_acc: {row['val_acc']:.4f}"]
+    parts.append(f"lr: {row['lr']:.3g}")
+    return " - ".join(parts)

@@ -1,0 +1,85 @@
+"""The run folder and its record, config.json: what was run, on what, and each resume."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cifar_inception import __version__
+from cifar_inception.distributed import DistContext
+from cifar_inception.fileio import atomic_write_json
+from cifar_inception.recipes import TrainConfig, get_recipe
+from cifar_inception.runs import (
+    CONFIG_FILE,
+    clear_for_restart,
+    locked,
+    new_run_folder,
+    read_record,
+    remove_temporaries,
+    resume_target,
+    truncate_history,
+)
+from cifar_inception.training.resume import Position
+from cifar_inception.training.setup import DeviceData, Loop
+
+
+def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None,
+                  position: Position, held: ExitStack, emit: Callable[[str], None]) -> Path:
+    """The run folder, locked and cleaned of a kill's leftovers, with its config.json: a new
+    record for a new run (or one started again), the resume added to it otherwise."""
+    if resume is None:
+        run_dir = new_run_folder(loop.config.out_dir, loop.config.name, loop.config.model)
+        held.enter_context(locked(run_dir))
+    else:
+        run_dir = resume_target(resume).folder  # locked since the start
+    remove_temporaries(run_dir)
+    record = None if ckpt is None else read_record(run_dir, emit)
+    if record is None:  # new, started again, or a record that must be rebuilt
+        if ckpt is None:
+            clear_for_restart(run_dir)
+        record = run_record(loop.config, loop.prepared, loop.model, loop.aux_weights,
+                            loop.device, loop.ctx)
+    if ckpt is not None:
+        record["config"] = loop.config.to_dict()
+        record.setdefault("resumed", []).append(
+            {"at_epoch": position.epoch, "at_step": position.step, "command": list(sys.argv),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "hardware": hardware_info(loop.device, loop.ctx)})
+        truncate_history(run_dir, position.epoch, emit)
+    atomic_write_json(run_dir / CONFIG_FILE, record)
+    return run_dir
+
+
+def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
+               aux_weights: tuple[float, ...], device: torch.device, ctx: DistContext) -> dict:
+    """config.json: everything needed to repeat the run."""
+    recipe = get_recipe(config.recipe) if config.recipe else None
+    return {
+        "config": config.to_dict(),
+        "recipe": {"name": recipe.name, "description": recipe.description} if recipe else None,
+        "versions": {"cifar_inception": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        "hardware": hardware_info(device, ctx),
+        "command": list(sys.argv),
+        "data": prepared.info,
+        "model": {"parameters": sum(p.numel() for p in model.parameters()),
+                  "aux_weights": list(aux_weights)},
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "resumed": [],
+    }
+
+
+def hardware_info(device: torch.device, ctx: DistContext) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        (platform.processor() or platform.machine())
+    return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "world_size": ctx.world_size,
+            "platform": platform.platform()}

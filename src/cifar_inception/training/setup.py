@@ -1,0 +1,261 @@
+"""What a run sets up before its first step: threads, the data on the device, the model, and
+the :class:`Loop` that holds them with the optimiser; also the seeds of the random draws."""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from cifar_inception import distributed
+from cifar_inception.augment import AugmentPolicy, normalize
+from cifar_inception.checkpoint import make_checkpoint
+from cifar_inception.devices import cpu_precision, usable_cores
+from cifar_inception.distributed import DistContext
+from cifar_inception.errors import ModelError, TrainingError
+from cifar_inception.models import create_model
+from cifar_inception.recipes import TrainConfig
+from cifar_inception.training.optim import (
+    Lookahead,
+    build_optimizer,
+    lr_factor,
+    resolve_aux_weights,
+)
+from cifar_inception.training.resume import Position
+
+SPLIT_SEED = 0  # every run holds out the same validation images, so runs compare
+INIT_IMAGES = 5000  # images a model's init_from_data hook sees
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed from (seed, purpose, epoch, step, ...), stable across runs and machines."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derived_seed(*parts))
+    return generator
+
+
+def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
+    """--threads, else the cores this process may use, shared among the ranks on them."""
+    return config.num_threads or max(1, usable_cores() // ctx.world_size)
+
+
+def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
+    """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
+    threads = _threads_for(config, ctx)
+    torch.set_num_threads(threads)
+    precision = cpu_precision(config.cpu_amp)
+    how = "--threads" if config.num_threads else "the cores this process may use"
+    line = (f"{precision.describe()}; {threads} thread{'s' if threads != 1 else ''} per "
+            f"process ({how})")
+    return replace(config, cpu_amp=precision.bf16), line
+
+
+def check_model(config: TrainConfig) -> None:
+    """Refuse an unknown model name or option at once, before the data is loaded."""
+    import inspect
+
+    from cifar_inception.models.registry import get_builder, model_options
+
+    known = model_options(config.model)  # ModelError for an unknown name
+    unknown = sorted(set(config.model_options) - set(known))
+    takes_any = any(p.kind is p.VAR_KEYWORD
+                    for p in inspect.signature(get_builder(config.model)).parameters.values())
+    if unknown and not takes_any:
+        raise ModelError(f"model {config.model!r} has no option(s) {', '.join(unknown)}; "
+                         f"its options: {', '.join(known) or 'none'}")
+
+
+@dataclass
+class DeviceData:
+    """The split data set, as uint8/int64 tensors on the training device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    classes: tuple[str, ...]
+    info: dict
+
+
+def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> DeviceData:
+    """Split off the validation images, compute the statistics, move everything to ``device``."""
+    from cifar_inception.data import channel_stats, split_train_val
+
+    train_x, train_y, val_x, val_y = split_train_val(
+        data.train_images, data.train_labels, val_size=config.val_size, seed=SPLIT_SEED)
+    if config.train_limit is not None and config.train_limit < len(train_x):
+        pick = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(
+            derived_seed(SPLIT_SEED, "train-limit")))[:config.train_limit].sort().values.numpy()
+        train_x, train_y = train_x[pick], train_y[pick]
+    mean, std = channel_stats(train_x)
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    info = {"source": getattr(data, "source", None), "checksum": getattr(data, "checksum", None),
+            "train_images": len(train_x), "val_images": len(val_x), "split_seed": SPLIT_SEED,
+            "mean": list(mean), "std": list(std)}
+
+    def on_device(array: Any, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(array).to(device=device, dtype=dtype)
+
+    return DeviceData(on_device(train_x, torch.uint8), on_device(train_y, torch.long),
+                      on_device(val_x, torch.uint8), on_device(val_y, torch.long),
+                      mean, std, tuple(data.classes), info)
+
+
+@dataclass
+class Loop:
+    """What every step needs, fixed for the whole run."""
+
+    config: TrainConfig
+    ctx: DistContext
+    device: torch.device
+    prepared: DeviceData
+    model: nn.Module                # the module itself: checkpoints, validation
+    net: nn.Module                  # what the steps call: DDP and/or compiled around it
+    optimizer: torch.optim.Optimizer
+    aux_weights: tuple[float, ...]
+    policy: AugmentPolicy
+    steps_per_epoch: int
+    lookahead: Lookahead | None = None
+    run_dir: Path | None = None     # rank 0 only
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole run: ``train_steps`` (a budget's), else every epoch's."""
+        return self.config.train_steps or self.config.epochs * self.steps_per_epoch
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        """All of them, but in the last epoch of a run of ``train_steps``."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def schedule_steps(self, fraction: float | None, epochs: float | None) -> int | None:
+        """A schedule's length in steps: a fraction of the run, or epochs (None: none)."""
+        if fraction is not None:
+            return round(fraction * self.total_steps)
+        return None if epochs is None else round(epochs * self.steps_per_epoch)
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.schedule_steps(self.config.warmup_fraction, self.config.warmup_epochs)
+
+    @property
+    def whiten_bias_steps(self) -> int | None:
+        return self.schedule_steps(self.config.whiten_bias_fraction,
+                                   self.config.whiten_bias_epochs)
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of global step ``step`` (0-based)."""
+        c = self.config
+        return c.lr * lr_factor(step, self.total_steps, self.warmup_steps, c.schedule,
+                                c.final_lr)
+
+    def checkpoint(self, position: Position, metrics: dict | None,
+                   with_training: bool = True) -> dict:
+        """best.pt holds weights and metrics; last.pt also the optimiser and RNG states."""
+        training: dict[str, Any] = {"config": self.config.to_dict(),
+                                    "position": vars(position).copy()}
+        if with_training:
+            if self.lookahead is not None:
+                training["lookahead"] = self.lookahead.state_dict()
+            training.update(
+                optimizer=self.optimizer.state_dict(),
+                rng={"cpu": torch.get_rng_state(),
+                     "cuda": [torch.cuda.get_rng_state(self.device)] if self.cuda else []},
+                world_size=self.ctx.world_size)
+        p = self.prepared
+        return make_checkpoint(
+            model_name=self.config.model, model_options=self.config.model_options,
+            num_classes=len(p.classes), classes=list(p.classes), mean=list(p.mean),
+            std=list(p.std), state_dict=self.model.state_dict(), training=training,
+            metrics=metrics)
+
+
+def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
+                device: torch.device, ckpt: dict | None) -> Loop:
+    """Model, optimiser and the rest, fresh or restored from ``ckpt``."""
+    steps_per_epoch = prepared.train_x.shape[0] // config.batch_size  # drop the last partial
+    distributed.per_rank_batch(config.batch_size, ctx)  # refuses an uneven split early
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the training split has {prepared.train_x.shape[0]} images, "
+                            f"fewer than one batch of {config.batch_size}; lower --batch-size")
+    model = build_model(config, len(prepared.classes), device, ctx)
+    aux_weights = resolve_aux_weights(config, model)
+    optimizer = build_optimizer(config, model)
+    if ckpt is None:
+        if config.whiten_init:
+            init_from_data(model, prepared)
+    else:
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["training"]["optimizer"])
+        torch.set_rng_state(ckpt["training"]["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["training"]["rng"]["cuda"]:
+            torch.cuda.set_rng_state(ckpt["training"]["rng"]["cuda"][0], device)
+    net = distributed.wrap(model, ctx, device)
+    if config.compile:
+        net = torch.compile(net)
+    policy = AugmentPolicy(config.crop_padding, config.padding_mode, config.flip, config.cutout)
+    lookahead = None
+    if config.lookahead:
+        lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_decay)
+        if ckpt is not None and "lookahead" in ckpt["training"]:
+            lookahead.load_state_dict(ckpt["training"]["lookahead"])
+    return Loop(config, ctx, device, prepared, model, net, optimizer, aux_weights, policy,
+                steps_per_epoch, lookahead)
+
+
+def build_model(config: TrainConfig, num_classes: int, device: torch.device,
+                ctx: DistContext) -> nn.Module:
+    torch.manual_seed(config.seed)  # the same initial weights on every rank, every time
+    model = create_model(config.model, num_classes=num_classes, **config.model_options)
+    if config.sync_bn:
+        model = distributed.convert_sync_batchnorm(model, ctx, device)
+    model = model.to(device)
+    if uses_channels_last(config, device):
+        model = model.to(memory_format=torch.channels_last)
+    if _stem_is_fixed(config, model):
+        model.stem_conv().weight.requires_grad_(False)  # the whitening stays as set
+    return model
+
+
+def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
+    return config.channels_last if device.type == "cuda" else config.cpu_channels_last
+
+
+def autocast_for(config: TrainConfig, device: torch.device) -> Any:
+    """bf16 autocast on CUDA (``amp``) or on the CPU (``cpu_amp``), else nothing."""
+    enabled = config.amp if device.type == "cuda" else config.cpu_amp
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
+    """A whitening stem set from the data whose weights stay (a bias training time given)."""
+    timed = config.whiten_bias_epochs is not None or config.whiten_bias_fraction is not None
+    return config.whiten_init and timed and hasattr(model, "stem_conv")
+
+
+def _fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
+    """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
+    return loop.model.stem_conv().bias if _stem_is_fixed(loop.config, loop.model) else None
+
+
+def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
+    """Models that set layers from the data (e.g. a whitening stem) see the first training
+    images once, before the first step (a resumed run has its weights already)."""
+    if hasattr(model, "init_from_data"):
+        images = prepared.train_x[:INIT_IMAGES]
+        model.init_from_data(normalize(images, prepared.mean, prepared.std))
