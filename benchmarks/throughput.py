@@ -115,10 +115,18 @@ def _label(name: str, options: dict[str, Any]) -> str:
 def peak_rates(device: torch.device, *, size: int = 2048, repeats: int = 10
                ) -> list[dict[str, Any]]:
     """Achieved GFLOP/s of a large matmul and of a 3x3 convolution (forward + backward),
-    fp32 and bf16: the machine's practical ceiling for this kind of work."""
+    fp32 and bf16: the machine's practical ceiling for this kind of work. A CPU without
+    native bf16 gets fp32 only: its bf16 kernels are emulated one element at a time, and
+    would take minutes to say what the training benchmark already shows."""
+    from cifar_inception.devices import cpu_capability, has_native_bf16
+
     timer = Timer(device)
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    dtypes = [torch.float32]
+    if device.type == "cuda" or (cpu_capability().upper().startswith("AVX512")
+                                 and has_native_bf16()):  # as training decides it
+        dtypes.append(torch.bfloat16)
+    for dtype in dtypes:
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
         timer(lambda: a @ b)
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
-    parser.add_argument("--modes", default="train,infer", help="train, infer or both")
+    parser.add_argument("--modes", default="train,infer",
+                        help="train, infer, or both: train,infer (also spelt both)")
     parser.add_argument("--peak", action="store_true",
                         help="also measure the machine's matmul and convolution rates")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
@@ -185,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(measure_model(
                 name, options, batch_size=args.batch_size, device=device, steps=args.steps,
                 warmup=args.warmup, amp=args.amp, channels_last=args.channels_last,
-                compile_model=args.compile, modes=tuple(args.modes.split(","))))
+                compile_model=args.compile, modes=tuple(args.modes.replace("both", "train,infer").split(","))))
         except (RuntimeError, MemoryError) as exc:  # e.g. out of memory for a huge model
             failures.append({"model": spec, "error": str(exc).splitlines()[0]})
             print(f"{spec}: failed: {failures[-1]['error']}", file=sys.stderr)
