@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cifar_inception import __version__
-from cifar_inception.devices import cpu_capability, has_native_bf16
+from cifar_inception.devices import cpu_capability, has_native_bf16, usable_cores
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
 
@@ -56,7 +56,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": cpu_name(),
         "cpu_capability": cpu_capability(),
         "cpu_native_bf16": has_native_bf16(),
-        "cpu_count": _usable_cores(),
+        "cpu_count": usable_cores(),
         "threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }
@@ -72,13 +72,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return info
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def describe(env: dict[str, Any]) -> str:
