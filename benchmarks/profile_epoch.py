@@ -17,7 +17,6 @@ import sys
 import time
 from typing import Any
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from _common import describe, environment, format_table, pick_device, write_json

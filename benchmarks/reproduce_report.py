@@ -21,6 +21,7 @@ networks with the project's CIFAR recipe instead (augmentation, SGD one-cycle, s
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,34 @@ TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_los
                 "test_acc_best", "test_loss_best")
 
 
+def plot_curves(rows: list[dict[str, Any]], path: str) -> Path:
+    """One figure: validation accuracy per epoch, the report's (dashed) beside ours (solid),
+    one colour per network."""
+    from matplotlib.figure import Figure
+
+    from cifar_inception.fileio import atomic_write_bytes
+
+    figure = Figure(figsize=(7.0, 4.2))
+    axes = figure.add_subplot()
+    for index, spec in enumerate(dict.fromkeys(r["model"] for r in rows)):
+        colour = f"C{index}"
+        for key, style, who in (("report_val_acc", "--", "report"), ("val_acc", "-", "ours")):
+            points = [(r["epoch"], 100 * r[key]) for r in rows
+                      if r["model"] == spec and key in r]
+            if points:
+                axes.plot(*zip(*points), style, marker="o", markersize=3, color=colour,
+                          label=f"{spec} ({who})")
+    axes.set(xlabel="epoch", ylabel="validation accuracy (%)",
+             title="The report's networks: the report's logs (dashed) and ours (solid)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
+                   bbox_inches="tight")
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = parse_settings(args.set)
     env = environment(pick_device(args.device))
@@ -149,6 +178,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "recipe": args.recipe, "epochs": epochs, "tests": tests,
               "report_notes": {m: r["note"] for m, r in REPORT.items()}}
     write_json(args.json, result)
+    if args.plot:
+        print(f"figure: {plot_curves(epochs, args.plot)}")
     print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
           f"{describe(env)}")
     print(format_table(epochs, EPOCH_COLUMNS))
@@ -172,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a training option (repeatable)")
     parser.add_argument("--out-dir", default="runs/reproduce")
     parser.add_argument("--json", default=None, metavar="PATH")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="draw the validation accuracy per epoch, the report's and ours")
     return parser
 
 

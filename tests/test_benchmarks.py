@@ -131,7 +131,10 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
               "--set", "train_limit=64", "--out-dir", str(tmp_path / "runs")]
     reproduce_report.main([*common, "--epochs", "1"])
     out = tmp_path / "repro.json"
-    result = reproduce_report.main([*common, "--epochs", "2", "--json", str(out)])
+    figure = tmp_path / "curves.png"
+    result = reproduce_report.main([*common, "--epochs", "2", "--json", str(out),
+                                    "--plot", str(figure)])
+    assert figure.read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
     assert "resuming" in printed and "94.44%" in printed
     run = tmp_path / "runs" / "seed-googlenet-fix_3x3-true"
@@ -141,3 +144,18 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     test = result["tests"][0]
     assert 0.0 <= test["test_acc_final"] <= 1.0 and test["test_loss_best"] > 0
     assert json.loads(out.read_text())["tests"] == result["tests"]
+
+
+def test_seed_speed_times_a_step_in_a_fresh_process(tmp_path, capsys):
+    """One setting of the report's recipe, run by the script in its own process."""
+    import seed_speed
+
+    out = tmp_path / "seed-speed.json"
+    result = seed_speed.main(["--models", "seed-googlenet", "--settings", "+ memory reuse",
+                              "--steps", "1", "--warmup", "0", "--threads", "1",
+                              "--json", str(out)])
+    row = result["rows"][0]
+    assert row["setting"] == "+ memory reuse" and row["batch"] == 32 and row["threads"] == 1
+    assert row["ms_median"] > 0 and row["epoch_min"] > 0
+    assert "| seed-googlenet | + memory reuse |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"] == result["rows"]

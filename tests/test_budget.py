@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifar_inception.budget import TARGET, BudgetError, Rates, plan, time_per_call
+from cifar_inception.budget import (
+    TARGET,
+    TTA_SHARE,
+    BudgetError,
+    Rates,
+    affordable_views,
+    plan,
+    time_per_call,
+)
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config
 from cifar_inception.training import Loop, lr_factor, train
@@ -40,6 +48,16 @@ def test_a_budget_too_small_for_one_step_is_refused():
     rates = Rates(step_s=8.0, val_image_s=0.01, test_image_s=0.01)
     with pytest.raises(BudgetError, match="give a larger --budget"):
         plan(10.0, 2.0, rates, steps_per_epoch=10, val_images=100, test_images=100)
+
+
+def test_test_time_views_are_kept_while_their_extra_cost_fits_the_share():
+    # 10,000 test images at 1 ms each: every view beyond the first costs 10 s
+    assert TTA_SHARE == 0.08
+    assert affordable_views(20 * 60, 10000, 1e-3, (2, 6)) == 6    # 50 s of 96 s
+    assert affordable_views(10 * 60, 10000, 1e-3, (2, 6)) == 2    # 50 s > 48 s; 10 s fits
+    assert affordable_views(150, 10000, 1e-3, (2, 6)) == 2        # 10 s of 12 s
+    assert affordable_views(120, 10000, 1e-3, (2, 6)) == 0        # 10 s > 9.6 s
+    assert affordable_views(20 * 60, 10000, 1e-3, (2,)) == 2      # never more than asked
 
 
 def test_time_per_call_counts_only_the_timed_calls():

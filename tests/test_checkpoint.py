@@ -15,21 +15,9 @@ from cifar_inception.evaluation import evaluate
 from cifar_inception.inference import load_classifier
 from cifar_inception.models import list_models, register_model
 from cifar_inception.report import gather
+from small_model import CLASSES, SMALL, small_checkpoint
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck"]
-TINY = "test-checkpoint-tiny"
 NAN_OUT = "test-checkpoint-nan-out"
-
-
-class TinyNet(torch.nn.Module):
-    def __init__(self, num_classes: int = 10, hidden: int = 4):
-        super().__init__()
-        self.features = torch.nn.Conv2d(3, hidden, 3, padding=1)
-        self.head = torch.nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
 
 
 class NanOut(torch.nn.Module):
@@ -43,18 +31,8 @@ class NanOut(torch.nn.Module):
         return torch.full((x.shape[0], self.num_classes), float("nan"))
 
 
-if TINY not in list_models():
-    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
+if NAN_OUT not in list_models():
     register_model(NAN_OUT)(lambda num_classes=10: NanOut(num_classes))
-
-
-def tiny_checkpoint(**changes) -> dict:
-    torch.manual_seed(0)
-    model = TinyNet()
-    return ckpt_mod.make_checkpoint(
-        model_name=TINY, model_options={"hidden": 4}, num_classes=10, classes=CLASSES,
-        mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], state_dict=model.state_dict(),
-        **changes)
 
 
 def save(path, ckpt) -> str:
@@ -102,7 +80,7 @@ DAMAGE = {"no model": "no 'model' entry", "3 classes": "names 3 classes",
 
 @pytest.mark.parametrize("what", list(DAMAGE))
 def test_damaged_checkpoints_are_refused_naming_the_problem(tmp_path, image, capsys, what):
-    path = save(tmp_path / "best.pt", damage(tiny_checkpoint(), what))
+    path = save(tmp_path / "best.pt", damage(small_checkpoint(), what))
     with pytest.raises(CheckpointError, match=DAMAGE[what]):
         ckpt_mod.load_checkpoint(path)
     assert main(["predict", path, image]) == 2
@@ -116,7 +94,7 @@ def test_damaged_checkpoints_are_refused_naming_the_problem(tmp_path, image, cap
 def test_a_huge_class_count_is_refused_before_anything_is_built(tmp_path, monkeypatch):
     built = []
     monkeypatch.setattr(ckpt_mod, "_build", lambda *a, **k: built.append(a) or None)
-    ckpt = tiny_checkpoint()
+    ckpt = small_checkpoint()
     ckpt["model"]["num_classes"] = 10**9
     ckpt["data"]["classes"] = ["x"] * 3
     path = save(tmp_path / "huge.pt", ckpt)
@@ -132,7 +110,7 @@ def test_weights_of_another_size_are_refused_from_a_meta_model(tmp_path, monkeyp
         devices.append(device), real_build(info, where, device))[1])
     for options, needle in (({"hidden": 10**5}, "weights do not fit"),
                             ({"hidden": 10**9}, "over the limit")):
-        ckpt = tiny_checkpoint()
+        ckpt = small_checkpoint()
         ckpt["model"]["options"] = options
         path = save(tmp_path / "wide.pt", ckpt)
         with pytest.raises(CheckpointError, match=needle):
@@ -141,7 +119,7 @@ def test_weights_of_another_size_are_refused_from_a_meta_model(tmp_path, monkeyp
 
 
 def test_nan_weights_are_refused_by_every_command(tmp_path, image, capsys):
-    ckpt = tiny_checkpoint()
+    ckpt = small_checkpoint()
     ckpt["state_dict"]["head.weight"][0, 0] = float("nan")
     path = save(tmp_path / "best.pt", ckpt)
     for args in (["predict", path, image], ["predict", path, image, "--json"],
@@ -177,7 +155,7 @@ def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     write_run_config(run, model="googlenet", model_options={"width": 0.25}, seed=0)
-    save(run / "best.pt", tiny_checkpoint())
+    save(run / "best.pt", small_checkpoint())
     with pytest.raises(CheckpointError, match="not this run's checkpoint: its model is"):
         evaluate(run, data=object())
     with pytest.raises(CheckpointError, match="not this run's checkpoint"):
@@ -191,15 +169,15 @@ def test_a_checkpoint_copied_from_another_run_is_refused(tmp_path, capsys):
 def test_same_model_but_another_runs_training_settings_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    settings = {"model": TINY, "model_options": {"hidden": 4}, "seed": 1, "lr": 0.1,
+    settings = {"model": SMALL, "model_options": {"hidden": 4}, "seed": 1, "lr": 0.1,
                 "aux_weights": [0.3], "epochs": 5, "device": "cpu"}
     write_run_config(run, **settings)
     # A resume may change runtime settings (epochs, device): still the run's own.
     own = dict(settings, epochs=10, device="cuda", aux_weights=(0.3,))
-    ckpt_mod.check_run_matches(tiny_checkpoint(training={"config": own}), run / "best.pt")
+    ckpt_mod.check_run_matches(small_checkpoint(training={"config": own}), run / "best.pt")
     other = dict(settings, seed=2)
     with pytest.raises(CheckpointError, match="its seed is 2"):
-        ckpt_mod.check_run_matches(tiny_checkpoint(training={"config": other}),
+        ckpt_mod.check_run_matches(small_checkpoint(training={"config": other}),
                                    run / "best.pt")
 
 

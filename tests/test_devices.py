@@ -53,3 +53,13 @@ def test_unknown_or_missing_devices_are_one_line_errors():
         with pytest.raises(CifarInceptionError, match="CUDA is not available"):
             pick_device("cuda")
     assert pick_device("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(not hasattr(__import__("ctypes").CDLL(None), "gnu_get_libc_version"),
+                    reason="the allocator settings are glibc's")
+def test_freed_memory_is_kept_for_reuse_under_glibc():
+    from cifar_inception.devices import reuse_freed_memory
+
+    assert reuse_freed_memory() is True
+    big = torch.ones(16 << 20)  # 64 MB: over glibc's mmap threshold, now from the heap
+    assert float(big.sum()) == 16 << 20

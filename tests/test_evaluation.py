@@ -14,8 +14,14 @@ import torch.nn as nn
 from cifar_inception.checkpoint import make_checkpoint, save_checkpoint
 from cifar_inception.cli import main
 from cifar_inception.data import CIFAR10
-from cifar_inception.errors import CheckpointError
-from cifar_inception.evaluation import classification_metrics, evaluate, log_probabilities
+from cifar_inception.errors import CheckpointError, CifarInceptionError
+from cifar_inception.evaluation import (
+    TTA_VIEWS,
+    classification_metrics,
+    evaluate,
+    log_probabilities,
+    views_for,
+)
 from cifar_inception.models.registry import list_models, register_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -123,7 +129,7 @@ def test_eval_json_is_written_beside_the_checkpoint(tmp_path):
     written = json.loads((run / "eval.json").read_text())
     assert written == result
     assert set(written) == {"test_loss", "test_top1", "test_top5", "per_class", "confusion",
-                            "tta", "num_images", "checkpoint"}
+                            "tta", "views", "num_images", "checkpoint"}
     assert not list(run.glob(".*.tmp"))
     evaluate(run, lookup_data(), write=False)
     assert (run / "eval.json").stat().st_size > 0
@@ -144,6 +150,21 @@ def test_tta_averages_probabilities_of_the_views():
     tta = log_probabilities(model, images, (0, 0, 0), (1, 1, 1), tta=True)
     expected = torch.log((torch.softmax(table()[3], 0) + torch.softmax(table()[7], 0)) / 2)
     assert torch.allclose(tta, expected[None], atol=1e-6)
+
+
+def test_tta_views_two_are_the_image_and_its_mirror():
+    assert views_for(False) == ((False, 0, 0),)
+    assert views_for(True) == TTA_VIEWS and len(TTA_VIEWS) == 6
+    assert views_for(True, 2) == ((False, 0, 0), (True, 0, 0))
+    with pytest.raises(CifarInceptionError, match="2 or 6 views, not 3"):
+        views_for(True, 3)
+
+
+def test_two_view_tta_is_recorded_as_two_views(tmp_path):
+    path = write_lookup_checkpoint(tmp_path / "best.pt")
+    result = evaluate(path, lookup_data(), tta=True, tta_views=2, write=False)
+    assert result["tta"] is True and result["views"] == 2
+    assert evaluate(path, lookup_data(), write=False)["views"] == 1
 
 
 def test_tta_changes_nothing_for_an_invariant_model(tmp_path):
@@ -174,12 +195,19 @@ def test_refuses_weights_for_another_model(tmp_path):
         evaluate(path, lookup_data())
 
 
-def test_cli_prints_a_table_and_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
+@pytest.fixture
+def run_and_tree(tmp_path):
+    """A run folder holding the lookup model's best.pt, and :func:`every_class_data` as an
+    image-folder tree for ``--data-dir``."""
     tree = tmp_path / "tree"
     write_image_tree(every_class_data(), tree)
     run = tmp_path / "run"
     write_lookup_checkpoint(run / "best.pt")
+    return run, tree
+
+
+def test_cli_prints_a_table_and_json(run_and_tree, capsys):
+    run, tree = run_and_tree
     assert main(["evaluate", str(run), "--data-dir", str(tree)]) == 0
     out = capsys.readouterr().out
     assert "top-1        81.82%" in out and "top-5        90.91%" in out
@@ -217,12 +245,8 @@ def test_cli_bad_batch_size_exits_2(tmp_path, capsys):
     assert "batch size must be >= 1" in capsys.readouterr().err
 
 
-def test_cli_says_where_it_wrote_eval_json(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("CIFAR_INCEPTION_CACHE", str(tmp_path / "cache"))
-    tree = tmp_path / "tree"
-    write_image_tree(every_class_data(), tree)
-    run = tmp_path / "run"
-    write_lookup_checkpoint(run / "best.pt")
+def test_cli_says_where_it_wrote_eval_json(run_and_tree, capsys):
+    run, tree = run_and_tree
     assert main(["evaluate", str(run), "--data-dir", str(tree)]) == 0
     assert f"wrote {run / 'eval.json'}" in capsys.readouterr().out
     assert main(["evaluate", str(run), "--data-dir", str(tree), "--json"]) == 0

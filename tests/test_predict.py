@@ -13,7 +13,7 @@ from PIL import Image
 from cifar_inception import checkpoint as ckpt_mod
 from cifar_inception.cli import main
 from cifar_inception.errors import CheckpointError
-from cifar_inception.models import create_model, list_models, register_model
+from cifar_inception.models import create_model
 from cifar_inception.predict import (
     Classifier,
     TorchClassifier,
@@ -21,46 +21,25 @@ from cifar_inception.predict import (
     predict_files,
     top_classes,
 )
-
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck"]
-TINY = "test-predict-tiny"
-
-
-class TinyNet(torch.nn.Module):
-    """Small enough to build in milliseconds; mean colour decides the class."""
-
-    def __init__(self, num_classes: int = 10, hidden: int = 4):
-        super().__init__()
-        self.features = torch.nn.Conv2d(3, hidden, 3, padding=1)
-        self.head = torch.nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-if TINY not in list_models():
-    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
+from small_model import CLASSES, SMALL, save_small_checkpoint, small_model
 
 
 def build_model(num_classes: int = 10, *, real: bool = False):
-    """The tiny stand-in (fast on any CPU), or the real GoogLeNet at a small width."""
-    torch.manual_seed(0)
+    """The small stand-in (fast on any CPU), or the real GoogLeNet at a small width."""
     if real:
+        torch.manual_seed(0)
         return "googlenet", {"width": 0.25}, create_model("googlenet", num_classes, width=0.25)
-    return TINY, {"hidden": 4}, TinyNet(num_classes, hidden=4)
+    return SMALL, {"hidden": 4}, small_model(num_classes)
 
 
 def save_model_checkpoint(path, num_classes: int = 10, *, real: bool = False, **overrides):
-    name, options, model = build_model(num_classes, real=real)
-    fields = dict(model_name=name, model_options=options, num_classes=num_classes,
-                  classes=CLASSES[:num_classes], mean=[0.49, 0.48, 0.45],
-                  std=[0.25, 0.24, 0.26], state_dict=model.state_dict(),
+    fields = dict(mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
                   metrics={"epoch": 3, "val_acc": 0.5})
+    if real:
+        name, options, model = build_model(num_classes, real=True)
+        fields.update(model_name=name, model_options=options, state_dict=model.state_dict())
     fields.update(overrides)
-    ckpt = ckpt_mod.make_checkpoint(**fields)
-    ckpt_mod.save_checkpoint(path, ckpt)
-    return ckpt
+    return save_small_checkpoint(path, num_classes, **fields)
 
 
 @pytest.fixture(scope="module")

@@ -11,33 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_inception import checkpoint as ckpt_mod
 from cifar_inception import report
 from cifar_inception.cli import main
-from cifar_inception.models import list_models, register_model
+from small_model import SMALL as TINY
+from small_model import save_small_checkpoint
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 10, 4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = "test-report-tiny"
-
-
-class TinyNet(torch.nn.Module):
-    """A registered model small enough that predicting the test set costs nothing."""
-
-    def __init__(self, num_classes: int = 10, hidden: int = 6):
-        super().__init__()
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, hidden, 3, padding=1),
-                                            torch.nn.ReLU())
-        self.head = torch.nn.Linear(hidden, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x).mean(dim=(2, 3)))
-
-
-if TINY not in list_models():
-    register_model(TINY)(lambda num_classes=10, **options: TinyNet(num_classes, **options))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -99,13 +81,9 @@ def write_run(folder, data_dir, *, eval_json: bool = True, fitting_eval: bool = 
               metrics=METRICS):
     """A run folder as train and evaluate write it (the model is not trained: no need)."""
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = TinyNet(hidden=6)
-    ckpt = ckpt_mod.make_checkpoint(
-        model_name=TINY, model_options={"hidden": 6}, num_classes=10,
-        classes=list(CLASSES), mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
-        state_dict=model.state_dict(), metrics={"epoch": 3, "val_acc": 0.52})
-    ckpt_mod.save_checkpoint(folder / "best.pt", ckpt)
+    save_small_checkpoint(folder / "best.pt", hidden=6, classes=list(CLASSES),
+                          mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26],
+                          metrics={"epoch": 3, "val_acc": 0.52})
     config = {"model": TINY, "model_options": {"hidden": 6}, "recipe": "default",
               "epochs": len(metrics), "batch_size": 128, "data_dir": str(data_dir),
               "note": "<script>alert(1)</script>",

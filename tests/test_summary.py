@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from cifar_inception.cli import main
 from model_names import project_models
-from cifar_inception.models import create_model, list_models
+from cifar_inception.models import create_model
 from cifar_inception.summary import (
     UNKNOWN_SOURCE,
     build_on_meta,

@@ -21,15 +21,19 @@ from cifar_inception.errors import CifarInceptionError
 TARGET = 0.985            # plan to end a little early: the probe's estimate is not exact
 EPOCH_FIXED_S = 0.02      # per epoch, beyond the measured checkpoint writes: permutation, log
 MIN_PROBE_S = 2.0         # measure steps for at least this long, after one untimed step
-# Test-time augmentation evaluates every test image in several views. It adds under a point
+# Test-time augmentation evaluates every test image in several views. It adds about a point
 # of accuracy; when those views would cost more than this share of the budget, the time buys
-# more as training (on a CPU a 2-minute budget would spend half of itself on the views).
+# more as training (on a CPU a 2-minute budget would spend half of itself on six views).
 TTA_SHARE = 0.08
 
 
-def worth_tta(budget_s: float, test_images: int, views: int, test_image_s: float) -> bool:
-    """Whether a budget run keeps its test-time augmentation (see TTA_SHARE)."""
-    return test_images * views * test_image_s <= TTA_SHARE * budget_s
+def affordable_views(budget_s: float, test_images: int, test_image_s: float,
+                     choices: tuple[int, ...]) -> int:
+    """The most test-time views (from ``choices``) whose extra cost stays within TTA_SHARE of
+    the budget; 0 when even the fewest would not (the test then takes one view)."""
+    extra_s = [(views - 1) * test_images * test_image_s for views in choices]
+    fitting = [views for views, cost in zip(choices, extra_s) if cost <= TTA_SHARE * budget_s]
+    return max(fitting, default=0)
 
 
 class BudgetError(CifarInceptionError):
@@ -53,7 +57,7 @@ class Plan:
     epochs: int
     expected_s: float     # from the start of the run, measurement included
     rates: Rates
-    tta: bool = False     # the final test with test-time augmentation
+    tta_views: int = 0    # views of each test image in the final test (0: no augmentation)
 
     def describe(self, budget_s: float, steps_per_epoch: int, batch_size: int) -> str:
         end = time.strftime("%H:%M:%S", time.localtime(time.time() + self.expected_s))
@@ -70,7 +74,7 @@ def format_seconds(seconds: float) -> str:
 
 
 def plan(budget_s: float, elapsed_s: float, rates: Rates, *, steps_per_epoch: int,
-         val_images: int, test_images: int, tta: bool = False) -> Plan:
+         val_images: int, test_images: int, tta_views: int = 0) -> Plan:
     """The most steps whose training, validations and test fit in the rest of the budget.
 
     ``elapsed_s`` has already gone (loading, building, measuring). ``test_images`` counts
@@ -94,7 +98,7 @@ def plan(budget_s: float, elapsed_s: float, rates: Rates, *, steps_per_epoch: in
     epochs = math.ceil(best / steps_per_epoch)
     expected = (elapsed_s + best * rates.step_s + epochs * per_epoch
                 + test_images * rates.test_image_s)
-    return Plan(best, epochs, expected, rates, tta)
+    return Plan(best, epochs, expected, rates, tta_views)
 
 
 def time_per_call(call: Callable[[], object], *, min_seconds: float = MIN_PROBE_S,

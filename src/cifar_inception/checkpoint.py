@@ -36,7 +36,14 @@ import torch
 
 from cifar_inception.errors import CheckpointError
 from cifar_inception.fileio import atomic_write_bytes
-from cifar_inception.runs import BEST, CONFIG_FILE, LAST
+from cifar_inception.runs import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    RunFolder,
+    read_json_object,
+    recorded_settings,
+)
 
 FORMAT = "cifar-inception-checkpoint/1"
 CHECKPOINT_NAMES = (BEST, LAST)  # what a run folder stands for when used (resume uses LAST)
@@ -254,7 +261,7 @@ def check_run_matches(ckpt: dict, checkpoint: str | os.PathLike) -> None:
     """
     from cifar_inception.recipes import RUNTIME_FIELDS  # settings a resume may change
 
-    config_path = Path(checkpoint).parent / RUN_CONFIG
+    config_path = RunFolder.holding(checkpoint).config
     settings = _run_settings(config_path)
     if settings is None:
         return
@@ -277,15 +284,11 @@ def check_run_matches(ckpt: dict, checkpoint: str | os.PathLike) -> None:
 
 
 def _run_settings(config_path: Path) -> dict | None:
-    """The training settings config.json records (under "config"), or None without one."""
+    """The training settings config.json records, or None without one."""
     if not config_path.is_file():
         return None
-    try:
-        record = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{config_path}: not readable JSON") from None
-    settings = record.get("config", record) if isinstance(record, dict) else None
-    if not isinstance(settings, dict):
+    settings = recorded_settings(read_json_object(config_path, CheckpointError))
+    if settings is None:
         raise CheckpointError(f"{config_path}: not a run configuration")
     return settings
 

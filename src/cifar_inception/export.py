@@ -46,8 +46,8 @@ from cifar_inception.inference import (  # noqa: F401  (re-exported: part of thi
     OnnxClassifier,
     checkpoint_test_metrics,
     read_onnx_metadata,
+    run_test_metrics,
 )
-from cifar_inception.runs import read_eval
 
 METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript archives
 MIN_OPSET = 18
@@ -123,11 +123,6 @@ def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
         "exported_by": f"cifar-inception {__version__}, torch {torch.__version__}",
         "checkpoint": source.name,
     }
-
-
-def run_test_metrics(checkpoint: Path) -> dict[str, float]:
-    """test_top1/test_top5 from the run folder's eval.json, when it evaluated this checkpoint."""
-    return checkpoint_test_metrics(read_eval(checkpoint.parent), checkpoint)
 
 
 def default_output(checkpoint: Path, fmt: str) -> Path:

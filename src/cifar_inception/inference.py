@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
+from cifar_inception.runs import RunFolder, eval_is_for
 
 # The interface of an exported file (see :mod:`cifar_inception.export`).
 EXPORT_FORMAT = "cifar-inception-export/1"
@@ -100,12 +101,20 @@ def classifier_info(model_name: str, *, options: Any, num_classes: int, params: 
 
 def checkpoint_test_metrics(evaluation: dict | None, checkpoint: Path) -> dict[str, float]:
     """test_top1/test_top5 of a run's eval.json (as :func:`cifar_inception.runs.read_eval`
-    returns it), when it evaluated this checkpoint; else nothing."""
+    returns it), when it evaluated this checkpoint (not, say, the run's last.pt); else nothing."""
+    if evaluation is not None and not eval_is_for(evaluation, checkpoint):
+        return {}
+    return _test_accuracies(evaluation)
+
+
+def run_test_metrics(checkpoint: Path) -> dict[str, float]:
+    """test_top1/test_top5 from the eval.json beside the checkpoint, when it evaluated it."""
+    return _test_accuracies(RunFolder.holding(checkpoint).eval_for(checkpoint))
+
+
+def _test_accuracies(evaluation: dict | None) -> dict[str, float]:
     if evaluation is None:
         return {}
-    evaluated = evaluation.get("checkpoint")
-    if evaluated and Path(str(evaluated)).name != checkpoint.name:
-        return {}  # eval.json speaks of another checkpoint of the run (say last.pt)
     return {key: evaluation[key] for key in ("test_top1", "test_top5")
             if isinstance(evaluation.get(key), (int, float))}
 

@@ -1,7 +1,9 @@
 """The run folder: what a training run writes there, and the rules that keep it whole.
 
 A run folder holds ``config.json`` (how the run was made), ``metrics.jsonl`` (one line per
-epoch), ``last.pt`` (the state to resume from), ``best.pt`` and ``eval.json``. The rules:
+epoch), ``last.pt`` (the state to resume from), ``best.pt`` and ``eval.json``.
+:class:`RunFolder` names these files and reads them for everything that uses a finished run
+(evaluation, report, export, serving), on top of the functions below. The rules:
 
 - one process at a time trains in a folder: an advisory lock (``.lock``) that the kernel
   drops when its process ends, so even a kill -9 leaves no stale lock behind;
@@ -9,7 +11,9 @@ epoch), ``last.pt`` (the state to resume from), ``best.pt`` and ``eval.json``. T
   ``--resume``, starts that run again from its ``config.json``;
 - temporary files left by a kill during an atomic write are removed when a run opens the
   folder, and malformed lines or records (a torn line, a hand edit) are dropped with a
-  warning instead of stopping the run.
+  warning instead of stopping the run;
+- what a record says is read in one place: the settings and data folder a run was trained
+  on, its best epoch, and whether an eval.json is for a given checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_inception.errors import TrainingError
+from cifar_inception.errors import CifarInceptionError, TrainingError
 from cifar_inception.fileio import atomic_write_text, read_jsonl
 
 CONFIG_FILE = "config.json"
@@ -146,18 +150,31 @@ def remove_temporaries(folder: Path) -> int:
 # --- records that a crash or a hand edit may have broken
 
 
+def read_json_object(path: str | os.PathLike,
+                     error: type[CifarInceptionError] = CifarInceptionError) -> dict:
+    """A record file (config.json, eval.json) as a dict; ``error`` naming the file when it
+    cannot be read, is not JSON or holds something else than one object."""
+    try:
+        content = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise error(f"{path}: expected a JSON object")
+    return content
+
+
 def read_record(folder: Path, warn: Warn) -> dict | None:
     """config.json as a dict with a list of resumes, or None (with a warning) if it is not."""
     path = folder / CONFIG_FILE
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         warn(f"warning: {path} is missing; rebuilding it")
         return None
-    except (OSError, ValueError) as exc:
-        warn(f"warning: {path} is unreadable ({exc}); rebuilding it")
+    try:
+        record = read_json_object(path)
+    except CifarInceptionError as exc:
+        warn(f"warning: {exc}; rebuilding it")
         return None
-    if isinstance(record, dict) and isinstance(record.get("resumed", []), list) \
+    if isinstance(record.get("resumed", []), list) \
             and isinstance(record.get("config", {}), dict):
         return record
     warn(f"warning: {path} is not a run record; rebuilding it (the versions and hardware of "
@@ -195,13 +212,116 @@ def truncate_history(folder: Path, epochs_done: int, warn: Warn) -> list[dict]:
     return rows
 
 
+# --- what the records say
+
+
+def recorded_settings(record: dict) -> dict | None:
+    """The training settings a config.json records: its "config" entry (a flat file, as a
+    hand-written one may be, is its own settings); None when they are not a dict."""
+    settings = record.get("config", record)
+    return settings if isinstance(settings, dict) else None
+
+
+def recorded_data_dir(record: dict | None, ckpt: dict | None = None) -> str | None:
+    """The data folder the run was trained on: config.json's (``record``), else the
+    checkpoint's. config.json comes first: a resume may move the data (``data_dir`` is a
+    runtime setting), and config.json follows it while an older best.pt does not."""
+    trained = (ckpt or {}).get("training", {}).get("config")
+    for settings in (recorded_settings(record or {}), trained):
+        if isinstance(settings, dict) and settings.get("data_dir"):
+            return settings["data_dir"]
+    return None
+
+
+def best_epoch(history: list[dict]) -> dict | None:
+    """The row of the epoch best.pt holds: the best validation accuracy (the first of equals,
+    as training keeps a best.pt until another epoch beats it), or the last epoch when the run
+    has no validation split."""
+    with_val = [row for row in history if row.get("val_acc") is not None]
+    if with_val:
+        return max(with_val, key=lambda row: row["val_acc"])
+    return history[-1] if history else None
+
+
 # --- the evaluation of a run
 
 
 def read_eval(folder: str | os.PathLike) -> dict | None:
     """The run folder's eval.json; None when it is missing, unreadable or not a JSON object."""
     try:
-        result = json.loads((Path(folder) / EVAL_FILE).read_text())
-    except (OSError, ValueError):
+        return read_json_object(Path(folder) / EVAL_FILE)
+    except CifarInceptionError:
         return None
-    return result if isinstance(result, dict) else None
+
+
+def eval_is_for(evaluation: dict, checkpoint: str | os.PathLike) -> bool:
+    """Whether an eval.json describes this checkpoint: it names the checkpoint's file (by its
+    name alone, so that a run folder that was moved keeps its evaluation); one that names no
+    checkpoint is taken as the run's."""
+    evaluated = evaluation.get("checkpoint")
+    return not evaluated or Path(str(evaluated)).name == Path(checkpoint).name
+
+
+# --- the folder as one object
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder: the paths of its files, and their readers (the functions above).
+
+    ``RunFolder(path)`` for a folder, ``RunFolder.holding(checkpoint)`` for the folder a
+    checkpoint lies in (a checkpoint copied elsewhere has no record beside it: its folder's
+    readers then find nothing).
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))  # accept a str or any path-like
+
+    @classmethod
+    def holding(cls, checkpoint: str | os.PathLike) -> RunFolder:
+        return cls(Path(checkpoint).parent)
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL_FILE
+
+    def read_config(self) -> dict:
+        """config.json as a dict, {} when there is none; CifarInceptionError if unreadable."""
+        return read_json_object(self.config) if self.config.is_file() else {}
+
+    def read_record(self, warn: Warn) -> dict | None:
+        return read_record(self.path, warn)
+
+    def read_history(self, warn: Warn | None = None) -> list[dict]:
+        return read_history(self.path, warn)
+
+    def read_eval(self) -> dict | None:
+        return read_eval(self.path)
+
+    def eval_for(self, checkpoint: str | os.PathLike) -> dict | None:
+        """eval.json when it describes ``checkpoint``; None when it does not, or is unusable."""
+        evaluation = self.read_eval()
+        if evaluation is None or not eval_is_for(evaluation, checkpoint):
+            return None
+        return evaluation
+
+    def recorded_data_dir(self, ckpt: dict | None = None) -> str | None:
+        return recorded_data_dir(self.read_config(), ckpt)

@@ -1,8 +1,9 @@
 """The ``cifar-inception`` command: one subcommand module each, over the Python API.
 
-Each ``cli/<name>_cmd.py`` defines ``register(subparsers)``, which adds its parser and sets
-``func`` to a function that parses nothing further, calls the API and prints. Heavy imports
-(torch) happen inside those functions, so ``cifar-inception --help`` stays fast.
+Each ``cli/<name>_cmd.py`` defines ``register(subparsers)``, which adds its parser with
+:func:`~cifar_inception.cli.common.add_command`, whose ``func`` is a function that parses
+nothing further, calls the API and prints. Heavy imports (torch) happen inside those
+functions, so ``cifar-inception --help`` stays fast.
 """
 
 from __future__ import annotations

@@ -3,6 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str,
+                run: Callable[[argparse.Namespace], int], *, help: str,
+                description: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand, with ``run`` as its ``func``. A description laid out by
+    hand (paragraphs, a table) is printed as written; one without line breaks is one
+    paragraph, wrapped to the terminal."""
+    layout = argparse.RawDescriptionHelpFormatter if "\n" in description \
+        else argparse.HelpFormatter
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=layout)
+    parser.set_defaults(func=run)
+    return parser
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:

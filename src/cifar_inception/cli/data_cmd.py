@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_inception.cli.common import add_data_args
+from cifar_inception.cli.common import add_command, add_data_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "data",
+    parser = add_command(
+        subparsers, "data", run,
         help="load CIFAR-10 (downloading it on first use) and describe it",
         description=(
             "Load CIFAR-10, downloading it on first use, and print where it came from, its "
@@ -28,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--val-size", type=int, default=5000, metavar="N",
                         help="training images held out for validation, stratified by class "
                              "(default 5000; 0 keeps all 50,000 for training)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cifar_inception.cli.common import add_command
+
 DESCRIPTION = """\
 Export a trained model (a run folder, whose best.pt is used, or a .pt checkpoint) as one
 file that is usable alone:
@@ -29,12 +31,10 @@ FORMATS = ("onnx", "pt2", "torchscript")
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export",
+    parser = add_command(
+        subparsers, "export", run,
         help="export a trained model to ONNX, torch.export (.pt2) or TorchScript",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        description=DESCRIPTION)
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or .pt checkpoint")
     parser.add_argument("-f", "--format", choices=FORMATS, default="onnx",
                         help="file format (default: onnx)")
@@ -43,7 +43,6 @@ def register(subparsers) -> None:
                              "best.pt2, best.torchscript.pt)")
     parser.add_argument("--opset", type=int, default=None, metavar="N",
                         help="ONNX opset version (default: a current one, 20)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from cifar_inception.cli.common import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "models",
+    add_command(
+        subparsers, "models", run,
         help="list the models: parameters, multiply-adds per image, purpose",
         description=(
             "List every registered model with its parameter count (auxiliary heads "
@@ -16,7 +18,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "in train and summary)."
         ),
     )
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

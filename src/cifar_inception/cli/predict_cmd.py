@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from cifar_inception.cli.common import add_device_arg, positive_int
+from cifar_inception.cli.common import add_command, add_device_arg, positive_int
 
 DESCRIPTION = """\
 Classify image files with a trained model: a run folder (its best.pt, else last.pt),
@@ -25,12 +25,9 @@ A file that cannot be read is reported on stderr and skipped; the exit status is
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "predict",
-        help="classify image files with a trained model",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "predict", run,
+                         help="classify image files with a trained model",
+                         description=DESCRIPTION)
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="run folder, .pt checkpoint or .onnx file")
     parser.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+",
@@ -40,7 +37,6 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document instead of text")
     add_device_arg(parser, "for a PyTorch checkpoint")
-    parser.set_defaults(func=run)
 
 
 def format_prediction(result, width: int) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cifar_inception.cli.common import add_data_args, add_device_arg
+from cifar_inception.cli.common import add_command, add_data_args, add_device_arg
 
 DESCRIPTION = """\
 Draw a run's training curves, confusion matrix, most confidently misclassified test images
@@ -20,12 +20,9 @@ RUN/report/ (or --output) is written.
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "report",
-        help="figures and report.html for a run folder",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "report", run,
+                         help="figures and report.html for a run folder",
+                         description=DESCRIPTION)
     parser.add_argument("run", metavar="RUN", help="run folder written by train")
     add_data_args(parser)
     parser.add_argument("-o", "--output", metavar="DIR", default=None,
@@ -33,7 +30,6 @@ def register(subparsers) -> None:
     parser.add_argument("--misclassified", type=int, default=40, metavar="N",
                         help="how many misclassified test images to show (default: 40)")
     add_device_arg(parser, "for predicting the test set")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

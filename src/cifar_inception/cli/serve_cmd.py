@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from cifar_inception.cli.common import add_device_arg, positive_int
+from cifar_inception.cli.common import add_command, add_device_arg, positive_int
 
 DESCRIPTION = """\
 Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
@@ -43,12 +43,9 @@ def positive_float(text: str) -> float:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve",
-        help="serve a web demo page and JSON API for a trained model",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = add_command(subparsers, "serve", run,
+                         help="serve a web demo page and JSON API for a trained model",
+                         description=DESCRIPTION)
     parser.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
                         help="run folder, .pt checkpoint or exported .onnx file")
     parser.add_argument("--host", default="127.0.0.1",
@@ -62,7 +59,6 @@ def register(subparsers) -> None:
     add_device_arg(parser, "for a PyTorch checkpoint")
     parser.add_argument("--no-access-log", action="store_true",
                         help="do not log every request")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

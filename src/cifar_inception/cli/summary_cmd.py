@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from cifar_inception.cli.common import add_command
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "summary",
+    parser = add_command(
+        subparsers, "summary", run,
         help="print a model's layer table (Keras style) with its parameter totals",
         description=(
             "Print the layer table of a registered model: layer (type), output shape for "
@@ -23,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--num-classes", type=int, default=10, metavar="N",
                         help="number of output classes (default: 10)")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_inception.cli.common import add_data_args
+from cifar_inception.cli.common import add_command, add_data_args
 
 DESCRIPTION = """\
 Train a registered model on CIFAR-10 and evaluate its best epoch on the test set.
@@ -34,9 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from cifar_inception.options import add_flags
     from cifar_inception.recipes import RECIPES, TrainConfig
 
-    parser = subparsers.add_parser(
-        "train", help="train a model (default: one that suits this hardware), then test it",
-        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        subparsers, "train", run_train,
+        help="train a model (default: one that suits this hardware), then test it",
+        description=DESCRIPTION)
     parser.add_argument("model", metavar="MODEL", nargs="?", default=None,
                         help="registered model name (see `cifar-inception models`)")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
@@ -52,7 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                          "(repeatable; see `cifar-inception models`)")
     add_data_args(parser)
     add_flags(parser, TrainConfig)  # one flag per TrainConfig option, from its declaration
-    parser.set_defaults(func=run_train)
 
 
 def collect_overrides(args: argparse.Namespace) -> dict:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch.nn as nn
 
@@ -78,12 +78,21 @@ def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     builder = get_builder(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"num_classes must be a positive integer, not {num_classes!r}")
+    check_model_options(name, options)
+    return builder(num_classes=num_classes, **options)
+
+
+def check_model_options(name: str, options: Iterable[str]) -> None:
+    """Refuse an unknown model name, or option names the model's builder does not take;
+    training calls it before loading the data, so that a typo fails at once."""
     known = model_options(name)
     unknown = sorted(set(options) - set(known))
-    if unknown and not _takes_any_option(builder):
-        accepted = ", ".join(known) if known else "none"
-        raise ModelError(f"model {name!r} has no option {unknown[0]!r} (its options: {accepted})")
-    return builder(num_classes=num_classes, **options)
+    if not unknown or _takes_any_option(get_builder(name)):
+        return
+    accepted = ", ".join(known) if known else "none"
+    what = "option" if len(unknown) == 1 else "options"
+    raise ModelError(f"model {name!r} has no {what} {', '.join(map(repr, unknown))} "
+                     f"(its options: {accepted})")
 
 
 def model_options(name: str) -> dict[str, object]:

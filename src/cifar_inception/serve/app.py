@@ -49,9 +49,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar_inception.images import MAX_PIXELS, ImageError, image_header, load_cifar_array
-from cifar_inception.inference import Classifier, checkpoint_test_metrics
+from cifar_inception.inference import Classifier, run_test_metrics
 from cifar_inception.predict import top_classes
-from cifar_inception.runs import read_eval
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -119,8 +118,7 @@ def model_summary(classifier: Classifier) -> dict[str, Any]:
                for key, value in (info.get("metrics") or {}).items()}
     source = info.get("source")
     if "test_top1" not in metrics and source and info.get("format") != "onnx":
-        checkpoint = Path(source)
-        metrics.update(checkpoint_test_metrics(read_eval(checkpoint.parent), checkpoint))
+        metrics.update(run_test_metrics(Path(source)))
     return {
         "model": classifier.model_name,
         "options": info.get("options", {}),

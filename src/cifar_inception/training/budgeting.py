@@ -23,10 +23,15 @@ from cifar_inception.budget import (
     Rates,
     plan,
     time_per_call,
-    worth_tta,
+    affordable_views,
 )
 from cifar_inception.checkpoint import save_checkpoint
-from cifar_inception.evaluation import TTA_VIEWS, log_probabilities, test_in_channels_last
+from cifar_inception.evaluation import (
+    TTA_VIEW_COUNTS,
+    log_probabilities,
+    test_in_channels_last,
+    views_for,
+)
 from cifar_inception.fileio import atomic_write_json
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
@@ -47,11 +52,13 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
         [rates.step_s, rates.val_image_s, rates.test_image_s], dtype=torch.float64,
         device=loop.device), loop.ctx, op="max").tolist()
     budget, rates = loop.config.budget, Rates(*slowest, epoch_s=rates.epoch_s)
-    tta = loop.config.tta and worth_tta(budget, test_images, len(TTA_VIEWS), rates.test_image_s)
+    wanted = tuple(v for v in TTA_VIEW_COUNTS if v <= loop.config.tta_views)
+    views = affordable_views(budget, test_images, rates.test_image_s, wanted) \
+        if loop.config.tta else 0
     val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
     return plan(budget, time.perf_counter() - started, rates,
                 steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
-                test_images=test_images * (len(TTA_VIEWS) if tta else 1), tta=tta)
+                test_images=test_images * max(1, views), tta_views=views)
 
 
 def measure_rates(loop: Loop) -> Rates:
@@ -137,7 +144,7 @@ def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, step_s: flo
         [step_s, val_s / max(1, val_per_rank)], dtype=torch.float64,
         device=loop.device), ctx, op="max").tolist()
     rates = replace(budget_plan.rates, step_s=measured[0], val_image_s=measured[1])
-    views = len(TTA_VIEWS) if config.tta else 1
+    views = len(views_for(config.tta, config.tta_views))
     try:
         rest = plan(config.budget, time.perf_counter() - run_started, rates,
                     steps_per_epoch=steps_per_epoch, val_images=val_per_rank,

@@ -46,7 +46,7 @@ from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CifarInceptionError, TrainingError
-from cifar_inception.evaluation import EVAL_FILE, TTA_VIEWS, evaluate, log_probabilities
+from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.recipes import TrainConfig, validate
 from cifar_inception.runs import BEST, LAST, METRICS_FILE, locked, read_history, resume_target
@@ -146,11 +146,12 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     budget_plan = None
     if config.budget is not None and ckpt is None:
         budget_plan = plan_budget(loop, test_images, run_started)
-        if config.tta and not budget_plan.tta:
-            emit(f"test-time augmentation off: its {len(TTA_VIEWS)} views of the test set "
-                 f"would take over {TTA_SHARE:.0%} of the budget on this machine")
+        if config.tta and budget_plan.tta_views < config.tta_views:
+            emit(_fewer_views_line(config.tta_views, budget_plan.tta_views))
         loop.config = config = replace(config, train_steps=budget_plan.train_steps,
-                                       epochs=budget_plan.epochs, tta=budget_plan.tta)
+                                       epochs=budget_plan.epochs,
+                                       tta=budget_plan.tta_views > 0,
+                                       tta_views=budget_plan.tta_views or config.tta_views)
         emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
     elif config.train_steps is not None:  # the epochs that hold them, the last cut short
         loop.config = config = replace(
@@ -210,13 +211,23 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     test = None
     if status == "completed" and ctx.is_main and config.test:
         test = evaluate(loop.run_dir / BEST, data, device=str(device),
-                        batch_size=config.eval_batch_size, tta=config.tta)
+                        batch_size=config.eval_batch_size, tta=config.tta,
+                        tta_views=config.tta_views)
         emit(f"test ({BEST}, epoch {position.best_epoch}"
-             f"{', with test-time augmentation' if config.tta else ''}): "
+             f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
              f"loss {test['test_loss']:.4f} - "
              f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
              f"({loop.run_dir / EVAL_FILE})")
     return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
+
+
+def _fewer_views_line(asked: int, kept: int) -> str:
+    if kept:
+        return (f"test-time augmentation with {kept} views (the image and its mirror): "
+                f"{asked} views of the test set would take over {TTA_SHARE:.0%} of the budget "
+                "on this machine")
+    return (f"test-time augmentation off: even its fewest views of the test set would take "
+            f"over {TTA_SHARE:.0%} of the budget on this machine")
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import torch.nn as nn
 from cifar_inception import distributed
 from cifar_inception.augment import AugmentPolicy, normalize
 from cifar_inception.checkpoint import make_checkpoint
-from cifar_inception.devices import cpu_precision, usable_cores
+from cifar_inception.devices import cpu_precision, reuse_freed_memory, usable_cores
 from cifar_inception.distributed import DistContext
-from cifar_inception.errors import ModelError, TrainingError
+from cifar_inception.errors import TrainingError
 from cifar_inception.models import create_model
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.training.optim import (
@@ -53,6 +53,7 @@ def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
     """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
     threads = _threads_for(config, ctx)
     torch.set_num_threads(threads)
+    reuse_freed_memory()  # a step's large blocks are reused, not page-faulted in again
     precision = cpu_precision(config.cpu_amp)
     how = "--threads" if config.num_threads else "the cores this process may use"
     line = (f"{precision.describe()}; {threads} thread{'s' if threads != 1 else ''} per "
@@ -62,17 +63,9 @@ def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
 
 def check_model(config: TrainConfig) -> None:
     """Refuse an unknown model name or option at once, before the data is loaded."""
-    import inspect
+    from cifar_inception.models.registry import check_model_options
 
-    from cifar_inception.models.registry import get_builder, model_options
-
-    known = model_options(config.model)  # ModelError for an unknown name
-    unknown = sorted(set(config.model_options) - set(known))
-    takes_any = any(p.kind is p.VAR_KEYWORD
-                    for p in inspect.signature(get_builder(config.model)).parameters.values())
-    if unknown and not takes_any:
-        raise ModelError(f"model {config.model!r} has no option(s) {', '.join(unknown)}; "
-                         f"its options: {', '.join(known) or 'none'}")
+    check_model_options(config.model, config.model_options)
 
 
 @dataclass
