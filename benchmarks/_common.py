@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cifar_inception import __version__
-from cifar_inception.devices import cpu_capability, has_native_bf16, usable_cores
+from cifar_inception.devices import cpu_capability, cpu_name, has_native_bf16, usable_cores
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
 
@@ -32,17 +32,6 @@ def pick_device(name: str) -> torch.device:
         print(f"note: {name} asked for but CUDA is not available; using the CPU")
         return torch.device("cpu")
     return torch.device(name)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is often empty on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment(device: torch.device) -> dict[str, Any]:

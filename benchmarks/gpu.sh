@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one run (under 9 minutes on one H100), tables printed last.
 #
-#   benchmarks/gpu.sh DATA [RESULTS_DIR]
+#   benchmarks/gpu.sh DATA [RESULTS_DIR [STAGE...]]
 #
 # DATA is a CIFAR-10 source (e.g. cifar10-jpeg.tar.gz); RESULTS_DIR (default: $OUT if set,
 # else /tmp/cifar-inception-gpu) receives the JSON files, the logs and the decoded-array cache.
@@ -9,20 +9,39 @@
 # installed from this working tree (pip, editable, no dependencies, no network), or put on
 # PYTHONPATH when that fails or INSTALL=0.
 #
-# Steps, most important first, each cut short if the time budget (BUDGET_S, 510 s) runs out:
-#   1. the fast recipe for SEEDS seeds (default 5): time to 92/93/94%, accuracy at 2/3/5/10 s,
-#      then the plain baseline (baseline-plain, airbench94's network) by the same recipe;
-#   2. throughput (images/s, training and inference) of every registered model;
-#   3. an ablation: the fast recipe with one trick switched off at a time, ABLATION_SEEDS
-#      seeds each (default 2).
+# Stages, most important first, each cut short if the time budget (BUDGET_S, 510 s) runs out
+# (default: fast baseline throughput ablation):
+#   fast       the fast recipe for SEEDS seeds (default 5): time to 92/93/94%, accuracy at
+#              2/3/5/10 s;
+#   baseline   the plain baseline (baseline-plain, airbench94's network) by the same recipe;
+#   throughput images/s, training and inference, of every registered model;
+#   ablation   the fast recipe with one trick switched off at a time, ABLATION_SEEDS seeds
+#              each (default 2);
+#   report     the report's four networks with its recipe for its epochs
+#              (reproduce_report.py: seed-inception-v2 for 25 epochs, both GoogLeNets and the
+#              naive module for 10), resuming what an earlier call left in RESULTS_DIR/report;
+#   report-default  the same networks with the project's default recipe, for the same epochs.
+# The report stages take longer than one budget (seed-inception-v2 alone is about 35,000
+# steps of 32): run them alone (`gpu.sh DATA RESULTS report`), and again with the same
+# RESULTS_DIR to continue.
 # Without CUDA it falls back to a tiny CPU setting (one seed, one short epoch, a subset of the
 # images) that only shows the whole script works.
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
-data="${1:?usage: benchmarks/gpu.sh DATA [RESULTS_DIR]}"
+data="${1:?usage: benchmarks/gpu.sh DATA [RESULTS_DIR [STAGE...]]}"
 results="${2:-${OUT:-/tmp/cifar-inception-gpu}}"
+shift $(( $# < 2 ? $# : 2 ))
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(fast baseline throughput ablation)
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        fast|baseline|throughput|ablation|report|report-default) ;;
+        *) echo "gpu.sh: error: unknown stage $stage" >&2; exit 2 ;;
+    esac
+done
+wanted() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 python="${PYTHON:-python3}"
 budget="${BUDGET_S:-510}"
 started=$(date +%s)
@@ -60,6 +79,7 @@ if "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else
     ablation_seeds="${ABLATION_SEEDS:-2}"
     tiny=()
     throughput=(--batch-size 1024 --steps 20 --warmup 5 --peak)
+    report=(--models seed-inception-v2 seed-googlenet seed-googlenet:fix_3x3=true seed-naive)
 else
     mode=cpu-tiny
     seeds=1
@@ -70,6 +90,8 @@ else
           --set model_options={\"width\":0.25})
     throughput=(--device cpu --batch-size 16 --steps 1 --warmup 1
                 --threads 1 --models inception-cpu inception-fast:width=0.25 googlenet:width=0.25)
+    report=(--models seed-googlenet --epochs 1 --device cpu --threads 1
+            --set train_limit=64 --set val_size=20)
 fi
 echo "mode: $mode; results in $results; budget ${budget}s"
 
@@ -89,27 +111,35 @@ step() {  # step NAME COMMAND...: run with the time left, log to NAME.log
 }
 
 tta="$here/time_to_accuracy.py"
-step fast "$python" "$tta" --recipe fast --seeds "$seeds" --data-dir "$data" --quiet \
-    --out-dir "$results/runs" --json "$results/fast.json" "${tiny[@]}"
-step baseline "$python" "$tta" --recipe fast --model baseline-plain --seeds "$seeds" \
-    --data-dir "$data" --quiet --out-dir "$results/runs" --json "$results/baseline.json" \
-    "${tiny[@]}"
-step throughput "$python" "$here/throughput.py" "${throughput[@]}" \
+wanted fast && step fast "$python" "$tta" --recipe fast --seeds "$seeds" --data-dir "$data" \
+    --quiet --out-dir "$results/runs" --json "$results/fast.json" "${tiny[@]}"
+wanted baseline && step baseline "$python" "$tta" --recipe fast --model baseline-plain \
+    --seeds "$seeds" --data-dir "$data" --quiet --out-dir "$results/runs" \
+    --json "$results/baseline.json" "${tiny[@]}"
+wanted throughput && step throughput "$python" "$here/throughput.py" "${throughput[@]}" \
     --json "$results/throughput.json"
-step ablation "$python" "$tta" --recipe fast --seeds "$ablation_seeds" --data-dir "$data" \
-    --quiet --out-dir "$results/runs" --json "$results/ablation.json" "${tiny[@]}" \
+wanted ablation && step ablation "$python" "$tta" --recipe fast --seeds "$ablation_seeds" \
+    --data-dir "$data" --quiet --out-dir "$results/runs" --json "$results/ablation.json" \
+    "${tiny[@]}" \
     --ablate no-lookahead:lookahead=false no-whiten:whiten_init=false \
              no-tta:tta=false random-flips:flip_mode=random no-label-smoothing:label_smoothing=0 \
              no-bias-lr:norm_bias_lr=1 bn-scale:model_options={\"bn_scale\":true} \
              no-dirac:model_options={\"dirac\":false} fp32:amp=false
+wanted report && step report "$python" "$here/reproduce_report.py" "${report[@]}" \
+    --data-dir "$data" --out-dir "$results/report" --json "$results/report.json" \
+    --plot "$results/report-curves.png"
+wanted report-default && step report-default "$python" "$here/reproduce_report.py" \
+    "${report[@]}" --recipe default --data-dir "$data" --out-dir "$results/report-default" \
+    --json "$results/report-default.json"
 
 # -- the tables, last
 echo
 echo "================ results ($mode, $(( $(date +%s) - started ))s in all) ================"
-for name in fast baseline throughput ablation; do
+for name in "${stages[@]}"; do
     log="$results/$name.log"
     [ -f "$log" ] || continue
     # each table starts at a blank line followed by a title line; print from the first one
-    awk 'BEGIN{p=0} /^(Time to accuracy|Throughput|Machine rate|Ablation)/{p=1} p' "$log"
+    awk 'BEGIN{p=0} /^(Time to accuracy|Throughput|Machine rate|Ablation|The report)/{p=1} p' \
+        "$log"
     echo
 done

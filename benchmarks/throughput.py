@@ -164,12 +164,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument("--modes", default="train,infer",
                         help="train, infer, or both: train,infer (also spelt both)")
+    parser.add_argument("--reuse-memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep freed memory for reuse, as CPU training does (for the whole "
+                             "process: compare in two calls)")
     parser.add_argument("--peak", action="store_true",
                         help="also measure the machine's matmul and convolution rates")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     args = parser.parse_args(argv)
 
     threads_before = torch.get_num_threads()
+    if args.reuse_memory:
+        from cifar_inception.devices import reuse_freed_memory
+
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -184,7 +191,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = True
     env = environment(device)
     settings = {"batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
-                "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile}
+                "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                "reuse_memory": args.reuse_memory}
     specs = args.models or list_models()
     rows, failures = [], []
     for spec in specs:
@@ -194,7 +202,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(measure_model(
                 name, options, batch_size=args.batch_size, device=device, steps=args.steps,
                 warmup=args.warmup, amp=args.amp, channels_last=args.channels_last,
-                compile_model=args.compile, modes=tuple(args.modes.replace("both", "train,infer").split(","))))
+                compile_model=args.compile,
+                modes=tuple(args.modes.replace("both", "train,infer").split(","))))
         except (RuntimeError, MemoryError) as exc:  # e.g. out of memory for a huge model
             failures.append({"model": spec, "error": str(exc).splitlines()[0]})
             print(f"{spec}: failed: {failures[-1]['error']}", file=sys.stderr)
@@ -205,7 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "rows": rows, "failures": failures, "peak": peak}
     write_json(args.json, result)
     print(f"\nThroughput, {describe(env)}; batch {args.batch_size}, amp={args.amp}, "
-          f"channels_last={args.channels_last}, compile={args.compile}")
+          f"channels_last={args.channels_last}, compile={args.compile}, "
+          f"reuse_memory={args.reuse_memory}")
     print(format_table(rows, COLUMNS))
     if peak:
         print("\nMachine rate")

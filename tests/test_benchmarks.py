@@ -115,6 +115,27 @@ def test_gpu_script_falls_back_on_the_cpu(tmp_path, image_tree):
         assert json.loads((tmp_path / "out" / name).read_text())["environment"]
 
 
+def test_gpu_script_runs_the_stages_asked_for(tmp_path, image_tree):
+    """The report stage alone (the tiny CPU setting: one epoch of 64 images)."""
+    env = {**os.environ, "PYTHON": sys.executable, "INSTALL": "0", "BUDGET_S": "200",
+           "PYTHONPATH": str(TESTS.parent / "src")}
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(image_tree),
+                           str(tmp_path / "out"), "report"], env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "== report" in done.stdout and "== fast" not in done.stdout
+    assert "The report's runs beside ours" in done.stdout
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["tests"]
+    assert (tmp_path / "out" / "report-curves.png").stat().st_size > 0
+
+
+def test_gpu_script_refuses_an_unknown_stage(tmp_path, image_tree):
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(image_tree),
+                           str(tmp_path / "out"), "everything"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "unknown stage everything" in done.stderr
+
+
 def test_gpu_script_refuses_missing_data(tmp_path):
     done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh"), str(tmp_path / "nothing")],
                           capture_output=True, text=True, timeout=60)

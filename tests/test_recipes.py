@@ -94,8 +94,13 @@ def test_speed_recipes_switch_their_tricks_on():
     for config in (cpu10, fast):
         assert config.lookahead and config.whiten_init and config.tta
         assert config.flip_mode == "alternate" and config.label_smoothing == 0.2
-        assert config.norm_bias_lr == 64.0 and config.batch_size == 1024
+        assert config.norm_bias_lr == 64.0
         assert config.crop_padding == 2 and 0 < config.final_lr < 1
+    assert fast.batch_size == 1024 and cpu10.batch_size == 256
+    # the CPU's smaller batch: the learning rate scaled with it, lookahead over as many images
+    assert cpu10.lr / cpu10.batch_size == fast.lr / fast.batch_size
+    assert cpu10.lookahead_steps * cpu10.batch_size == fast.lookahead_steps * fast.batch_size
+    assert cpu10.weight_decay == fast.weight_decay
     assert cpu10.cpu_amp is None and cpu10.cpu_channels_last  # bf16 decided by the CPU
     assert build_config(recipe="cpu10", lookahead=False).lookahead is False
 

@@ -144,6 +144,7 @@ def test_run_folder_contents_and_learning(tmp_path, data):
     assert record["config"]["model"] == TINY and record["config"]["lr"] == 0.1
     assert record["versions"]["torch"] == torch.__version__
     assert record["hardware"]["device"] == "cpu" and record["data"]["val_images"] == 60
+    assert record["hardware"]["cpu"] and record["hardware"]["cpu_capability"]
     best = load_checkpoint(run / "best.pt")
     assert best["metrics"]["val_acc"] == max(r["val_acc"] for r in rows)
     assert best["data"]["classes"] == list(data.classes) and len(best["data"]["mean"]) == 3

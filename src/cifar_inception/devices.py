@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import time
 from dataclasses import dataclass
 
@@ -65,6 +66,26 @@ def reuse_freed_memory() -> bool:
         return False
     return is_glibc and bool(libc.mallopt(_M_MMAP_MAX, 0)) \
         and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it, with its family and model numbers where the
+    name alone does not tell the generation (a virtual machine's "AMD EPYC"); elsewhere
+    what the platform says (platform.processor() is often empty on Linux)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if not key.strip():
+                    break  # the first processor's block is enough
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cpu_capability() -> str:

@@ -45,3 +45,11 @@ def needs_extra(extra: str, what: str) -> Iterator[None]:
         raise CifarInceptionError(
             f"{what} needs the optional package {exc.name!r}, part of the [{extra}] extra: "
             f"pip install 'cifar-inception[{extra}]'") from None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``No space left on device: runs/x/.last.pt.tmp``, rather than errno numbers."""
+    if exc.strerror is None:
+        return str(exc)
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return exc.strerror + (f": {' -> '.join(names)}" if names else "")

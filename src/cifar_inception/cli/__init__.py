@@ -13,7 +13,7 @@ import importlib
 import sys
 
 from cifar_inception import __version__
-from cifar_inception.errors import CifarInceptionError
+from cifar_inception.errors import CifarInceptionError, describe_os_error
 
 # In pipeline order: data, models, training, evaluation, report, use.
 COMMANDS = (
@@ -60,11 +60,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # a full disk, a folder that is a file, no permission, ...
         print(f"cifar-inception: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
-
-
-def describe_os_error(exc: OSError) -> str:
-    """``No space left on device: runs/x/.last.pt.tmp``, rather than errno numbers."""
-    if exc.strerror is None:
-        return str(exc)
-    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
-    return exc.strerror + (f": {' -> '.join(names)}" if names else "")

@@ -47,16 +47,17 @@ from cifar_inception.training.setup import (
 def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
     """Measure this machine's speed on a scratch copy of the model, then plan the run."""
     rates = measure_rates(loop)
-    # Every rank steps together: the slowest one sets the pace.
-    slowest = distributed.all_reduce(torch.tensor(
-        [rates.step_s, rates.val_image_s, rates.test_image_s], dtype=torch.float64,
-        device=loop.device), loop.ctx, op="max").tolist()
+    # Every rank steps together: the slowest one sets the pace. Every rank must also plan
+    # the same number of steps, so they all plan from the same (the latest) elapsed time.
+    *slowest, elapsed = distributed.all_reduce(torch.tensor(
+        [rates.step_s, rates.val_image_s, rates.test_image_s, time.perf_counter() - started],
+        dtype=torch.float64, device=loop.device), loop.ctx, op="max").tolist()
     budget, rates = loop.config.budget, Rates(*slowest, epoch_s=rates.epoch_s)
     wanted = tuple(v for v in TTA_VIEW_COUNTS if v <= loop.config.tta_views)
     views = affordable_views(budget, test_images, rates.test_image_s, wanted) \
         if loop.config.tta else 0
     val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
-    return plan(budget, time.perf_counter() - started, rates,
+    return plan(budget, elapsed, rates,
                 steps_per_epoch=loop.steps_per_epoch, val_images=val_per_rank,
                 test_images=test_images * max(1, views), tta_views=views)
 
@@ -131,31 +132,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, step_s: float,
-                  val_s: float, test_images: int, emit: Callable[[str], None]) -> TrainConfig:
-    """Plan the rest of the run again from its first epoch (``step_s`` seconds a step, its
-    first few left out; ``val_s`` for its validation), a far longer measurement than the
-    probe's few steps, which a busy machine can mislead; the schedules, fractions of the
-    run, follow. The run's config and config.json get the new plan."""
+def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, epochs_done: int,
+                  step_s: float, val_s: float, test_images: int,
+                  emit: Callable[[str], None]) -> TrainConfig:
+    """Plan the rest of the run again after ``epochs_done`` epochs, from their measured speed
+    (``step_s`` seconds a step, each epoch's first few left out; ``val_s`` for a validation):
+    a far longer measurement than the probe's few steps, which a busy machine can mislead,
+    and one that follows a machine whose speed drifts. The schedules, fractions of the run,
+    follow; a change under 1% is left alone. The run's config and config.json get the new
+    plan. At least one more step stays, so the run ends as planned runs do (the lookahead's
+    average is the last step's)."""
     config, ctx, steps_per_epoch = loop.config, loop.ctx, loop.steps_per_epoch
-    done = loop.steps_in_epoch(0)
+    done = min(config.train_steps, epochs_done * steps_per_epoch)
     val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / ctx.world_size)
-    measured = distributed.all_reduce(torch.tensor(
-        [step_s, val_s / max(1, val_per_rank)], dtype=torch.float64,
-        device=loop.device), ctx, op="max").tolist()
-    rates = replace(budget_plan.rates, step_s=measured[0], val_image_s=measured[1])
+    # the same inputs on every rank, so that every rank plans the same steps
+    step_s, val_image_s, elapsed = distributed.all_reduce(torch.tensor(
+        [step_s, val_s / max(1, val_per_rank), time.perf_counter() - run_started],
+        dtype=torch.float64, device=loop.device), ctx, op="max").tolist()
+    rates = replace(budget_plan.rates, step_s=step_s, val_image_s=val_image_s)
     views = len(views_for(config.tta, config.tta_views))
     try:
-        rest = plan(config.budget, time.perf_counter() - run_started, rates,
+        rest = plan(config.budget, elapsed, rates,
                     steps_per_epoch=steps_per_epoch, val_images=val_per_rank,
                     test_images=test_images * views).train_steps
-    except BudgetError:  # the budget is spent already: end with this epoch
-        rest = 0
-    total = done + rest
+    except BudgetError:  # the budget is spent already: end with one more step
+        rest = 1
+    total = done + max(1, rest)
     if abs(total - config.train_steps) <= 0.01 * config.train_steps:
         return config
-    emit(f"budget re-planned after epoch 1 (measured {config.batch_size / rates.step_s:,.0f} "
-         f"training images/s): {total / steps_per_epoch:.2f} epochs, {total} steps in all")
+    emit(f"budget re-planned after epoch {epochs_done} (measured "
+         f"{config.batch_size / rates.step_s:,.0f} training images/s): "
+         f"{total / steps_per_epoch:.2f} epochs, {total} steps in all")
     config = replace(config, train_steps=total, epochs=math.ceil(total / steps_per_epoch))
     if loop.run_dir is not None:
         record = read_record(loop.run_dir, emit)

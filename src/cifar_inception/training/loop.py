@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -48,11 +49,14 @@ from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CifarInceptionError, TrainingError
 from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities
 from cifar_inception.fileio import append_jsonl
+from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
 from cifar_inception.runs import BEST, LAST, METRICS_FILE, locked, read_history, resume_target
 from cifar_inception.training.budgeting import plan_budget, replan_budget
 from cifar_inception.training.optim import optimise
+from cifar_inception.training.ranks import train_in_processes
 from cifar_inception.training.record import _open_run_dir
+from cifar_inception.training.result import TrainResult
 from cifar_inception.training.resume import Position, _resume_state, resume_config
 from cifar_inception.training.setup import (
     DeviceData,
@@ -68,21 +72,11 @@ from cifar_inception.training.setup import (
 )
 
 
-@dataclass
-class TrainResult:
-    run_dir: Path | None       # None on ranks other than 0
-    status: str                # "completed", "paused" (stop_after_epochs) or "interrupted"
-    epoch: int                 # epochs completed
-    history: list[dict]        # every epoch's metrics so far (metrics.jsonl)
-    best: dict | None          # the metrics of the epoch saved as best.pt
-    test: dict | None          # eval.json of best.pt, when the test set was evaluated
-    message: str = ""
-
-
 def train(config: TrainConfig | None = None, data: Any = None, *,
           resume: str | os.PathLike | None = None,
           log: Callable[[str], None] | None = None,
-          epoch_end: Callable[..., None] | None = None) -> TrainResult:
+          epoch_end: Callable[..., None] | None = None,
+          started_at: float | None = None) -> TrainResult:
     """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
 
     ``data``: a loaded ``CIFAR10`` (default: ``load_cifar10(config.data_dir)``).
@@ -90,9 +84,12 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
     print; only rank 0 logs under torchrun). ``epoch_end(row, model, mean, std)``: called on
     rank 0 after each epoch is logged and saved, outside the epoch's timing (benchmarks use
-    it to follow test accuracy against training time).
+    it to follow test accuracy against training time). ``started_at``: when the run began,
+    as ``time.time()`` (default: now); a ``--budget`` counts from it, so the ranks of a run
+    split into processes count their launch.
     """
-    started = time.perf_counter()  # a --budget counts from here
+    started_at = time.time() if started_at is None else started_at
+    started = time.perf_counter() - (time.time() - started_at)  # a --budget counts from here
     if config is None:
         if resume is None:
             raise TrainingError("give a configuration or a run to resume")
@@ -100,6 +97,14 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     validate(config)
     if config.data_dir is not None:  # recorded absolute, so evaluation finds it from anywhere
         config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
+    config = _with_processes(config, epoch_end)
+    if config.processes is not None and config.processes > 1 and not under_launcher():
+        check_model(config)  # what can fail at once fails here, as one line
+        if data is None:
+            from cifar_inception.data import load_cifar10
+
+            data = load_cifar10(config.data_dir, download=config.download)
+        return train_in_processes(config, data, resume, log, config.processes, started_at)
     ctx = distributed.context_from_environment()
     device = distributed.device_for(ctx, pick_device(config.device))
     emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
@@ -123,6 +128,17 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
         held.close()
         distributed.shutdown()
         torch.set_num_threads(threads_before)
+
+
+def _with_processes(config: TrainConfig, epoch_end: Callable[..., None] | None
+                    ) -> TrainConfig:
+    """``--processes`` where it applies: on a CPU, outside torchrun, and not where
+    ``epoch_end`` must see the model after each epoch (it then trains in one process)."""
+    if under_launcher() or pick_device(config.device).type != "cpu":
+        return config
+    if epoch_end is not None or config.processes is None:
+        return replace(config, processes=1)
+    return config
 
 
 def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
@@ -161,6 +177,7 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
         emit(_start_line(loop, resumed=ckpt is not None))
 
     status, message = "completed", ""
+    step_times: list[float] = []  # seconds a step, per epoch of this process, for re-plans
     stop = StopRequest()
     with stop.installed():
         epoch = position.epoch - 1
@@ -189,9 +206,10 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             with record_function("validation"):
                 val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
                                                        device, ctx)
-            if budget_plan is not None and epoch == 0 and config.epochs > 1:
+            step_times.append(result.warm_step_s or trained_s / loop.steps_in_epoch(epoch))
+            if budget_plan is not None and epoch + 1 < config.epochs:
                 loop.config = config = replan_budget(
-                    loop, budget_plan, run_started, result.warm_step_s or trained_s / loop.steps_in_epoch(0),
+                    loop, budget_plan, run_started, epoch + 1, statistics.fmean(step_times),
                     time.perf_counter() - started - trained_s, test_images, emit)
             row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
                    "train_loss": result.loss_sum / result.seen,

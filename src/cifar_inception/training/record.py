@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from cifar_inception import __version__
+from cifar_inception.devices import cpu_capability, cpu_name
 from cifar_inception.distributed import DistContext
 from cifar_inception.fileio import atomic_write_json
 from cifar_inception.recipes import TrainConfig, get_recipe
@@ -78,8 +79,10 @@ def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
 
 
 def hardware_info(device: torch.device, ctx: DistContext) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        (platform.processor() or platform.machine())
-    return {"device": str(device), "device_name": name, "cpu_count": os.cpu_count(),
+    """The machine a run's figures belong to: the CPU's model and vector capability always
+    (bf16 and speed depend on them), the GPU's name where there is one."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {"device": str(device), "device_name": name, "cpu": cpu_name(),
+            "cpu_capability": cpu_capability(), "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(), "world_size": ctx.world_size,
             "platform": platform.platform()}

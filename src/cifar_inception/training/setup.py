@@ -55,7 +55,9 @@ def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
     torch.set_num_threads(threads)
     reuse_freed_memory()  # a step's large blocks are reused, not page-faulted in again
     precision = cpu_precision(config.cpu_amp)
-    how = "--threads" if config.num_threads else "the cores this process may use"
+    how = "--threads" if config.num_threads else (
+        f"the {usable_cores()} cores shared by {ctx.world_size} processes" if ctx.enabled
+        else "the cores this process may use")
     line = (f"{precision.describe()}; {threads} thread{'s' if threads != 1 else ''} per "
             f"process ({how})")
     return replace(config, cpu_amp=precision.bf16), line

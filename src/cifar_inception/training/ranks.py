@@ -1,0 +1,73 @@
+"""One run as several processes of this machine: what the parent hands the ranks, and back.
+
+:func:`train_in_processes` writes the job (the configuration, where to resume, the data
+set when the caller passed one) to a scratch folder, runs the ranks
+(:func:`cifar_inception.launch.run_ranks`, each ``python -m
+cifar_inception.training.rank_main JOB``), and returns rank 0's :class:`TrainResult`, with
+the lines it logged replayed to the caller's ``log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cifar_inception.errors import TrainingError
+from cifar_inception.launch import RankFailed, run_ranks
+from cifar_inception.recipes import TrainConfig
+from cifar_inception.training.result import TrainResult
+
+DATA_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def train_in_processes(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
+                       log: Callable[[str], None] | None, processes: int,
+                       started_at: float) -> Any:
+    """``train(config, data, resume=resume)`` as ``processes`` ranks; rank 0's result."""
+    with tempfile.TemporaryDirectory(prefix="cifar-inception-ranks-") as scratch:
+        folder = Path(scratch)
+        job = {"config": config.to_dict(), "resume": None if resume is None else str(resume),
+               "data": None if data is None else _write_data(data, folder / "data.npz"),
+               "result": str(folder / "result.json"), "errors": str(folder),
+               "quiet": log is not None, "started_at": started_at}
+        (folder / "job.json").write_text(json.dumps(job))
+        try:
+            statuses = run_ranks("cifar_inception.training.rank_main",
+                                 [str(folder / "job.json")], processes)
+        except RankFailed as failed:  # its own one-line message, when it left one
+            message = folder / f"error-{failed.rank}.txt"
+            raise TrainingError(message.read_text() if message.is_file() else str(failed)
+                                ) from None
+        result_file = folder / "result.json"
+        if not result_file.is_file():
+            if 130 in statuses:  # stopped at once by a second Ctrl-C
+                raise KeyboardInterrupt
+            raise TrainingError("the training processes ended without a result")
+        values = json.loads(result_file.read_text())
+    for line in values.pop("log"):  # what rank 0 logged, when the caller collects it
+        log(line)
+    return TrainResult.from_json(values)
+
+
+def _write_data(data: Any, path: Path) -> dict:
+    np.savez(path, **{name: getattr(data, name) for name in DATA_ARRAYS})
+    return {"arrays": str(path), "classes": list(data.classes), "source": data.source,
+            "checksum": data.checksum}
+
+
+def read_data(job: dict) -> Any:
+    """The data set the parent passed on, or None (the ranks then load ``data_dir``)."""
+    if job["data"] is None:
+        return None
+    from cifar_inception.data import CIFAR10
+
+    with np.load(job["data"]["arrays"]) as arrays:
+        loaded = {name: arrays[name] for name in DATA_ARRAYS}
+    return CIFAR10(**loaded, classes=tuple(job["data"]["classes"]),
+                   source=job["data"]["source"], checksum=job["data"]["checksum"])

@@ -1,0 +1,100 @@
+"""Training in several processes that train() starts itself (--processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_inception.errors import TrainingError
+from cifar_inception.launch import under_launcher
+from cifar_inception.recipes import build_config
+from cifar_inception.training import resume_config, train
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+
+from synthetic_data import easy_data, write_image_tree  # noqa: E402
+
+
+# The ranks are new processes: they know the project's models, not the tests' own.
+MODEL, OPTIONS = "inception-cpu", {"width": 0.25}
+
+
+def config_for(tmp_path, **overrides):
+    settings = dict(epochs=2, batch_size=64, lr=0.05, val_size=40, processes=2,
+                    out_dir=str(tmp_path / "runs"), name="run", num_threads=1,
+                    model_options=OPTIONS)
+    settings.update(overrides)
+    return build_config(MODEL, "default", **settings)
+
+
+def test_two_processes_train_one_run(tmp_path):
+    assert not under_launcher()
+    lines = []
+    result = train(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lines.append)
+    assert result.status == "completed" and len(result.history) == 2
+    assert result.test is not None and 0 <= result.test["test_top1"] <= 1
+    record = json.loads((result.run_dir / "config.json").read_text())
+    assert record["hardware"]["world_size"] == 2 and record["config"]["processes"] == 2
+    assert any(" x2: " in line for line in lines)  # rank 0's log reached the caller
+    assert any(line.startswith("Epoch 2/2") for line in lines)
+
+
+def test_a_failing_rank_is_one_error_with_its_message(tmp_path):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the run folder would go")
+    with pytest.raises(TrainingError, match="runs") as raised:
+        train(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lambda _: None)
+    assert "\n" not in str(raised.value)
+
+
+def test_ctrl_c_stops_every_process_and_the_run_resumes(tmp_path):
+    tree = tmp_path / "tree"
+    write_image_tree(easy_data(n_train=400, n_test=20), tree)
+    command = [sys.executable, "-m", "cifar_inception", "train", MODEL, "--width", "0.25",
+               "--data-dir", str(tree), "--epochs", "200", "--batch-size", "32",
+               "--val-size", "40", "--processes", "2", "--threads", "1", "--output",
+               str(tmp_path / "runs"), "--name", "run", "--no-test"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent / "src")}
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    metrics = tmp_path / "runs" / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(job.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err
+    run = tmp_path / "runs" / "run"
+    result = train(resume_config(run, epochs=len(json.loads(
+        "[" + ",".join(metrics.read_text().splitlines()) + "]")) + 1), resume=run,
+        log=lambda _: None)
+    assert result.status == "completed"
+    assert json.loads((run / "config.json").read_text())["config"]["processes"] == 2
+
+
+def test_a_budget_split_into_processes_ends_in_step(tmp_path):
+    """Every rank plans, and plans again after each epoch, the same steps (a rank that
+    planned one step more would wait forever for the others)."""
+    config = config_for(tmp_path, budget=20.0, dist_timeout=60.0, test=False)
+    started = time.perf_counter()
+    result = train(config, easy_data(n_train=400, n_test=20), log=lambda _: None)
+    assert result.status == "completed"
+    assert time.perf_counter() - started < 60
+    recorded = json.loads((result.run_dir / "config.json").read_text())["config"]
+    assert recorded["budget"] == 20.0 and len(result.history) == recorded["epochs"]
+
+
+def test_one_process_unless_more_are_asked_for(tmp_path):
+    config = config_for(tmp_path, processes=None, epochs=1, test=False)
+    result = train(config, easy_data(n_train=200, n_test=40), log=lambda _: None)
+    record = json.loads((result.run_dir / "config.json").read_text())
+    assert record["config"]["processes"] == 1 and record["hardware"]["world_size"] == 1
