@@ -15,12 +15,10 @@ import pytest
 
 TESTS = Path(__file__).resolve().parent
 BENCHMARKS = TESTS.parent / "benchmarks"
-sys.path.insert(0, str(TESTS))
-sys.path.insert(0, str(BENCHMARKS))
 
-import throughput  # noqa: E402
-import time_to_accuracy  # noqa: E402
-from synthetic_data import easy_data, write_image_tree  # noqa: E402
+import throughput
+import time_to_accuracy
+from synthetic_data import easy_data, write_image_tree
 
 # one thread: tiny batches gain nothing from two, and lose a lot on a busy machine
 TINY_MODEL = ["--set", 'model_options={"width": 0.25}', "--set", "num_threads=1"]

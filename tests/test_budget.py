@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +21,7 @@ from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config
 from cifar_inception.training import Loop, lr_factor, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_data import TINY, easy_data  # noqa: E402
+from synthetic_data import TINY, easy_data
 
 
 def test_plan_takes_the_most_steps_whose_validations_and_test_fit():

@@ -24,8 +24,7 @@ from cifar_inception.cli import main
 from cifar_inception.distributed import DistContext, DistributedError
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
+from synthetic_data import TINY, easy_data, write_image_tree
 
 # Two processes average two half-batch gradients where one process takes the mean over the
 # whole batch: the same sum in another order, so the weights agree up to float32 rounding,

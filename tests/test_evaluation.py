@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,7 @@ from cifar_inception.evaluation import (
 )
 from cifar_inception.models.registry import list_models, register_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_data import CLASSES, write_image_tree  # noqa: E402
+from synthetic_data import CLASSES, write_image_tree
 
 LOOKUP = "test-lookup"
 STEP = 25  # pixel value = STEP * code

@@ -18,9 +18,8 @@ from cifar_inception.recipes import build_config
 from cifar_inception.training import resume_config, train
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
 
-from synthetic_data import easy_data, write_image_tree  # noqa: E402
+from synthetic_data import easy_data, write_image_tree
 
 
 # The ranks are new processes: they know the project's models, not the tests' own.

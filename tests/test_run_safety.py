@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,7 @@ from cifar_inception.cli import main
 from cifar_inception.runs import locked
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
+from synthetic_data import TINY, easy_data, write_image_tree
 
 
 @pytest.fixture(scope="module")

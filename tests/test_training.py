@@ -32,8 +32,7 @@ from cifar_inception.training import (
 )
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-from synthetic_data import TINY, easy_data, write_image_tree  # noqa: E402
+from synthetic_data import TINY, easy_data, write_image_tree
 
 METRIC_KEYS = {"epoch", "seconds", "train_loss", "train_acc", "val_loss", "val_acc", "lr"}
 

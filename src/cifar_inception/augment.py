@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-PADDING_MODES = ("reflect", "zeros")
+from cifar_inception.recipes import PADDING_MODES  # the modes a configuration may name
 
 
 def normalize(images_nhwc_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float],
