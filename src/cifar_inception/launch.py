@@ -3,8 +3,8 @@
 On a CPU, N processes of one thread each train more images per second than one process of
 N threads: every small operator of a multi-threaded process ends at a barrier where its
 threads wait for each other, while N processes meet once a step, for the all-reduce of the
-gradients. How much that buys depends on the batch (1.28x at batches of 1024, 1.03x at
-256 on a 2-core Zen 3: BENCHMARKS.md, "Threads or processes"), so it is asked for:
+gradients. How much that buys depends on the batch and the CPU (BENCHMARKS.md, "Threads
+or processes"), so it is asked for:
 ``--processes N`` makes :func:`cifar_inception.train` on a CPU run :func:`run_ranks`,
 which gives each process the environment torchrun would give it on one machine (``RANK``,
 ``WORLD_SIZE``, ``MASTER_ADDR``, ...) and waits for them:

@@ -315,11 +315,9 @@ _CPU10 = Recipe(
     # Precision (cpu_amp None: bf16 only where it is native) and threads (every core) follow
     # the machine; the budget fixes the epochs, and the schedules are fractions of the run.
     # Batches of 256, not airbench's 1024: a CPU computes no faster per image in larger
-    # batches, and a run of a few epochs gains from 4x the steps (on a Zen 4, 80.8% and
-    # 85.9% test accuracy at 2 and 5 minutes against 67.7% and 84.3% in batches of 1024:
-    # BENCHMARKS.md, the side-by-side table). The learning rate scales linearly with the
-    # batch (the weight decay per image stays the same), and lookahead averages every 20
-    # steps: the same 5,120 images as airbench's 5 x 1024.
+    # batches, and a run of a few epochs gains from 4x the steps. The learning rate scales
+    # linearly with the batch (the weight decay per image stays the same), and lookahead
+    # averages every 20 steps: the same 5,120 images as airbench's 5 x 1024.
     settings=dict(_SPEED, batch_size=256, lr=0.375, lookahead_steps=20, epochs=12,
                   budget=600.0, warmup_fraction=0.23, whiten_bias_fraction=0.25,
                   cpu_channels_last=True),
