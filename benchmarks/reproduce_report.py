@@ -9,7 +9,9 @@ weighted 1.0) for the report's epochs, or ``--epochs``, then evaluates on the te
 the final weights (what the report's ``model.evaluate`` measured) and ``best.pt``. Its run
 folder is ``--out-dir/NAME[...]``: a run that was stopped (Ctrl-C, kill, the end of a
 sitting) is resumed where it stopped, and a finished one is only evaluated, so a long
-reproduction can be done in several sittings with the same command.
+reproduction can be done in several sittings with the same command. ``--no-train`` only
+tests and tabulates what the run folders hold (runs made with different ``--epochs``, or
+left part of the way).
 
 Printed: per epoch, the report's train and validation loss and accuracy beside ours, and the
 seconds per epoch of each (the report's on its unknown hardware, ours on this machine); then
@@ -171,7 +173,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{describe(env)}; recipe {args.recipe}", flush=True)
     epochs, tests = [], []
     for spec in args.models:
-        folder = train_or_resume(spec, args, settings)
+        folder = Path(args.out_dir) / run_name(spec)
+        if args.train:
+            folder = train_or_resume(spec, args, settings)
+        elif not (folder / "last.pt").is_file():
+            print(f"{spec}: no run in {folder} yet; left out (--no-train)", flush=True)
+            continue
         epochs += epoch_rows(spec, folder)
         tests.append(test_row(spec, folder, args.data_dir, args.device))
     result = {"benchmark": "reproduce_report", "environment": env, "command": sys.argv,
@@ -197,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs for every model (default: the report's)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-train: train nothing, only test and tabulate the runs "
+                             "that --out-dir holds, as far as each has gone")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

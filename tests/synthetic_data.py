@@ -75,5 +75,6 @@ class TinyNet(nn.Module):
 
 if TINY not in list_models():
     @register_model(TINY)
-    def tiny(num_classes: int = 10, *, channels: int = 8, dropout: float = 0.0) -> TinyNet:
-        return TinyNet(num_classes, channels, dropout)
+    def tiny(num_classes: int = 10, *, channels: int = 8, dropout: float = 0.0,
+             width: float = 1.0) -> TinyNet:
+        return TinyNet(num_classes, round(channels * width), dropout)

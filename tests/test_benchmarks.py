@@ -163,6 +163,12 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     test = result["tests"][0]
     assert 0.0 <= test["test_acc_final"] <= 1.0 and test["test_loss_best"] > 0
     assert json.loads(out.read_text())["tests"] == result["tests"]
+    # --no-train tabulates what the folders hold, and leaves out a model never trained
+    again = reproduce_report.main([*common, "--no-train", "--models",
+                                   "seed-googlenet:fix_3x3=true", "seed-naive"])
+    assert [t["model"] for t in again["tests"]] == ["seed-googlenet:fix_3x3=true"]
+    assert again["tests"][0]["epochs"] == 2
+    assert "seed-naive: no run in" in capsys.readouterr().out
 
 
 def test_seed_speed_times_a_step_in_a_fresh_process(tmp_path, capsys):

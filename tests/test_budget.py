@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from cifar_inception.budget import (
     TARGET,
+    Plan,
     TTA_SHARE,
     BudgetError,
     Rates,
@@ -19,7 +21,8 @@ from cifar_inception.budget import (
 )
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config
-from cifar_inception.training import Loop, lr_factor, train
+from cifar_inception.training import Loop, budgeting, lr_factor, train
+from cifar_inception.training.budgeting import widen_for_budget
 
 from synthetic_data import TINY, easy_data
 
@@ -118,7 +121,7 @@ def test_a_budget_run_ends_within_its_budget(tmp_path):
     budget = 25.0
     config = build_config(TINY, "default", budget=budget, batch_size=32, lr=0.1, val_size=100,
                           warmup_fraction=0.2, out_dir=str(tmp_path / "runs"), name="run",
-                          num_threads=1, tta=True)
+                          num_threads=1, tta=True, widen_for_epochs=2)
     lines = []
     started = time.perf_counter()
     result = train(config, easy_data(n_train=600, n_test=200), log=lines.append)
@@ -128,7 +131,93 @@ def test_a_budget_run_ends_within_its_budget(tmp_path):
     recorded = json.loads((result.run_dir / "config.json").read_text())["config"]
     assert recorded["train_steps"] >= 2 and recorded["budget"] == budget
     assert len(result.history) == recorded["epochs"]
+    # the widening measured wider models and kept one (a few epochs of TinyNet are cheap)
+    assert recorded["model_options"]["width"] > 1
+    assert any(line.startswith(f"width {recorded['model_options']['width']:g}: the widest")
+               for line in lines)
     # The plan aims at 98.5% of the budget; 10% of grace for a machine that slows meanwhile.
     assert elapsed <= budget * 1.10, f"{elapsed:.1f} s for a budget of {budget} s"
     assert elapsed >= budget * 0.5  # it used the time, rather than stopping at once
     assert torch.get_num_threads() >= 1
+
+
+class FakeLoop:
+    """What widen_for_budget reads of a loop: its config and the steps of an epoch."""
+
+    def __init__(self, config):
+        self.config, self.steps_per_epoch = config, 100
+
+
+def fake_plans(monkeypatch, epochs_at_width_1: float):
+    """Plans whose epochs fall with the square of the width, as a conv net's cost grows;
+    the widths measured, in order."""
+    measured = []
+
+    def plan_budget(loop, test_images, started):
+        width = loop.config.model_options.get("width", 1.0)
+        measured.append(width)
+        steps = round(100 * epochs_at_width_1 / width ** 2)
+        return Plan(steps, math.ceil(steps / 100), 1.0, Rates(0.1, 0.0, 0.0))
+
+    monkeypatch.setattr(budgeting, "plan_budget", plan_budget)
+    return measured
+
+
+def widen(config, monkeypatch, epochs_at_width_1):
+    measured = fake_plans(monkeypatch, epochs_at_width_1)
+    loop = FakeLoop(config)
+    first = budgeting.plan_budget(loop, 0, 0.0)
+    lines = []
+    loop, chosen = widen_for_budget(loop, first, FakeLoop, 0, 0.0, lines.append)
+    return loop.config.model_options.get("width", 1.0), chosen, measured[1:], lines
+
+
+def test_widening_keeps_the_widest_model_that_still_gets_its_epochs(monkeypatch):
+    config = build_config("inception-cpu", "cpu10", widen_for_epochs=8)
+    width, chosen, measured, lines = widen(config, monkeypatch, epochs_at_width_1=20)
+    # 20 epochs at width 1: 12.8 at 1.25, 8.9 at 1.5, 6.5 at 1.75 (too few)
+    assert width == 1.5 and measured == [1.25, 1.5, 1.75]
+    assert chosen.train_steps == round(2000 / 1.5 ** 2)
+    assert lines == ["width 1.5: the widest that trains for 8 epochs or more in the budget "
+                     "(8.9 epochs; width 1.75 would have 6.5)"]
+
+
+def test_widening_stops_at_twice_the_width(monkeypatch):
+    config = build_config("inception-cpu", "cpu10", widen_for_epochs=2)
+    width, _, measured, _ = widen(config, monkeypatch, epochs_at_width_1=100)
+    assert width == 2.0 and measured == [1.25, 1.5, 1.75, 2.0]
+
+
+@pytest.mark.parametrize("settings, epochs", [
+    (dict(widen_for_epochs=30), 20),                          # width 1 is already short of it
+    (dict(widen_for_epochs=8, model_options={"width": 1.25}), 20),  # the caller's width
+    (dict(widen_for_epochs=None), 20),                        # no widening asked
+])
+def test_no_widening(monkeypatch, settings, epochs):
+    config = build_config("inception-cpu", "cpu10", **settings)
+    width, chosen, measured, _ = widen(config, monkeypatch, epochs)
+    assert measured == [] and chosen.train_steps == round(
+        100 * epochs / config.model_options.get("width", 1.0) ** 2)
+
+
+def test_a_model_without_a_width_option_is_not_widened(monkeypatch):
+    config = build_config("seed-naive", "cpu10", widen_for_epochs=1)
+    *_, measured, lines = widen(config, monkeypatch, epochs_at_width_1=50)
+    assert measured == [] and lines == []
+
+
+def test_a_width_whose_measurement_spends_the_budget_is_not_taken(monkeypatch):
+    config = build_config("inception-cpu", "cpu10", widen_for_epochs=8)
+    fake_plans(monkeypatch, 20)
+    faked = budgeting.plan_budget
+
+    def spent_at_width_1_5(loop, test_images, started):
+        if loop.config.model_options.get("width") == 1.5:
+            raise BudgetError("spent")
+        return faked(loop, test_images, started)
+
+    monkeypatch.setattr(budgeting, "plan_budget", spent_at_width_1_5)
+    lines = []
+    loop, _ = widen_for_budget(FakeLoop(config), faked(FakeLoop(config), 0, 0.0), FakeLoop, 0,
+                               0.0, lines.append)
+    assert loop.config.model_options["width"] == 1.25 and "spent" in lines[0]

@@ -115,6 +115,11 @@ class TrainConfig:
         "test included: SECONDS or a duration such as 90s, 10m, 1h (measures this machine's "
         "speed, then fixes the number of steps; --epochs overrides it)", group="optimisation",
         above=0, parse=parse_duration, metavar="DURATION")
+    widen_for_epochs: float | None = option(
+        None, "with --budget: widen the model (its width option, in steps of 0.25 up to "
+        "twice its width) while the budget still buys E epochs at that width's measured "
+        "speed; a --width or --option width=W keeps that width", group="optimisation",
+        above=0, maximum=1e6, metavar="E")
     train_steps: int | None = option(
         None, "total optimiser steps, the last epoch cut short (default: epochs x steps per "
         "epoch; --budget sets it)", group="optimisation", label="train steps", minimum=1,

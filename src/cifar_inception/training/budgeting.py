@@ -33,6 +33,7 @@ from cifar_inception.evaluation import (
     views_for,
 )
 from cifar_inception.fileio import atomic_write_json
+from cifar_inception.models.registry import model_options
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
 from cifar_inception.training.optim import Lookahead, build_optimizer, optimise
@@ -62,6 +63,55 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
                 test_images=test_images * max(1, views), tta_views=views)
 
 
+RANK_PROBE_STEPS = 4  # timed probe steps of each rank, after one untimed, in a split run
+WIDTH_STEP = 0.25   # how --widen-for-epochs widens: a quarter of the width at a time
+MOST_WIDENING = 2.0 # and to twice the model's own width at most
+
+
+def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig], Loop],
+                     test_images: int, started: float, emit: Callable[[str], None]
+                     ) -> tuple[Loop, Plan]:
+    """With ``widen_for_epochs``: the widest model that the budget still trains for that
+    many epochs, each width's speed measured as the first one's was.
+
+    A longer budget buys more epochs of the same network, and a small network stops
+    gaining long before a large one does; so the epochs a budget buys beyond
+    ``widen_for_epochs`` go into width instead (``build`` makes the loop of a wider
+    config). A width the caller set (``--width``) is kept as it is, and a model without a
+    width option (or whose default width is not 1) is left alone."""
+    config, wanted = loop.config, loop.config.widen_for_epochs
+    if (wanted is None or "width" in config.model_options
+            or model_options(config.model).get("width") != 1.0):  # set, or none to widen
+        return loop, budget_plan
+    width, bought = 1.0, _epochs_bought(loop, budget_plan)
+    if bought < wanted:
+        emit(f"width 1: {bought:.1f} epochs fit, fewer than the {wanted:g} that widening "
+             f"needs")
+        return loop, budget_plan
+    refused = ""
+    while width + WIDTH_STEP <= MOST_WIDENING:
+        wider = replace(config, model_options={**config.model_options,
+                                               "width": width + WIDTH_STEP})
+        candidate = build(wider)
+        try:
+            candidate_plan = plan_budget(candidate, test_images, started)
+        except BudgetError:  # the measurements spent what was left: keep the last width
+            refused = f"; the budget was spent before width {width + WIDTH_STEP:g} could train"
+            break
+        if _epochs_bought(candidate, candidate_plan) < wanted:
+            refused = (f"; width {width + WIDTH_STEP:g} would have "
+                       f"{_epochs_bought(candidate, candidate_plan):.1f}")
+            break
+        loop, budget_plan, width = candidate, candidate_plan, width + WIDTH_STEP
+    emit(f"width {width:g}: the widest that trains for {wanted:g} epochs or more in the "
+         f"budget ({_epochs_bought(loop, budget_plan):.1f} epochs{refused})")
+    return loop, budget_plan
+
+
+def _epochs_bought(loop: Loop, budget_plan: Plan) -> float:
+    return budget_plan.train_steps / loop.steps_per_epoch
+
+
 def measure_rates(loop: Loop) -> Rates:
     """Seconds per training step and per validation and test image, measured on a copy of
     the model (its optimiser and lookahead too), so that the run itself is untouched."""
@@ -88,7 +138,11 @@ def measure_rates(loop: Loop) -> Rates:
             lookahead.after_step(calls, 1 << 30)
         _sync(device)
 
-    step_s = time_per_call(step)
+    # Each step of a run split into ranks all-reduces its gradients, so every rank must take
+    # the same number of probe steps: counted, not timed (a timed count differs by rank, and
+    # the ranks would fall out of step).
+    step_s = (time_per_call(step, min_seconds=0.0, min_calls=RANK_PROBE_STEPS)
+              if loop.ctx.enabled else time_per_call(step))
     model.eval()
     sample = data.val_x[:config.eval_batch_size]
     if sample.shape[0] == 0:

@@ -52,7 +52,7 @@ from cifar_inception.fileio import append_jsonl
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
 from cifar_inception.runs import BEST, LAST, METRICS_FILE, locked, read_history, resume_target
-from cifar_inception.training.budgeting import plan_budget, replan_budget
+from cifar_inception.training.budgeting import plan_budget, replan_budget, widen_for_budget
 from cifar_inception.training.optim import optimise
 from cifar_inception.training.ranks import train_in_processes
 from cifar_inception.training.record import _open_run_dir
@@ -162,6 +162,11 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     budget_plan = None
     if config.budget is not None and ckpt is None:
         budget_plan = plan_budget(loop, test_images, run_started)
+        loop, budget_plan = widen_for_budget(
+            loop, budget_plan,
+            lambda wider: _build_loop(wider, loop.prepared, ctx, device, None),
+            test_images, run_started, emit)
+        config = loop.config
         if config.tta and budget_plan.tta_views < config.tta_views:
             emit(_fewer_views_line(config.tta_views, budget_plan.tta_views))
         loop.config = config = replace(config, train_steps=budget_plan.train_steps,
