@@ -126,7 +126,7 @@ def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict
     final = evaluate(folder / "last.pt", data_dir=data_dir, device=device, write=False)
     best = evaluate(folder / "best.pt", data_dir=data_dir, device=device)
     report = REPORT.get(model, {})
-    return {"model": spec, "epochs": len(epoch_rows(spec, folder)),
+    return {"model": spec, "epochs": len(read_history(folder)),
             "report_printed": report.get("test", "-"),
             "test_acc_final": final["test_top1"], "test_loss_final": final["test_loss"],
             "test_acc_best": best["test_top1"], "test_loss_best": best["test_loss"]}
