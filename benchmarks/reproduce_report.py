@@ -76,10 +76,10 @@ def run_name(spec: str) -> str:
     return spec.replace(":", "-").replace("=", "-").replace(",", "-")
 
 
-def train_or_resume(spec: str, args: argparse.Namespace, settings: dict[str, Any]) -> Path:
-    """Train ``spec`` to its epochs in its run folder, continuing what an earlier call left."""
+def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
+                    settings: dict[str, Any]) -> None:
+    """Train ``spec`` to its epochs in ``folder``, continuing what an earlier call left."""
     model, options = parse_spec(spec)
-    folder = Path(args.out_dir) / run_name(spec)
     epochs = args.epochs or REPORT.get(model, {}).get("epochs") or 10
     runtime = {"epochs": epochs, "device": args.device}
     if args.threads:
@@ -89,7 +89,7 @@ def train_or_resume(spec: str, args: argparse.Namespace, settings: dict[str, Any
         done = len(read_history(folder))
         if done >= epochs:
             print(f"{spec}: all {epochs} epochs done in {folder}; evaluating", flush=True)
-            return folder
+            return
         print(f"{spec}: resuming {folder} after epoch {done}", flush=True)
         result = train(config, resume=folder)
     else:
@@ -99,7 +99,6 @@ def train_or_resume(spec: str, args: argparse.Namespace, settings: dict[str, Any
         result = train(config)
     if result.status != "completed":
         raise SystemExit(f"{spec}: {result.message}")
-    return folder
 
 
 def epoch_rows(spec: str, folder: Path) -> list[dict[str, Any]]:
@@ -175,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for spec in args.models:
         folder = Path(args.out_dir) / run_name(spec)
         if args.train:
-            folder = train_or_resume(spec, args, settings)
+            train_or_resume(spec, folder, args, settings)
         elif not (folder / "last.pt").is_file():
             print(f"{spec}: no run in {folder} yet; left out (--no-train)", flush=True)
             continue

@@ -17,7 +17,6 @@ from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
 from cifar_inception.runs import locked
 
-TESTS = Path(__file__).resolve().parent
 from synthetic_data import TINY, easy_data, write_image_tree
 
 
