@@ -6,8 +6,10 @@
 For every budget, and every seed, on this machine in this one call:
 
 1. **Inception**: ``--recipe`` (default ``cpu10``) on ``--model`` (default the recipe's own,
-   ``inception-cpu``) with ``--budget B``: it measures its speed, plans its steps, trains,
-   validates after every epoch and tests best.pt (with the recipe's test-time augmentation).
+   ``inception-cpu``, with any ``--option KEY=VALUE``) with ``--budget B``, and
+   ``--widen-for-epochs E`` if given: it measures its speed, plans its steps (widening the
+   net while the budget still buys E epochs), trains, validates after every epoch and tests
+   best.pt (with the recipe's test-time augmentation).
 2. **Baseline at equal time**: the same recipe, loop and tricks on ``--baseline``
    (``baseline-plain``: airbench94's network) with the same budget.
 3. **Baseline at equal FLOPs** (unless ``--no-equal-flops``): the baseline trained for the
@@ -38,10 +40,12 @@ import torch
 from _common import describe, environment, format_table, mean_spread, run_script, write_json
 from cifar_inception.devices import pick_device
 from cifar_inception.models import create_model
+from cifar_inception.models.registry import parse_options
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config, get_recipe
 from cifar_inception.summary import count_macs
 from cifar_inception.training import train
+from time_to_accuracy import parse_settings
 
 
 def training_flops_per_image(model_name: str, model_options: dict) -> float:
@@ -56,7 +60,8 @@ def one_run(args: argparse.Namespace, model: str | None, label: str, seed: int, 
     out_dir = Path(args.out_dir)
     shutil.rmtree(out_dir / name, ignore_errors=True)  # a benchmark's scratch run
     config = build_config(model, args.recipe, cuda=device.type == "cuda", seed=seed,
-                          out_dir=str(out_dir), name=name, device=str(device), **settings)
+                          out_dir=str(out_dir), name=name, device=str(device),
+                          **{**parse_settings(args.set), **settings})
     lines: list[str] = []
     wall, cpu = time.perf_counter(), time.process_time()
     result = train(config, data, log=lines.append)
@@ -64,9 +69,9 @@ def one_run(args: argparse.Namespace, model: str | None, label: str, seed: int, 
     trained = len(data.train_labels) - config.val_size
     recorded = json.loads((result.run_dir / "config.json").read_text())["config"]
     steps = recorded["train_steps"] or recorded["epochs"] * (trained // config.batch_size)
-    flops = steps * config.batch_size * training_flops_per_image(config.model,
-                                                                 config.model_options)
-    row = {"run": label, "model": config.model, "seed": seed,
+    options = recorded["model_options"]  # as trained: --widen-for-epochs may have widened it
+    flops = steps * config.batch_size * training_flops_per_image(config.model, options)
+    row = {"run": label, "model": config.model, "model_options": options, "seed": seed,
            "test_acc": result.test["test_top1"], "epochs": steps * config.batch_size / trained,
            "steps": steps,
            "train_tflop": flops / 1e12, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
@@ -82,7 +87,9 @@ def budget_rows(args: argparse.Namespace, budget: float, data: Any, device: torc
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         tag = f"{budget:g}s"
-        ours = one_run(args, args.model, f"inception-{tag}", seed, data, device, budget=budget)
+        ours = one_run(args, args.model, f"inception-{tag}", seed, data, device, budget=budget,
+                       model_options=parse_options(args.option),
+                       widen_for_epochs=args.widen_for_epochs)
         runs.append(ours)
         runs.append(one_run(args, args.baseline, f"baseline-{tag}", seed, data, device,
                             budget=budget))
@@ -109,7 +116,8 @@ def summary_row(budget: float, runs: list[dict[str, Any]], label: str) -> dict[s
     return {"budget": f"{budget / 60:g} min", "comparison": "equal time" if label == "baseline"
             else "equal FLOPs",
             "inception_acc": acc, "inception_std": acc_std,
-            "baseline_acc": base, "baseline_std": base_std, "ratio": acc / base,
+            "baseline_acc": base, "baseline_std": base_std,
+            "ratio": acc / base if base else float("nan"),
             "n": len(ours),
             "inception_epochs": mean_spread([r["epochs"] for r in ours])[0],
             "baseline_epochs": mean_spread([r["epochs"] for r in theirs])[0],
@@ -146,7 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "recipe": args.recipe, "recipe_description": get_recipe(args.recipe).description,
               "seeds": args.seeds, "runs": runs, "table": table}
     write_json(args.json, result)
-    print(f"\nInception ({args.model or get_recipe(args.recipe).model}) against "
+    print(f"\nInception ({args.model or get_recipe(args.recipe).model} "
+          f"{' '.join(args.option)}, widen for {args.widen_for_epochs} epochs) against "
           f"{args.baseline}, recipe {args.recipe}, JPEG copy if the data is; {describe(env)}")
     print("test accuracy as fractions; ratio = Inception / baseline; wall seconds per run")
     print(format_table(table, COLUMNS))
@@ -160,7 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="cpu10")
     parser.add_argument("--model", default=None, help="the Inception model (default: the "
                                                       "recipe's)")
+    parser.add_argument("--option", metavar="KEY=VALUE", action="append", default=[],
+                        help="an option of the Inception model (repeatable)")
+    parser.add_argument("--widen-for-epochs", type=float, default=None, metavar="E",
+                        help="the Inception runs widen their net while the budget still "
+                             "buys E epochs (train's --widen-for-epochs)")
     parser.add_argument("--baseline", default="baseline-plain")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a training option of every run (repeatable)")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--equal-flops", action=argparse.BooleanOptionalAction, default=True)

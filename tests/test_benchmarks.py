@@ -16,6 +16,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 BENCHMARKS = TESTS.parent / "benchmarks"
 
+import budget_vs_baseline
 import throughput
 import time_to_accuracy
 from synthetic_data import easy_data, write_image_tree
@@ -95,6 +96,29 @@ def test_time_to_accuracy_runs_seeds_and_an_ablation(tmp_path, image_tree, capsy
     assert len(result["ablation"]) == 2
     printed = capsys.readouterr().out
     assert "Ablation" in printed and "Time to accuracy" in printed
+
+
+def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, capsys):
+    """Both networks for the same budget, the Inception options and widening on its side only."""
+    out = tmp_path / "side.json"
+    budget_vs_baseline.main([
+        "--data-dir", str(image_tree), "--device", "cpu", "--budgets", "5s",
+        "--no-equal-flops", "--option", "width=0.25", "--option", "reduce=true",
+        "--widen-for-epochs", "2", "--set", "val_size=20", "--set", "batch_size=32",
+        "--set", "num_threads=1", "--set", "tta=false",
+        "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    ours, theirs = saved["runs"]
+    assert (ours["run"], theirs["run"]) == ("inception-5s", "baseline-5s")
+    assert ours["model_options"] == {"width": 0.25, "reduce": True}  # a set width stays
+    assert theirs["model"] == "baseline-plain" and theirs["model_options"] == {}
+    recorded = [json.loads((tmp_path / "runs" / f"{r['run']}-seed0" / "config.json")
+                           .read_text())["config"] for r in (ours, theirs)]
+    assert recorded[0]["widen_for_epochs"] == 2 and recorded[1]["widen_for_epochs"] is None
+    assert all(r["budget"] == 5 and r["batch_size"] == 32 for r in recorded)
+    row = saved["table"][0]
+    assert row["inception_acc"] == ours["test_acc"] and row["baseline_acc"] == theirs["test_acc"]
+    assert "inception-cpu width=0.25 reduce=true" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -54,6 +54,18 @@ def test_the_gpu_model_is_wider_and_width_scales_cost():
     assert count_macs(create_model("inception-cpu", width=0.5)) < count_macs(cpu) / 2
 
 
+def test_reduce_pools_inside_the_first_module_of_each_group():
+    """Same weights, fewer multiply-adds: the pooling moves into the first module's branches."""
+    plain, reduced = small("inception-cpu"), small("inception-cpu", reduce=True)
+    assert [p.shape for p in plain.parameters()] == [p.shape for p in reduced.parameters()]
+    assert count_macs(reduced) < 0.95 * count_macs(plain)
+    for group in ("group1", "group2", "group3"):
+        first = getattr(reduced, group)[0]
+        assert isinstance(first, Branches)
+        assert all(isinstance(branch[1], nn.MaxPool2d) for branch in first.branches)
+    assert reduced.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_batch_norm_scale_is_frozen_unless_asked():
     frozen = [m.weight.requires_grad for m in small("inception-cpu").modules()
               if isinstance(m, nn.BatchNorm2d)]
@@ -73,6 +85,7 @@ def test_relu_option_replaces_gelu():
     ({"act": "tanh"}, "act must be one of"),
     ({"width": 0}, "width"),
     ({"bn_scale": "yes"}, "bn_scale"),
+    ({"reduce": 1}, "reduce"),
     ({"depth": 3}, "no option 'depth'"),
 ])
 def test_bad_options(options, fragment):

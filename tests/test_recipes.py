@@ -105,6 +105,13 @@ def test_speed_recipes_switch_their_tricks_on():
     assert build_config(recipe="cpu10", lookahead=False).lookahead is False
 
 
+def test_cpu10_reduces_and_widens_its_own_model_only():
+    ours, baseline = build_config(recipe="cpu10"), build_config("baseline-plain", "cpu10")
+    assert ours.model_options == {"reduce": True} and ours.widen_for_epochs == 9
+    assert baseline.model_options == {} and baseline.widen_for_epochs is None
+    assert baseline.budget == ours.budget and baseline.lr == ours.lr  # the rest is shared
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(flip_mode="sometimes"), "flip mode"),
     (dict(final_lr=1.5), "final learning rate"),
