@@ -6,10 +6,10 @@
 For every budget, and every seed, on this machine in this one call:
 
 1. **Inception**: ``--recipe`` (default ``cpu10``) on ``--model`` (default the recipe's own,
-   ``inception-cpu``, with any ``--option KEY=VALUE``) with ``--budget B``, and
-   ``--widen-for-epochs E`` if given: it measures its speed, plans its steps (widening the
-   net while the budget still buys E epochs), trains, validates after every epoch and tests
-   best.pt (with the recipe's test-time augmentation).
+   ``inception-cpu``, with any ``--option KEY=VALUE``) with ``--budget B``, widened as the
+   recipe says (``cpu10``: while the budget still buys 9 epochs) or ``--widen-for-epochs
+   E``: it measures its speed, plans its steps, trains, validates after every epoch and
+   tests best.pt (with the recipe's test-time augmentation).
 2. **Baseline at equal time**: the same recipe, loop and tricks on ``--baseline``
    (``baseline-plain``: airbench94's network) with the same budget.
 3. **Baseline at equal FLOPs** (unless ``--no-equal-flops``): the baseline trained for the
@@ -87,9 +87,10 @@ def budget_rows(args: argparse.Namespace, budget: float, data: Any, device: torc
     runs = []
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         tag = f"{budget:g}s"
+        widen = {} if args.widen_for_epochs is None else {
+            "widen_for_epochs": args.widen_for_epochs}  # else the recipe's (cpu10: 9)
         ours = one_run(args, args.model, f"inception-{tag}", seed, data, device, budget=budget,
-                       model_options=parse_options(args.option),
-                       widen_for_epochs=args.widen_for_epochs)
+                       model_options=parse_options(args.option), **widen)
         runs.append(ours)
         runs.append(one_run(args, args.baseline, f"baseline-{tag}", seed, data, device,
                             budget=budget))
@@ -154,8 +155,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "recipe": args.recipe, "recipe_description": get_recipe(args.recipe).description,
               "seeds": args.seeds, "runs": runs, "table": table}
     write_json(args.json, result)
+    widening = ("the recipe says" if args.widen_for_epochs is None
+                else f"{args.widen_for_epochs:g} epochs allow")
     print(f"\nInception ({args.model or get_recipe(args.recipe).model} "
-          f"{' '.join(args.option)}, widen for {args.widen_for_epochs} epochs) against "
+          f"{' '.join(args.option)}, widened as {widening}) against "
           f"{args.baseline}, recipe {args.recipe}, JPEG copy if the data is; {describe(env)}")
     print("test accuracy as fractions; ratio = Inception / baseline; wall seconds per run")
     print(format_table(table, COLUMNS))
@@ -173,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an option of the Inception model (repeatable)")
     parser.add_argument("--widen-for-epochs", type=float, default=None, metavar="E",
                         help="the Inception runs widen their net while the budget still "
-                             "buys E epochs (train's --widen-for-epochs)")
+                             "buys E epochs (train's --widen-for-epochs; default: the "
+                             "recipe's)")
     parser.add_argument("--baseline", default="baseline-plain")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a training option of every run (repeatable)")

@@ -98,13 +98,16 @@ def test_time_to_accuracy_runs_seeds_and_an_ablation(tmp_path, image_tree, capsy
     assert "Ablation" in printed and "Time to accuracy" in printed
 
 
-def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, capsys):
-    """Both networks for the same budget, the Inception options and widening on its side only."""
+@pytest.mark.parametrize("widen, widened", [([], 9), (["--widen-for-epochs", "2"], 2)])
+def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, capsys, widen,
+                                                       widened):
+    """Both networks for the same budget, the Inception options and widening (the recipe's,
+    or the one asked for) on its side only."""
     out = tmp_path / "side.json"
     budget_vs_baseline.main([
         "--data-dir", str(image_tree), "--device", "cpu", "--budgets", "5s",
         "--no-equal-flops", "--option", "width=0.25", "--option", "reduce=true",
-        "--widen-for-epochs", "2", "--set", "val_size=20", "--set", "batch_size=32",
+        *widen, "--set", "val_size=20", "--set", "batch_size=32",
         "--set", "num_threads=1", "--set", "tta=false",
         "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
     saved = json.loads(out.read_text())
@@ -114,7 +117,7 @@ def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, cap
     assert theirs["model"] == "baseline-plain" and theirs["model_options"] == {}
     recorded = [json.loads((tmp_path / "runs" / f"{r['run']}-seed0" / "config.json")
                            .read_text())["config"] for r in (ours, theirs)]
-    assert recorded[0]["widen_for_epochs"] == 2 and recorded[1]["widen_for_epochs"] is None
+    assert recorded[0]["widen_for_epochs"] == widened and recorded[1]["widen_for_epochs"] is None
     assert all(r["budget"] == 5 and r["batch_size"] == 32 for r in recorded)
     row = saved["table"][0]
     assert row["inception_acc"] == ours["test_acc"] and row["baseline_acc"] == theirs["test_acc"]

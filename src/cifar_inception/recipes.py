@@ -29,17 +29,17 @@ Recipes:
     What ``cifar-inception train`` runs on a GPU: the best CIFAR-tuned model's full recipe.
 ``cpu10``
     What ``cifar-inception train`` runs on a machine without a GPU: the best Inception net
-    that ten minutes buy on this machine. It trains ``inception-cpu`` (its first module of each
-    group reducing the grid, ``reduce``) for a time budget (``budget``, 10 minutes), as wide
-    as still trains 9 epochs there (``widen_for_epochs``): it measures this machine's
-    speed (of each width it tries), then fixes the number of steps
-    so that training, validation and the final test end within the budget, with every
-    schedule a fraction of the run. Precision and threads follow the CPU (bf16 only where it
-    is native, every core). The fast CIFAR-10 trainers' tricks, each a switchable option
-    (BENCHMARKS.md measures them): batches of 256, Nesterov SGD with a warm-up over 23% of
-    the run and a linear decay to 7%, label smoothing 0.2, a whitening stem (frozen, its bias
-    trained for the first quarter), batch norm with a 64x learning rate on its shifts,
-    2-pixel reflect translations and alternating flips, lookahead, test-time augmentation.
+    that ten minutes buy on this machine. It trains ``inception-cpu`` (the first module of
+    each group reducing the grid, ``reduce``) for a time budget (``budget``, 10 minutes), as
+    wide as still trains 9 epochs there (``widen_for_epochs``): it measures this machine's
+    speed (at each width it tries), then fixes the number of steps so that training,
+    validation and the final test end within the budget, with every schedule a fraction of
+    the run. Precision and threads follow the CPU (bf16 only where it is native, every
+    core). The fast CIFAR-10 trainers' tricks, each a switchable option (BENCHMARKS.md
+    measures them): batches of 256, Nesterov SGD with a warm-up over 23% of the run and a
+    linear decay to 7%, label smoothing 0.2, a whitening stem (frozen, its bias trained for
+    the first quarter), batch norm with a 64x learning rate on its shifts, 2-pixel reflect
+    translations and alternating flips, lookahead, test-time augmentation.
 ``fast``
     Time to accuracy on one GPU: the same tricks on the wider ``inception-fast``.
 """
