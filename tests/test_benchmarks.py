@@ -113,7 +113,7 @@ def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, cap
     saved = json.loads(out.read_text())
     ours, theirs = saved["runs"]
     assert (ours["run"], theirs["run"]) == ("inception-5s", "baseline-5s")
-    assert ours["model_options"] == {"width": 0.25, "reduce": True}  # a set width stays
+    assert ours["model_options"] == {"width": 0.25, "reduce": True, "fuse": True}  # width stays
     assert theirs["model"] == "baseline-plain" and theirs["model_options"] == {}
     recorded = [json.loads((tmp_path / "runs" / f"{r['run']}-seed0" / "config.json")
                            .read_text())["config"] for r in (ours, theirs)]

@@ -175,17 +175,17 @@ def widen(config, monkeypatch, epochs_at_width_1):
 def test_widening_keeps_the_widest_model_that_still_gets_its_epochs(monkeypatch):
     config = build_config("inception-cpu", "cpu10", widen_for_epochs=8)
     width, chosen, measured, lines = widen(config, monkeypatch, epochs_at_width_1=20)
-    # 20 epochs at width 1: 12.8 at 1.25, 8.9 at 1.5, 6.5 at 1.75 (too few)
-    assert width == 1.5 and measured == [1.25, 1.5, 1.75]
+    # 20 epochs at width 1: 8.9 at 1.5, 5 at 2 (too few)
+    assert width == 1.5 and measured == [1.5, 2.0]
     assert chosen.train_steps == round(2000 / 1.5 ** 2)
     assert lines == ["width 1.5: the widest that trains for 8 epochs or more in the budget "
-                     "(8.9 epochs; width 1.75 would have 6.5)"]
+                     "(8.9 epochs; width 2 would have 5.0)"]
 
 
-def test_widening_stops_at_twice_the_width(monkeypatch):
+def test_widening_stops_at_three_times_the_width(monkeypatch):
     config = build_config("inception-cpu", "cpu10", widen_for_epochs=2)
     width, _, measured, _ = widen(config, monkeypatch, epochs_at_width_1=100)
-    assert width == 2.0 and measured == [1.25, 1.5, 1.75, 2.0]
+    assert width == 3.0 and measured == [1.5, 2.0, 2.5, 3.0]
 
 
 @pytest.mark.parametrize("settings, epochs", [
@@ -211,13 +211,13 @@ def test_a_width_whose_measurement_spends_the_budget_is_not_taken(monkeypatch):
     fake_plans(monkeypatch, 20)
     faked = budgeting.plan_budget
 
-    def spent_at_width_1_5(loop, test_images, started):
-        if loop.config.model_options.get("width") == 1.5:
+    def spent_at_width_2(loop, test_images, started):
+        if loop.config.model_options.get("width") == 2.0:
             raise BudgetError("spent")
         return faked(loop, test_images, started)
 
-    monkeypatch.setattr(budgeting, "plan_budget", spent_at_width_1_5)
+    monkeypatch.setattr(budgeting, "plan_budget", spent_at_width_2)
     lines = []
     loop, _ = widen_for_budget(FakeLoop(config), faked(FakeLoop(config), 0, 0.0), FakeLoop, 0,
                                0.0, lines.append)
-    assert loop.config.model_options["width"] == 1.25 and "spent" in lines[0]
+    assert loop.config.model_options["width"] == 1.5 and "spent" in lines[0]

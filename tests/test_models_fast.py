@@ -11,7 +11,7 @@ from cifar_inception.errors import ModelError
 from cifar_inception.models import create_model, list_models
 from cifar_inception.models.blocks import Branches
 from cifar_inception.models.registry import model_purpose
-from cifar_inception.models.fast import STEM_CHANNELS, FastInception
+from cifar_inception.models.fast import STEM_CHANNELS, FastInception, FusedInceptionConv
 from cifar_inception.summary import count_macs
 
 NAMES = ("inception-cpu", "inception-fast")
@@ -66,6 +66,47 @@ def test_reduce_pools_inside_the_first_module_of_each_group():
     assert reduced.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@torch.no_grad()
+def _copy_into_fused(separate: FastInception, fused: FastInception) -> None:
+    """Give ``fused`` the weights of ``separate``: each module's two first convolutions
+    stacked (the 3x3 branch's first), everything else as it is."""
+    shared = {k: v for k, v in separate.state_dict().items() if k in fused.state_dict()}
+    fused.load_state_dict(shared, strict=False)
+    modules = dict(separate.named_modules())
+    for name, module in fused.named_modules():
+        if isinstance(module, FusedInceptionConv):
+            wide, deep = (list(branch.modules()) for branch in modules[name].branches)
+            wide_conv, first, second = [m for m in wide + deep if isinstance(m, nn.Conv2d)]
+            module.first.weight.copy_(torch.cat([wide_conv.weight, first.weight]))
+            module.deep[2].weight.copy_(second.weight)
+            norm = next(m for m in deep if isinstance(m, nn.BatchNorm2d))
+            module.deep[0].load_state_dict(norm.state_dict())
+
+
+@pytest.mark.parametrize("reduce", [False, True])
+def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce):
+    """One convolution for both branches' first layers: the same weights in another layout,
+    the same outputs and gradients, and identity filters in the same places."""
+    separate = small("inception-cpu", reduce=reduce)
+    fused = small("inception-cpu", reduce=reduce, fuse=True)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(fused) == count(separate) and count_macs(fused) == count_macs(separate)
+    assert sum(isinstance(m, FusedInceptionConv) for m in fused.modules()) == 6
+    # the deterministic part of the initialisation: identity filters in each branch's part
+    identity = [(m.first.weight.flatten(2)[..., 4] == 1).nonzero().tolist()
+                for m in fused.modules() if isinstance(m, FusedInceptionConv)]
+    _copy_into_fused(separate, fused)
+    assert identity == [(m.first.weight.flatten(2)[..., 4] == 1).nonzero().tolist()
+                        for m in fused.modules() if isinstance(m, FusedInceptionConv)]
+    x = torch.randn(4, 3, 32, 32)
+    for model in (separate, fused):
+        model.train()
+        model(x).square().sum().backward()
+    torch.testing.assert_close(fused.train()(x), separate.train()(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.stem[0].weight.grad, separate.stem[0].weight.grad,
+                               rtol=1e-3, atol=1e-5)
+
+
 def test_batch_norm_scale_is_frozen_unless_asked():
     frozen = [m.weight.requires_grad for m in small("inception-cpu").modules()
               if isinstance(m, nn.BatchNorm2d)]
@@ -86,6 +127,7 @@ def test_relu_option_replaces_gelu():
     ({"width": 0}, "width"),
     ({"bn_scale": "yes"}, "bn_scale"),
     ({"reduce": 1}, "reduce"),
+    ({"fuse": "yes"}, "fuse"),
     ({"depth": 3}, "no option 'depth'"),
 ])
 def test_bad_options(options, fragment):

@@ -448,7 +448,7 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
     assert "found no GPU, so recipe 'cpu10'" in out
     config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())["config"]
     assert config["model"] == "inception-cpu" and config["recipe"] == "cpu10"
-    assert config["model_options"] == {"reduce": True, "width": 0.25}  # the recipe's and ours
+    assert config["model_options"] == {"reduce": True, "fuse": True, "width": 0.25}  # recipe's, ours
 
 
 # ------------------------------------------------------------- time-to-accuracy tricks

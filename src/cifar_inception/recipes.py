@@ -329,10 +329,12 @@ _CPU10 = Recipe(
                   budget=600.0, warmup_fraction=0.23, whiten_bias_fraction=0.25,
                   cpu_channels_last=True),
     # Its own model pools inside the first module of each group (a quarter more images per
-    # second for the same weights), and takes the widest width that still trains 9 epochs in
-    # the budget: width 1 for a few minutes, wider for longer budgets or faster machines
-    # (BENCHMARKS.md, "Inception against the plain baseline").
-    per_model={"inception-cpu": dict(model_options={"reduce": True}, widen_for_epochs=9.0)},
+    # second for the same weights) and runs each module's two first convolutions as one
+    # (the same function, a few per cent faster), and takes the widest width that still
+    # trains 9 epochs in the budget: width 1 for a few minutes, wider for longer budgets or
+    # faster machines (BENCHMARKS.md, "Inception against the plain baseline").
+    per_model={"inception-cpu": dict(model_options={"reduce": True, "fuse": True},
+                                     widen_for_epochs=9.0)},
     model="inception-cpu",
 )
 

@@ -32,6 +32,8 @@ channels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -68,6 +70,13 @@ def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
 
 
+def _split(out_channels: int) -> tuple[int, int, int]:
+    """An Inception module's widths: its 3x3 branch, the deep branch's inner layer, and the
+    deep branch's output (half the channels each branch, a quarter inside the deep one)."""
+    half = out_channels // 2
+    return out_channels - half, max(8, out_channels // 4), half
+
+
 class InceptionConv(Branches):
     """A 3x3 branch and a 3x3 -> 3x3 branch (5x5 field), half the output channels each.
 
@@ -80,35 +89,71 @@ class InceptionConv(Branches):
 
     def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool,
                  reduce: bool = False):
-        half = out_channels // 2
-        inner = max(8, out_channels // 4)
+        wide_out, inner, deep_out = _split(out_channels)
         pool = [nn.MaxPool2d(2)] if reduce else []
-        wide = conv3x3(in_channels, out_channels - half)
+        wide = conv3x3(in_channels, wide_out)
         super().__init__(
             [
                 nn.Sequential(wide, *pool) if reduce else wide,  # a bare conv keeps old keys
                 nn.Sequential(conv3x3(in_channels, inner), *pool, batch_norm(inner, bn_scale),
-                              _activation(act), conv3x3(inner, half)),
+                              _activation(act), conv3x3(inner, deep_out)),
             ],
             out_channels=out_channels,
         )
 
 
-def plain_conv(in_channels: int, out_channels: int, *, act: str, bn_scale: bool) -> nn.Conv2d:
-    """The baseline's layer where the Inception nets have a module: one 3x3 convolution."""
-    return conv3x3(in_channels, out_channels)
+class FusedInceptionConv(nn.Module):
+    """:class:`InceptionConv` with the two branches' first convolutions run as one.
+
+    Both read the same input, so one convolution with the filters of both (the 3x3 branch's
+    output, then the deep branch's inner layer) computes the two, and its output is split
+    along the channels: one larger matrix product instead of two, one read of the input,
+    and one input gradient instead of two summed. The same function, the same weights in a
+    different layout (``first`` holds both branches' filters), and the same initialisation
+    (:func:`_init` sets identity filters in each part as it does in each branch).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool,
+                 reduce: bool = False):
+        super().__init__()
+        wide_out, inner, deep_out = _split(out_channels)
+        self.parts = (wide_out, inner)
+        self.first = conv3x3(in_channels, wide_out + inner)
+        self.pool = nn.MaxPool2d(2) if reduce else nn.Identity()
+        self.deep = nn.Sequential(batch_norm(inner, bn_scale), _activation(act),
+                                  conv3x3(inner, deep_out))
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wide, inner = self.pool(self.first(x)).split(self.parts, dim=1)
+        # batch norm on a slice of the channels takes a slow path: give it its own copy
+        inner = inner.contiguous(memory_format=_memory_format(x))
+        return torch.cat([wide, self.deep(inner)], dim=1)
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def plain_conv(in_channels: int, out_channels: int, *, act: str, bn_scale: bool,
+               reduce: bool = False) -> nn.Module:
+    """The baseline's layer where the Inception nets have a module: one 3x3 convolution
+    (then the 2x2 max-pool, with ``reduce``)."""
+    conv = conv3x3(in_channels, out_channels)
+    return nn.Sequential(conv, nn.MaxPool2d(2)) if reduce else conv
 
 
 class ConvGroup(nn.Sequential):
     """Layer, 2x2 max-pool, norm, act, layer, norm, act; the layer an Inception module
-    (:class:`InceptionConv`) or, in the plain baseline, a 3x3 convolution. With ``reduce``
-    the first Inception module pools inside its branches instead of after them."""
+    (:class:`InceptionConv` or :class:`FusedInceptionConv`) or, in the plain baseline, a 3x3
+    convolution. With ``reduce`` the first layer pools itself (an Inception module inside its
+    branches) instead of being followed by the pool."""
 
     def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool,
-                 layer: type[nn.Module] | object = InceptionConv, reduce: bool = False):
+                 layer: Callable[..., nn.Module] = InceptionConv, reduce: bool = False):
         if reduce:
-            first = [InceptionConv(in_channels, out_channels, act=act, bn_scale=bn_scale,
-                                   reduce=True)]
+            first = [layer(in_channels, out_channels, act=act, bn_scale=bn_scale, reduce=True)]
         else:
             first = [layer(in_channels, out_channels, act=act, bn_scale=bn_scale),
                      nn.MaxPool2d(2)]
@@ -173,12 +218,18 @@ def _check_act(act: object) -> str:
 
 def fast_inception(widths: tuple[int, int, int], num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
-                   layer: object = InceptionConv) -> FastInception:
+                   fuse: bool = False, layer: Callable[..., nn.Module] | None = None
+                   ) -> FastInception:
+    """The network of this module's docstring, its groups ``widths`` wide (times ``width``);
+    ``layer`` replaces the Inception module (the plain baseline's 3x3 convolution)."""
     width = check_width(width)
     act = _check_act(act)
     bn_scale = check_flag("bn_scale", bn_scale)
     dirac = check_flag("dirac", dirac)
     reduce = check_flag("reduce", reduce)
+    fuse = check_flag("fuse", fuse)
+    if layer is None:
+        layer = FusedInceptionConv if fuse else InceptionConv
     channels = [scale_width(c, width) for c in widths]
     stages: dict[str, nn.Module] = {
         "stem": nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, STEM_PATCH, padding=0, bias=True),
@@ -202,49 +253,49 @@ def _init(model: nn.Module, dirac: bool) -> None:
     With ``dirac`` the first ``min(in, out)`` filters of every 3x3 convolution start as the
     identity (the others keep their random init), so at the start each module passes its
     input through as a residual block would, and a network without skip connections trains
-    fast from the first step.
+    fast from the first step. A fused convolution gets them in each branch's part, as the
+    separate convolutions would.
     """
+    fused = {id(m.first): m.parts for m in model.modules() if isinstance(m, FusedInceptionConv)}
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif dirac and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-            weight = module.weight.data
-            nn.init.dirac_(weight[:min(weight.shape[0], weight.shape[1])])
+            for part in module.weight.data.split(fused.get(id(module), [module.out_channels])):
+                nn.init.dirac_(part[:min(part.shape[0], part.shape[1])])
 
 
 CPU_WIDTHS = (32, 128, 128)
 FAST_WIDTHS = (64, 256, 256)
-
-
-@register_model("inception-cpu")
-def inception_cpu(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
-                  bn_scale: bool = False, dirac: bool = True,
-                  reduce: bool = False) -> FastInception:
-    """Small Inception net for time-to-accuracy on a 2-core CPU (the cpu10 recipe's model).
+OPTIONS_DOC = """
 
     Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
     batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
     filters; default true), ``reduce`` (the first module of each group reduces the grid
-    inside its branches; default false).
+    inside its branches; default false), ``fuse`` (the branches' first convolutions run as
+    one, :class:`FusedInceptionConv`: the same function, faster; default false, whose
+    weights keep the layout of separate branches).
     """
-    return fast_inception(CPU_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale,
-                          dirac=dirac, reduce=reduce)
 
 
-@register_model("inception-fast")
-def inception_fast(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
-                   bn_scale: bool = False, dirac: bool = True,
-                   reduce: bool = False) -> FastInception:
-    """Inception net for time-to-accuracy on one GPU (the fast recipe's model).
+def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[..., nn.Module]:
+    """A registered builder of :func:`fast_inception` at ``widths``; its keyword arguments
+    are the model's options (the registry reads them from the signature)."""
+    def build(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
+              bn_scale: bool = False, dirac: bool = True, reduce: bool = False,
+              fuse: bool = False) -> FastInception:
+        return fast_inception(widths, num_classes, width=width, act=act, bn_scale=bn_scale,
+                              dirac=dirac, reduce=reduce, fuse=fuse)
+    build.__doc__ = purpose + OPTIONS_DOC
+    return build
 
-    Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
-    batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
-    filters; default true), ``reduce`` (the first module of each group reduces the grid
-    inside its branches; default false).
-    """
-    return fast_inception(FAST_WIDTHS, num_classes, width=width, act=act, bn_scale=bn_scale,
-                          dirac=dirac, reduce=reduce)
+
+inception_cpu = register_model("inception-cpu")(_inception_builder(
+    CPU_WIDTHS, "Small Inception net for time-to-accuracy on a 2-core CPU (the cpu10 recipe's "
+                "model)."))
+inception_fast = register_model("inception-fast")(_inception_builder(
+    FAST_WIDTHS, "Inception net for time-to-accuracy on one GPU (the fast recipe's model)."))
 
 
 BASELINE_WIDTHS = (64, 256, 256)
@@ -260,7 +311,7 @@ def baseline_plain(num_classes: int = 10, *, width: float = 1.0, act: str = "gel
     conv-norm-GELU of widths 64/256/256 (3x3 convolutions), a max-pool and a linear head with
     logits scaled by 1/9; about 1.97 million parameters. It is not an Inception net: it is
     here so that the Inception recipes are measured against it by the same loop, with the
-    same tricks. Options as ``inception-cpu``.
+    same tricks. Options ``width``, ``act``, ``bn_scale`` and ``dirac``, as ``inception-cpu``'s.
     """
     return fast_inception(BASELINE_WIDTHS, num_classes, width=width, act=act,
                           bn_scale=bn_scale, dirac=dirac, layer=plain_conv)
