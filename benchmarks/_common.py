@@ -7,6 +7,8 @@ folder on ``sys.path``, which is how they import this module.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import platform
@@ -22,6 +24,8 @@ from cifar_inception import __version__
 from cifar_inception.devices import cpu_capability, cpu_name, has_native_bf16, usable_cores
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_json
+from cifar_inception.models.registry import option_value
+from cifar_inception.recipes import TrainConfig
 
 
 def pick_device(name: str) -> torch.device:
@@ -138,3 +142,31 @@ def run_script(name: str, parser: argparse.ArgumentParser, run: Callable[[Any], 
         return run(args)
     except CifarInceptionError as exc:
         raise SystemExit(f"{name}: error: {exc}") from None
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``["epochs=3", "lookahead=false"]`` -> typed training options (by TrainConfig's types)."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig()
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {pair!r}: not KEY=VALUE with a training option as KEY")
+        settings[key] = _typed(text.strip(), getattr(defaults, key))
+    return settings
+
+
+def _typed(text: str, default: Any) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    if text.startswith(("{", "[")):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise SystemExit(f"not valid JSON: {text!r}") from None
+    if isinstance(default, bool) or text.lower() in ("true", "false"):
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"expected true or false, not {text!r}")
+    return option_value(text)

@@ -37,7 +37,15 @@ from typing import Any
 
 import torch
 
-from _common import describe, environment, format_table, mean_spread, run_script, write_json
+from _common import (
+    describe,
+    environment,
+    format_table,
+    mean_spread,
+    parse_settings,
+    run_script,
+    write_json,
+)
 from cifar_inception.devices import pick_device
 from cifar_inception.models import create_model
 from cifar_inception.models.registry import parse_options
@@ -45,7 +53,6 @@ from cifar_inception.options import parse_duration
 from cifar_inception.recipes import build_config, get_recipe
 from cifar_inception.summary import count_macs
 from cifar_inception.training import train
-from time_to_accuracy import parse_settings
 
 
 def training_flops_per_image(model_name: str, model_options: dict) -> float:

@@ -19,8 +19,7 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from _common import describe, environment, format_table, pick_device, write_json
-from time_to_accuracy import parse_settings
+from _common import describe, environment, format_table, parse_settings, pick_device, write_json
 
 PHASES = ("data", "forward", "backward", "optimizer", "validation")
 

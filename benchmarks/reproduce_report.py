@@ -28,9 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _common import describe, environment, format_table, run_script, write_json
+from _common import describe, environment, format_table, parse_settings, run_script, write_json
 from throughput import parse_spec
-from time_to_accuracy import parse_settings
 
 from cifar_inception.devices import pick_device
 from cifar_inception.evaluation import evaluate

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import sys
@@ -40,42 +39,22 @@ from typing import Any
 
 import torch
 
-from _common import describe, environment, format_table, mean_spread, pick_device, run_script, write_json
+from _common import (
+    describe,
+    environment,
+    format_table,
+    mean_spread,
+    parse_settings,
+    pick_device,
+    run_script,
+    write_json,
+)
 from cifar_inception.evaluation import classification_metrics, log_probabilities
-from cifar_inception.models.registry import option_value
 from cifar_inception.recipes import TrainConfig, build_config, get_recipe
 from cifar_inception.training import autocast_for, train, uses_channels_last
 
 DEFAULT_CHECKPOINTS = {"cpu": (120.0, 300.0, 600.0), "cuda": (2.0, 3.0, 5.0, 10.0)}
 DEFAULT_TARGETS = (0.90, 0.92, 0.94)
-
-
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``["epochs=3", "lookahead=false"]`` -> typed training options (by TrainConfig's types)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    defaults = TrainConfig()
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {pair!r}: not KEY=VALUE with a training option as KEY")
-        settings[key] = _typed(text.strip(), getattr(defaults, key))
-    return settings
-
-
-def _typed(text: str, default: Any) -> Any:
-    if text.lower() in ("none", "null"):
-        return None
-    if text.startswith(("{", "[")):
-        try:
-            return json.loads(text)
-        except ValueError:
-            raise SystemExit(f"not valid JSON: {text!r}") from None
-    if isinstance(default, bool) or text.lower() in ("true", "false"):
-        if text.lower() not in ("true", "false"):
-            raise SystemExit(f"expected true or false, not {text!r}")
-    return option_value(text)
 
 
 class TestTracker:

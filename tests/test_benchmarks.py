@@ -16,6 +16,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 BENCHMARKS = TESTS.parent / "benchmarks"
 
+import _common
 import budget_vs_baseline
 import throughput
 import time_to_accuracy
@@ -53,12 +54,12 @@ def test_throughput_spec_parsing():
 
 
 def test_settings_are_typed_like_the_config():
-    settings = time_to_accuracy.parse_settings(
+    settings = _common.parse_settings(
         ["epochs=2", "lr=0.5", "flip=false", "name=none", 'model_options={"width": 0.5}'])
     assert settings == {"epochs": 2, "lr": 0.5, "flip": False, "name": None,
                         "model_options": {"width": 0.5}}
     with pytest.raises(SystemExit, match="training option"):
-        time_to_accuracy.parse_settings(["no_such_option=1"])
+        _common.parse_settings(["no_such_option=1"])
 
 
 def test_seed_summary_checkpoints_and_targets():

@@ -118,8 +118,8 @@ class TrainConfig:
         "speed, then fixes the number of steps; --epochs overrides it)", group="optimisation",
         above=0, parse=parse_duration, metavar="DURATION")
     widen_for_epochs: float | None = option(
-        None, "with --budget: widen the model (its width option, in steps of 0.25 up to "
-        "twice its width) while the budget still buys E epochs at that width's measured "
+        None, "with --budget: widen the model (its width option, in steps of 0.5 up to "
+        "three times its width) while the budget still buys E epochs at that width's measured "
         "speed; a --width or --option width=W keeps that width", group="optimisation",
         above=0, maximum=1e6, metavar="E")
     train_steps: int | None = option(
