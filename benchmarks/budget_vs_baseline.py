@@ -91,13 +91,12 @@ def one_run(args: argparse.Namespace, model: str | None, label: str, seed: int, 
 
 def budget_rows(args: argparse.Namespace, budget: float, data: Any, device: torch.device
                 ) -> list[dict[str, Any]]:
-    runs = []
+    runs, tag = [], f"{budget:g}s"
+    widen = {} if args.widen_for_epochs is None else {
+        "widen_for_epochs": args.widen_for_epochs}  # else the recipe's (cpu10: 9)
+    inception = dict(budget=budget, model_options=parse_options(args.option), **widen)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        tag = f"{budget:g}s"
-        widen = {} if args.widen_for_epochs is None else {
-            "widen_for_epochs": args.widen_for_epochs}  # else the recipe's (cpu10: 9)
-        ours = one_run(args, args.model, f"inception-{tag}", seed, data, device, budget=budget,
-                       model_options=parse_options(args.option), **widen)
+        ours = one_run(args, args.model, f"inception-{tag}", seed, data, device, **inception)
         runs.append(ours)
         runs.append(one_run(args, args.baseline, f"baseline-{tag}", seed, data, device,
                             budget=budget))

@@ -30,8 +30,9 @@ Recipes:
 ``cpu10``
     What ``cifar-inception train`` runs on a machine without a GPU: the best Inception net
     that ten minutes buy on this machine. It trains ``inception-cpu`` (the first module of
-    each group reducing the grid, ``reduce``) for a time budget (``budget``, 10 minutes), as
-    wide as still trains 9 epochs there (``widen_for_epochs``): it measures this machine's
+    each group reducing the grid, ``reduce``; each module's two first convolutions run as
+    one, ``fuse``) for a time budget (``budget``, 10 minutes), as wide as still trains 9
+    epochs there (``widen_for_epochs``): it measures this machine's
     speed (at each width it tries), then fixes the number of steps so that training,
     validation and the final test end within the budget, with every schedule a fraction of
     the run. Precision and threads follow the CPU (bf16 only where it is native, every
