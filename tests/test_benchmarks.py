@@ -20,6 +20,7 @@ import _common
 import budget_vs_baseline
 import throughput
 import time_to_accuracy
+from cifar_inception.recipes import CPU10_MODEL_OPTIONS
 from synthetic_data import easy_data, write_image_tree
 
 # one thread: tiny batches gain nothing from two, and lose a lot on a busy machine
@@ -114,7 +115,7 @@ def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, cap
     saved = json.loads(out.read_text())
     ours, theirs = saved["runs"]
     assert (ours["run"], theirs["run"]) == ("inception-5s", "baseline-5s")
-    assert ours["model_options"] == {"width": 0.25, "reduce": True, "fuse": True}  # width stays
+    assert ours["model_options"] == {**CPU10_MODEL_OPTIONS, "width": 0.25}  # width stays
     assert theirs["model"] == "baseline-plain" and theirs["model_options"] == {}
     recorded = [json.loads((tmp_path / "runs" / f"{r['run']}-seed0" / "config.json")
                            .read_text())["config"] for r in (ours, theirs)]

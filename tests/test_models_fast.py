@@ -48,6 +48,16 @@ def test_every_stage_is_built_from_parallel_branches():
     assert all(len(b.branches) == 2 for b in branches)
 
 
+def test_widths_set_the_groups_and_width_may_leave_the_first_alone():
+    def channels(model):
+        return [getattr(model, f"group{i}").out_channels for i in (1, 2, 3)]
+    assert channels(create_model("inception-cpu")) == [32, 128, 128]
+    assert channels(create_model("inception-cpu", widths="32/128/256", width=1.5)) == [48, 192, 384]
+    tapered = create_model("inception-cpu", widths="32,128,256", width=1.5, widen_first=False)
+    assert channels(tapered) == [32, 192, 384]
+    assert tapered(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 def test_the_gpu_model_is_wider_and_width_scales_cost():
     cpu, gpu = create_model("inception-cpu"), create_model("inception-fast")
     assert count_macs(gpu) > 2 * count_macs(cpu)
@@ -128,6 +138,11 @@ def test_relu_option_replaces_gelu():
     ({"bn_scale": "yes"}, "bn_scale"),
     ({"reduce": 1}, "reduce"),
     ({"fuse": "yes"}, "fuse"),
+    ({"widths": "32/128"}, "three channel counts"),
+    ({"widths": "32/128/250"}, "multiples of 8"),
+    ({"widths": "a/b/c"}, "widths"),
+    ({"widths": 32}, "widths"),
+    ({"widen_first": "no"}, "widen_first"),
     ({"depth": 3}, "no option 'depth'"),
 ])
 def test_bad_options(options, fragment):

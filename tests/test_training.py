@@ -20,7 +20,7 @@ from cifar_inception.augment import normalize
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
 from cifar_inception.models import InceptionOutputs, create_model, list_models
-from cifar_inception.recipes import build_config
+from cifar_inception.recipes import CPU10_MODEL_OPTIONS, build_config
 from cifar_inception.training import (
     TrainingError,
     build_optimizer,
@@ -448,7 +448,7 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
     assert "found no GPU, so recipe 'cpu10'" in out
     config = json.loads((tmp_path / "runs" / "auto" / "config.json").read_text())["config"]
     assert config["model"] == "inception-cpu" and config["recipe"] == "cpu10"
-    assert config["model_options"] == {"reduce": True, "fuse": True, "width": 0.25}  # recipe's, ours
+    assert config["model_options"] == {**CPU10_MODEL_OPTIONS, "width": 0.25}  # recipe's, ours
 
 
 # ------------------------------------------------------------- time-to-accuracy tricks

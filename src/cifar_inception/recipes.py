@@ -31,8 +31,9 @@ Recipes:
     What ``cifar-inception train`` runs on a machine without a GPU: the best Inception net
     that ten minutes buy on this machine. It trains ``inception-cpu`` (the first module of
     each group reducing the grid, ``reduce``; each module's two first convolutions run as
-    one, ``fuse``) for a time budget (``budget``, 10 minutes), as wide as still trains 9
-    epochs there (``widen_for_epochs``): it measures this machine's
+    one, ``fuse``; groups 32, 128 and 256 wide, ``widths``, the last two widened,
+    ``widen_first=false``) for a time budget (``budget``, 10 minutes), as wide as still
+    trains 9 epochs there (``widen_for_epochs``): it measures this machine's
     speed (at each width it tries), then fixes the number of steps so that training,
     validation and the final test end within the budget, with every schedule a fraction of
     the run. Precision and threads follow the CPU (bf16 only where it is native, every
@@ -315,6 +316,15 @@ _SPEED = dict(optimizer="sgd", batch_size=1024, lr=1.5, momentum=0.85, nesterov=
               whiten_init=True, crop_padding=2, padding_mode="reflect",
               flip=True, flip_mode="alternate", cutout=0, tta=True, val_size=5000)
 
+# cpu10's own inception-cpu: the first module of each group pools inside its branches
+# (reduce: a quarter more images per second for the same weights), each module's two first
+# convolutions run as one (fuse: the same function, a few per cent faster), and the groups are
+# 32, 128 and 256 channels wide, the widening growing the last two only: the first group, on
+# the full grid, costs the most time per multiply-add on a CPU, and the last, on a 7x7 and a
+# 3x3 grid, the least per weight (BENCHMARKS.md, "Where the channels go").
+CPU10_MODEL_OPTIONS = {"reduce": True, "fuse": True, "widths": "32/128/256",
+                       "widen_first": False}
+
 _CPU10 = Recipe(
     name="cpu10",
     description="the best Inception net that ten minutes buy on this CPU: inception-cpu for a "
@@ -329,13 +339,10 @@ _CPU10 = Recipe(
     settings=dict(_SPEED, batch_size=256, lr=0.375, lookahead_steps=20, epochs=12,
                   budget=600.0, warmup_fraction=0.23, whiten_bias_fraction=0.25,
                   cpu_channels_last=True),
-    # Its own model pools inside the first module of each group (a quarter more images per
-    # second for the same weights) and runs each module's two first convolutions as one
-    # (the same function, a few per cent faster), and takes the widest width that still
-    # trains 9 epochs in the budget: width 1 for a few minutes, wider for longer budgets or
-    # faster machines (BENCHMARKS.md, "Inception against the plain baseline").
-    per_model={"inception-cpu": dict(model_options={"reduce": True, "fuse": True},
-                                     widen_for_epochs=9.0)},
+    # Its own model (CPU10_MODEL_OPTIONS) takes the widest width that still trains 9 epochs
+    # in the budget: width 1 for a few minutes, wider for longer budgets or faster machines
+    # (BENCHMARKS.md, "Inception against the plain baseline").
+    per_model={"inception-cpu": dict(model_options=CPU10_MODEL_OPTIONS, widen_for_epochs=9.0)},
     model="inception-cpu",
 )
 

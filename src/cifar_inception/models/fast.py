@@ -30,7 +30,9 @@ channels.
   logits, which keeps the first logits small without a special initialisation.
 
 ``inception-cpu`` is sized for about ten minutes of training on a 2-core CPU;
-``inception-fast`` is wider, for one GPU. ``width`` multiplies every group's channels.
+``inception-fast`` is wider, for one GPU. ``widths`` sets the three groups' channels and
+``width`` multiplies them (with ``widen_first=false`` only those of the last two groups: the
+first, on the full grid, costs a CPU the most time per multiply-add).
 """
 
 from __future__ import annotations
@@ -220,21 +222,41 @@ def _check_act(act: object) -> str:
     return str(act)
 
 
-def fast_inception(widths: tuple[int, int, int], num_classes: int, *, width: float,
+def check_widths(widths: object) -> tuple[int, int, int]:
+    """Three groups' channel counts, each a multiple of 8 from 8 to 4096: a sequence of three
+    integers, or the same as a string (``"32/128/256"`` or ``"32,128,256"``, as
+    ``--option widths=...`` gives)."""
+    values = widths.replace(",", "/").split("/") if isinstance(widths, str) else widths
+    try:
+        counts = tuple(int(str(v).strip()) for v in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        counts = ()
+    if len(counts) != 3 or any(c < 8 or c > 4096 or c % 8 for c in counts):
+        raise ModelError(f"widths must be three channel counts, multiples of 8 from 8 to 4096, "
+                         f"such as 32/128/256; not {widths!r}")
+    return counts  # type: ignore[return-value]
+
+
+def fast_inception(widths: object, num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
-                   fuse: bool = False, layer: Callable[..., nn.Module] | None = None
-                   ) -> FastInception:
-    """The network of this module's docstring, its groups ``widths`` wide (times ``width``);
-    ``layer`` replaces the Inception module (the plain baseline's 3x3 convolution)."""
+                   fuse: bool = False, widen_first: bool = True,
+                   layer: Callable[..., nn.Module] | None = None) -> FastInception:
+    """The network of this module's docstring, its groups ``widths`` wide (three channel
+    counts, or a string such as ``"32/128/256"``) times ``width``, the first group's too
+    unless ``widen_first`` is false; ``layer`` replaces the Inception module (the plain
+    baseline's 3x3 convolution)."""
+    widths = check_widths(widths)
     width = check_width(width)
     act = _check_act(act)
     bn_scale = check_flag("bn_scale", bn_scale)
     dirac = check_flag("dirac", dirac)
     reduce = check_flag("reduce", reduce)
     fuse = check_flag("fuse", fuse)
+    widen_first = check_flag("widen_first", widen_first)
     if layer is None:
         layer = FusedInceptionConv if fuse else InceptionConv
-    channels = [scale_width(c, width) for c in widths]
+    channels = [c if index == 0 and not widen_first else scale_width(c, width)
+                for index, c in enumerate(widths)]
     stages: dict[str, nn.Module] = {
         "stem": nn.Sequential(nn.Conv2d(3, STEM_CHANNELS, STEM_PATCH, padding=0, bias=True),
                               _activation(act)),
@@ -274,7 +296,9 @@ CPU_WIDTHS = (32, 128, 128)
 FAST_WIDTHS = (64, 256, 256)
 OPTIONS_DOC = """
 
-    Options: ``width`` (channel multiplier), ``act`` (gelu or relu), ``bn_scale`` (learn the
+    Options: ``width`` (channel multiplier), ``widths`` (the three groups' channels at width
+    1, such as ``32/128/256``), ``widen_first`` (whether ``width`` multiplies the first
+    group's channels too; default true), ``act`` (gelu or relu), ``bn_scale`` (learn the
     batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
     filters; default true), ``reduce`` (the first module of each group reduces the grid
     inside its branches; default false), ``fuse`` (the branches' first convolutions run as
@@ -286,11 +310,13 @@ OPTIONS_DOC = """
 def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[..., nn.Module]:
     """A registered builder of :func:`fast_inception` at ``widths``; its keyword arguments
     are the model's options (the registry reads them from the signature)."""
-    def build(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
-              bn_scale: bool = False, dirac: bool = True, reduce: bool = False,
-              fuse: bool = False) -> FastInception:
-        return fast_inception(widths, num_classes, width=width, act=act, bn_scale=bn_scale,
-                              dirac=dirac, reduce=reduce, fuse=fuse)
+    table = "/".join(map(str, widths))  # the default of the widths option, as a user writes it
+
+    def build(num_classes: int = 10, *, width: float = 1.0, widths: str = table,
+              widen_first: bool = True, act: str = "gelu", bn_scale: bool = False,
+              dirac: bool = True, reduce: bool = False, fuse: bool = False) -> FastInception:
+        return fast_inception(widths, num_classes, width=width, widen_first=widen_first,
+                              act=act, bn_scale=bn_scale, dirac=dirac, reduce=reduce, fuse=fuse)
     build.__doc__ = purpose + OPTIONS_DOC
     return build
 
