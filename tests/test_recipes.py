@@ -107,8 +107,7 @@ def test_speed_recipes_switch_their_tricks_on():
 
 def test_cpu10_reduces_and_widens_its_own_model_only():
     ours, baseline = build_config(recipe="cpu10"), build_config("baseline-plain", "cpu10")
-    assert ours.model_options == {"reduce": True, "fuse": True, "widths": "32/128/256",
-                                  "widen_first": False} and ours.widen_for_epochs == 9
+    assert ours.model_options == {"reduce": True, "fuse": True} and ours.widen_for_epochs == 9
     assert baseline.model_options == {} and baseline.widen_for_epochs is None
     assert baseline.budget == ours.budget and baseline.lr == ours.lr  # the rest is shared
 

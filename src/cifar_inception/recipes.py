@@ -31,9 +31,8 @@ Recipes:
     What ``cifar-inception train`` runs on a machine without a GPU: the best Inception net
     that ten minutes buy on this machine. It trains ``inception-cpu`` (the first module of
     each group reducing the grid, ``reduce``; each module's two first convolutions run as
-    one, ``fuse``; groups 32, 128 and 256 wide, ``widths``, the last two widened,
-    ``widen_first=false``) for a time budget (``budget``, 10 minutes), as wide as still
-    trains 9 epochs there (``widen_for_epochs``): it measures this machine's
+    one, ``fuse``) for a time budget (``budget``, 10 minutes), as wide as still trains 9
+    epochs there (``widen_for_epochs``): it measures this machine's
     speed (at each width it tries), then fixes the number of steps so that training,
     validation and the final test end within the budget, with every schedule a fraction of
     the run. Precision and threads follow the CPU (bf16 only where it is native, every
@@ -317,13 +316,12 @@ _SPEED = dict(optimizer="sgd", batch_size=1024, lr=1.5, momentum=0.85, nesterov=
               flip=True, flip_mode="alternate", cutout=0, tta=True, val_size=5000)
 
 # cpu10's own inception-cpu: the first module of each group pools inside its branches
-# (reduce: a quarter more images per second for the same weights), each module's two first
-# convolutions run as one (fuse: the same function, a few per cent faster), and the groups are
-# 32, 128 and 256 channels wide, the widening growing the last two only: the first group, on
-# the full grid, costs the most time per multiply-add on a CPU, and the last, on a 7x7 and a
-# 3x3 grid, the least per weight (BENCHMARKS.md, "Where the channels go").
-CPU10_MODEL_OPTIONS = {"reduce": True, "fuse": True, "widths": "32/128/256",
-                       "widen_first": False}
+# (reduce: a quarter more images per second for the same weights) and each module's two first
+# convolutions run as one (fuse: the same function, a few per cent faster). Its groups keep
+# the model's own widths, all widened alike: groups of 32/128/256 whose last two alone grow
+# (widths, widen_first=false) measured level at 10 minutes and no better at 20
+# (BENCHMARKS.md, "Where the channels go").
+CPU10_MODEL_OPTIONS = {"reduce": True, "fuse": True}
 
 _CPU10 = Recipe(
     name="cpu10",
