@@ -120,6 +120,25 @@ def test_global_batch_is_split_evenly():
     assert distributed.shard(batch, DistContext()) is batch
 
 
+def _answer_any_rank(rank: int, store: str, answers: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                                         world_size=2)
+    try:
+        said = distributed.any_rank(rank == 1, DistContext(rank, 2), torch.device("cpu"))
+        Path(answers, str(rank)).write_text(str(said))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_flag_raised_on_one_rank_is_seen_by_every_rank(tmp_path):
+    """How the ranks agree to stop at an epoch's end when Ctrl-C reached only one so far."""
+    assert distributed.any_rank(True, DistContext(), torch.device("cpu")) is True
+    assert distributed.any_rank(False, DistContext(), torch.device("cpu")) is False
+    torch.multiprocessing.spawn(_answer_any_rank, args=(str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)
+    assert [(tmp_path / r).read_text() for r in ("0", "1")] == ["True", "True"]
+
+
 def test_sync_bn_needs_cuda():
     with pytest.raises(DistributedError, match="needs CUDA"):
         distributed.convert_sync_batchnorm(torch.nn.BatchNorm2d(3), DistContext(0, 2),

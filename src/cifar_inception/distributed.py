@@ -106,6 +106,14 @@ def communication_error(ctx: DistContext, exc: BaseException) -> DistributedErro
         f"probably failed first: look for its message")
 
 
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (on one process, the flag itself): for decisions
+    that every rank must take alike, such as stopping."""
+    if not ctx.enabled:
+        return flag
+    return bool(all_reduce(torch.tensor([float(flag)], device=device), ctx, op="max").item())
+
+
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -115,7 +115,12 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
             config, line = _fit_cpu(config, ctx)
             emit(line)
         distributed.init(ctx, device, config.dist_timeout)
-        return _train(config, data, resume, ctx, device, emit, epoch_end, started, held)
+        result = _train(config, data, resume, ctx, device, emit, epoch_end, started, held)
+        # Every rank waits for the others before leaving the group: a rank that closed its
+        # connections while another still held them open made gloo abort that one at exit
+        # ("terminate called without an active exception").
+        distributed.barrier(ctx)
+        return result
     except CifarInceptionError as exc:
         if ctx.enabled:  # say which rank failed; torchrun then stops the others
             raise type(exc)(f"rank {ctx.rank}: {exc}") from None
@@ -223,7 +228,9 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             position = _end_of_epoch(loop, position, row, emit)
             if epoch_end is not None and ctx.is_main:
                 epoch_end(row, loop.model, loop.prepared.mean, loop.prepared.std)
-            if stop.requested:  # Ctrl-C during validation or saving: the epoch is complete
+            # Ctrl-C during validation or saving: the epoch is complete. Asked of every rank,
+            # since a signal reaches each at its own moment and they must all stop here.
+            if distributed.any_rank(stop.requested, ctx, device):
                 status = "interrupted"
                 message = _stop_message(f"interrupted after epoch {epoch + 1}", loop.run_dir,
                                         saved=True)
