@@ -27,7 +27,7 @@ from synthetic_data import easy_data, write_image_tree
 # rank-dependent, number of all-reducing steps (now a counted one); a rank left the process
 # group while another still used it (now every rank waits for the others first); a Ctrl-C
 # seen at an epoch's end by one rank only stopped that rank alone (now the ranks agree).
-# Since the last two, the budget test still timed out in a collective once in 10 runs of
+# Since the last two, the budget test still timed out in a collective in 4 of 17 runs of
 # this file (the others passed every time): a cause is left. Kept running, and reported,
 # until it is found; --processes defaults to 1.
 FLAKY = pytest.mark.xfail(strict=False, reason="--processes ranks can fall out of step at "
