@@ -146,7 +146,7 @@ def run_script(name: str, parser: argparse.ArgumentParser, run: Callable[[Any], 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
     """``["epochs=3", "lookahead=false"]`` -> typed training options (by TrainConfig's types)."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     defaults = TrainConfig()
     settings: dict[str, Any] = {}
     for pair in pairs:

@@ -237,7 +237,7 @@ def check_widths(widths: object) -> tuple[int, int, int]:
     return counts  # type: ignore[return-value]
 
 
-def fast_inception(widths: object, num_classes: int, *, width: float,
+def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
                    fuse: bool = False, widen_first: bool = True,
                    layer: Callable[..., nn.Module] | None = None) -> FastInception:
