@@ -93,12 +93,12 @@ def _copy_into_fused(separate: FastInception, fused: FastInception) -> None:
             module.deep[0].load_state_dict(norm.state_dict())
 
 
-@pytest.mark.parametrize("reduce", [False, True])
-def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce):
+@pytest.mark.parametrize("reduce,dirac_offset", [(False, False), (True, False), (True, True)])
+def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce, dirac_offset):
     """One convolution for both branches' first layers: the same weights in another layout,
     the same outputs and gradients, and identity filters in the same places."""
-    separate = small("inception-cpu", reduce=reduce)
-    fused = small("inception-cpu", reduce=reduce, fuse=True)
+    separate = small("inception-cpu", reduce=reduce, dirac_offset=dirac_offset)
+    fused = small("inception-cpu", reduce=reduce, fuse=True, dirac_offset=dirac_offset)
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert count(fused) == count(separate) and count_macs(fused) == count_macs(separate)
     assert sum(isinstance(m, FusedInceptionConv) for m in fused.modules()) == 6
@@ -115,6 +115,23 @@ def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce):
     torch.testing.assert_close(fused.train()(x), separate.train()(x), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.stem[0].weight.grad, separate.stem[0].weight.grad,
                                rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_dirac_offset_starts_the_deep_branch_on_the_channels_the_wide_one_leaves(fuse):
+    """A module as wide as its input, evaluated fresh (its inner norm the identity): the 3x3
+    branch passes on the first half of the channels; the deep branch passes on the first
+    quarter again (GELU'd) by default, the third quarter with ``dirac_offset``."""
+    x = torch.randn(2, 32, 8, 8)
+    for offset, start in ((False, 0), (True, 16)):
+        model = small("inception-cpu", fuse=fuse, dirac_offset=offset).eval()
+        module = next(m for m in model.group2.modules()
+                      if isinstance(m, (FusedInceptionConv, Branches)) and m.out_channels == 32
+                      and next(m.parameters()).shape[1] == 32)
+        with torch.no_grad():
+            out = module(x)
+        torch.testing.assert_close(out[:, :16], x[:, :16])
+        torch.testing.assert_close(out[:, 16:24], F.gelu(x[:, start:start + 8]))
 
 
 def test_batch_norm_scale_is_frozen_unless_asked():

@@ -239,7 +239,7 @@ def check_widths(widths: object) -> tuple[int, int, int]:
 
 def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
-                   fuse: bool = False, widen_first: bool = True,
+                   fuse: bool = False, widen_first: bool = True, dirac_offset: bool = False,
                    layer: Callable[..., nn.Module] | None = None) -> FastInception:
     """The network of this module's docstring, its groups ``widths`` wide (three channel
     counts, or a string such as ``"32/128/256"``) times ``width``, the first group's too
@@ -253,6 +253,7 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
     reduce = check_flag("reduce", reduce)
     fuse = check_flag("fuse", fuse)
     widen_first = check_flag("widen_first", widen_first)
+    dirac_offset = check_flag("dirac_offset", dirac_offset)
     if layer is None:
         layer = FusedInceptionConv if fuse else InceptionConv
     channels = [c if index == 0 and not widen_first else scale_width(c, width)
@@ -269,11 +270,11 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                          nn.Linear(previous, num_classes, bias=False), Scale(LOGIT_SCALE))
     model = FastInception(stages, head)
-    _init(model, dirac)
+    _init(model, dirac, dirac_offset)
     return model
 
 
-def _init(model: nn.Module, dirac: bool) -> None:
+def _init(model: nn.Module, dirac: bool, dirac_offset: bool = False) -> None:
     """PyTorch's default initialisation, then (``dirac``) identity filters in each 3x3 conv.
 
     With ``dirac`` the first ``min(in, out)`` filters of every 3x3 convolution start as the
@@ -281,15 +282,49 @@ def _init(model: nn.Module, dirac: bool) -> None:
     input through as a residual block would, and a network without skip connections trains
     fast from the first step. A fused convolution gets them in each branch's part, as the
     separate convolutions would.
+
+    With ``dirac_offset`` the deep branch's first convolution takes as its identity the input
+    channels after those the 3x3 branch passes on (wrapping round a narrower input), so an
+    Inception module starts as the identity on three quarters of its channels instead of
+    passing the first quarter twice, and each branch's identity path runs on into the same
+    branch of the next module.
     """
-    fused = {id(m.first): m.parts for m in model.modules() if isinstance(m, FusedInceptionConv)}
+    parts = _identity_parts(model, dirac_offset)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
         elif dirac and isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3):
-            for part in module.weight.data.split(fused.get(id(module), [module.out_channels])):
-                nn.init.dirac_(part[:min(part.shape[0], part.shape[1])])
+            weights = module.weight.data
+            for part, offset in parts.get(id(module), [(module.out_channels, 0)]):
+                _identity_filters(weights[:part], offset)
+                weights = weights[part:]
+
+
+def _identity_parts(model: nn.Module, offset: bool) -> dict[int, list[tuple[int, int]]]:
+    """For the Inception modules' first convolutions: each branch's filters (how many) and the
+    input channel its identity filters start from."""
+    parts: dict[int, list[tuple[int, int]]] = {}
+    for module in model.modules():
+        if isinstance(module, FusedInceptionConv):
+            wide, inner = module.parts
+            start = wide % module.first.in_channels if offset else 0
+            parts[id(module.first)] = [(wide, 0), (inner, start)]
+        elif isinstance(module, InceptionConv) and offset:
+            wide = next(m for m in module.branches[0].modules() if isinstance(m, nn.Conv2d))
+            inner = module.branches[1][0]
+            parts[id(inner)] = [(inner.out_channels, wide.out_channels % inner.in_channels)]
+    return parts
+
+
+def _identity_filters(weight: torch.Tensor, start: int) -> None:
+    """Filter i passes input channel ``(start + i) % in`` through unchanged, for the first
+    ``min(in, out)`` filters (``nn.init.dirac_`` with a shifted start)."""
+    count = min(weight.shape[0], weight.shape[1])
+    weight[:count].zero_()
+    centre = weight.shape[2] // 2, weight.shape[3] // 2
+    for i in range(count):
+        weight[i, (start + i) % weight.shape[1], centre[0], centre[1]] = 1
 
 
 CPU_WIDTHS = (32, 128, 128)
@@ -300,7 +335,8 @@ OPTIONS_DOC = """
     1, such as ``32/128/256``), ``widen_first`` (whether ``width`` multiplies the first
     group's channels too; default true), ``act`` (gelu or relu), ``bn_scale`` (learn the
     batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
-    filters; default true), ``reduce`` (the first module of each group reduces the grid
+    filters; default true), ``dirac_offset`` (the deep branch's identity filters take the
+    input channels after the 3x3 branch's; default false), ``reduce`` (the first module of each group reduces the grid
     inside its branches; default false), ``fuse`` (the branches' first convolutions run as
     one, :class:`FusedInceptionConv`: the same function, faster; default false, whose
     weights keep the layout of separate branches).
@@ -314,9 +350,11 @@ def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[.
 
     def build(num_classes: int = 10, *, width: float = 1.0, widths: str = table,
               widen_first: bool = True, act: str = "gelu", bn_scale: bool = False,
-              dirac: bool = True, reduce: bool = False, fuse: bool = False) -> FastInception:
+              dirac: bool = True, dirac_offset: bool = False, reduce: bool = False,
+              fuse: bool = False) -> FastInception:
         return fast_inception(widths, num_classes, width=width, widen_first=widen_first,
-                              act=act, bn_scale=bn_scale, dirac=dirac, reduce=reduce, fuse=fuse)
+                              act=act, bn_scale=bn_scale, dirac=dirac, dirac_offset=dirac_offset,
+                              reduce=reduce, fuse=fuse)
     build.__doc__ = purpose + OPTIONS_DOC
     return build
 
