@@ -117,6 +117,16 @@ def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce, di
                                rtol=1e-3, atol=1e-5)
 
 
+def test_depths_add_modules_on_the_pooled_grid_and_keep_the_earlier_names():
+    base = small("inception-cpu", reduce=True, fuse=True)
+    deeper = small("inception-cpu", reduce=True, fuse=True, depths="2,2,3")
+    modules = lambda group: sum(isinstance(m, FusedInceptionConv) for m in group.modules())  # noqa: E731
+    assert [modules(getattr(deeper, f"group{i}")) for i in (1, 2, 3)] == [2, 2, 3]
+    assert set(base.state_dict()) < set(deeper.state_dict())
+    assert count_macs(deeper) > count_macs(base)
+    assert deeper(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_dirac_offset_starts_the_deep_branch_on_the_channels_the_wide_one_leaves(fuse):
     """A module as wide as its input, evaluated fresh (its inner norm the identity): the 3x3
@@ -160,6 +170,9 @@ def test_relu_option_replaces_gelu():
     ({"widths": "a/b/c"}, "widths"),
     ({"widths": 32}, "widths"),
     ({"widen_first": "no"}, "widen_first"),
+    ({"dirac_offset": "yes"}, "dirac_offset"),
+    ({"depths": "2/2/1"}, "depths must be three layer counts from 2 to 8"),
+    ({"depths": "2/2"}, "depths"),
     ({"depth": 3}, "no option 'depth'"),
 ])
 def test_bad_options(options, fragment):

@@ -154,22 +154,25 @@ class ConvGroup(nn.Sequential):
     """Layer, 2x2 max-pool, norm, act, layer, norm, act; the layer an Inception module
     (:class:`InceptionConv` or :class:`FusedInceptionConv`) or, in the plain baseline, a 3x3
     convolution. With ``reduce`` the first layer pools itself (an Inception module inside its
-    branches) instead of being followed by the pool."""
+    branches) instead of being followed by the pool. A ``depth`` above 2 appends more
+    layer-norm-act triples on the pooled grid (the earlier layers keep their names)."""
 
     def __init__(self, in_channels: int, out_channels: int, *, act: str, bn_scale: bool,
-                 layer: Callable[..., nn.Module] = InceptionConv, reduce: bool = False):
+                 layer: Callable[..., nn.Module] = InceptionConv, reduce: bool = False,
+                 depth: int = 2):
         if reduce:
             first = [layer(in_channels, out_channels, act=act, bn_scale=bn_scale, reduce=True)]
         else:
             first = [layer(in_channels, out_channels, act=act, bn_scale=bn_scale),
                      nn.MaxPool2d(2)]
+        later = [(layer(out_channels, out_channels, act=act, bn_scale=bn_scale),
+                  batch_norm(out_channels, bn_scale), _activation(act))
+                 for _ in range(depth - 1)]
         super().__init__(
             *first,
             batch_norm(out_channels, bn_scale),
             _activation(act),
-            layer(out_channels, out_channels, act=act, bn_scale=bn_scale),
-            batch_norm(out_channels, bn_scale),
-            _activation(act),
+            *(module for triple in later for module in triple),
         )
         self.out_channels = out_channels
 
@@ -226,26 +229,40 @@ def check_widths(widths: object) -> tuple[int, int, int]:
     """Three groups' channel counts, each a multiple of 8 from 8 to 4096: a sequence of three
     integers, or the same as a string (``"32/128/256"`` or ``"32,128,256"``, as
     ``--option widths=...`` gives)."""
-    values = widths.replace(",", "/").split("/") if isinstance(widths, str) else widths
+    return _three_counts(widths, "widths", "channel counts, multiples of 8 from 8 to 4096, "
+                         "such as 32/128/256", low=8, high=4096, multiple=8)
+
+
+def check_depths(depths: object) -> tuple[int, int, int]:
+    """Three groups' layer counts, each from 2 to 8, written as :func:`check_widths` reads
+    widths (``"2/2/3"``)."""
+    return _three_counts(depths, "depths", "layer counts from 2 to 8, such as 2/2/3",
+                         low=2, high=8)
+
+
+def _three_counts(value: object, name: str, what: str, *, low: int, high: int,
+                  multiple: int = 1) -> tuple[int, int, int]:
+    values = value.replace(",", "/").split("/") if isinstance(value, str) else value
     try:
         counts = tuple(int(str(v).strip()) for v in values)  # type: ignore[union-attr]
     except (TypeError, ValueError):
         counts = ()
-    if len(counts) != 3 or any(c < 8 or c > 4096 or c % 8 for c in counts):
-        raise ModelError(f"widths must be three channel counts, multiples of 8 from 8 to 4096, "
-                         f"such as 32/128/256; not {widths!r}")
+    if len(counts) != 3 or any(c < low or c > high or c % multiple for c in counts):
+        raise ModelError(f"{name} must be three {what}; not {value!r}")
     return counts  # type: ignore[return-value]
 
 
 def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
                    fuse: bool = False, widen_first: bool = True, dirac_offset: bool = False,
+                   depths: tuple[int, int, int] | str = (2, 2, 2),
                    layer: Callable[..., nn.Module] | None = None) -> FastInception:
     """The network of this module's docstring, its groups ``widths`` wide (three channel
     counts, or a string such as ``"32/128/256"``) times ``width``, the first group's too
     unless ``widen_first`` is false; ``layer`` replaces the Inception module (the plain
     baseline's 3x3 convolution)."""
     widths = check_widths(widths)
+    depths = check_depths(depths)
     width = check_width(width)
     act = _check_act(act)
     bn_scale = check_flag("bn_scale", bn_scale)
@@ -263,9 +280,9 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
                               _activation(act)),
     }
     previous = STEM_CHANNELS
-    for index, out in enumerate(channels, start=1):
+    for index, (out, depth) in enumerate(zip(channels, depths), start=1):
         stages[f"group{index}"] = ConvGroup(previous, out, act=act, bn_scale=bn_scale,
-                                            layer=layer, reduce=reduce)
+                                            layer=layer, reduce=reduce, depth=depth)
         previous = out
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                          nn.Linear(previous, num_classes, bias=False), Scale(LOGIT_SCALE))
@@ -333,7 +350,8 @@ OPTIONS_DOC = """
 
     Options: ``width`` (channel multiplier), ``widths`` (the three groups' channels at width
     1, such as ``32/128/256``), ``widen_first`` (whether ``width`` multiplies the first
-    group's channels too; default true), ``act`` (gelu or relu), ``bn_scale`` (learn the
+    group's channels too; default true), ``depths`` (Inception modules in each group, such as
+    ``2/2/3``; default 2/2/2), ``act`` (gelu or relu), ``bn_scale`` (learn the
     batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
     filters; default true), ``dirac_offset`` (the deep branch's identity filters take the
     input channels after the 3x3 branch's; default false), ``reduce`` (the first module of each group reduces the grid
@@ -351,10 +369,10 @@ def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[.
     def build(num_classes: int = 10, *, width: float = 1.0, widths: str = table,
               widen_first: bool = True, act: str = "gelu", bn_scale: bool = False,
               dirac: bool = True, dirac_offset: bool = False, reduce: bool = False,
-              fuse: bool = False) -> FastInception:
+              fuse: bool = False, depths: str = "2/2/2") -> FastInception:
         return fast_inception(widths, num_classes, width=width, widen_first=widen_first,
                               act=act, bn_scale=bn_scale, dirac=dirac, dirac_offset=dirac_offset,
-                              reduce=reduce, fuse=fuse)
+                              reduce=reduce, fuse=fuse, depths=depths)
     build.__doc__ = purpose + OPTIONS_DOC
     return build
 
