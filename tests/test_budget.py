@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -221,3 +223,23 @@ def test_a_width_whose_measurement_spends_the_budget_is_not_taken(monkeypatch):
     loop, _ = widen_for_budget(FakeLoop(config), faked(FakeLoop(config), 0, 0.0), FakeLoop, 0,
                                0.0, lines.append)
     assert loop.config.model_options["width"] == 1.5 and "spent" in lines[0]
+
+
+def test_every_rank_plans_from_the_slowest_rank_s_rates(monkeypatch):
+    """The ranks of a split run must plan the same steps and epochs: every rate a plan uses,
+    the per-epoch cost of saving too, is taken over the ranks (the slowest rank's)."""
+    mine = Rates(step_s=0.1, val_image_s=1e-4, test_image_s=1e-4, epoch_s=0.3)
+    theirs = Rates(step_s=0.1, val_image_s=1e-4, test_image_s=1e-4, epoch_s=3.0)
+    monkeypatch.setattr(budgeting, "measure_rates", lambda loop: mine)
+
+    def all_reduce(tensor, ctx, op="sum"):  # a max with the other rank's values
+        assert op == "max"
+        other = torch.tensor([*dataclasses.astuple(theirs), 0.0], dtype=tensor.dtype)
+        return torch.maximum(tensor, other)
+
+    monkeypatch.setattr(budgeting.distributed, "all_reduce", all_reduce)
+    loop = SimpleNamespace(config=build_config("inception-cpu", "cpu10", budget=60.0),
+                           device=torch.device("cpu"), ctx=SimpleNamespace(world_size=2),
+                           prepared=SimpleNamespace(val_x=torch.empty(100, 1)),
+                           steps_per_epoch=20)
+    assert budgeting.plan_budget(loop, 0, time.perf_counter()).rates == theirs

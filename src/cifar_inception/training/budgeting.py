@@ -9,7 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import astuple, replace
 from pathlib import Path
 
 import torch
@@ -49,11 +49,13 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
     """Measure this machine's speed on a scratch copy of the model, then plan the run."""
     rates = measure_rates(loop)
     # Every rank steps together: the slowest one sets the pace. Every rank must also plan
-    # the same number of steps, so they all plan from the same (the latest) elapsed time.
+    # the same number of steps, so they all plan from the same rates (every one of them:
+    # a rank's own epoch_s once made the ranks plan different epochs) and the same (the
+    # latest) elapsed time.
     *slowest, elapsed = distributed.all_reduce(torch.tensor(
-        [rates.step_s, rates.val_image_s, rates.test_image_s, time.perf_counter() - started],
+        [*astuple(rates), time.perf_counter() - started],
         dtype=torch.float64, device=loop.device), loop.ctx, op="max").tolist()
-    budget, rates = loop.config.budget, Rates(*slowest, epoch_s=rates.epoch_s)
+    budget, rates = loop.config.budget, Rates(*slowest)
     wanted = tuple(v for v in TTA_VIEW_COUNTS if v <= loop.config.tta_views)
     views = affordable_views(budget, test_images, rates.test_image_s, wanted) \
         if loop.config.tta else 0
