@@ -120,7 +120,8 @@ def test_fuse_computes_the_same_function_with_the_same_initialisation(reduce, di
 def test_depths_add_modules_on_the_pooled_grid_and_keep_the_earlier_names():
     base = small("inception-cpu", reduce=True, fuse=True)
     deeper = small("inception-cpu", reduce=True, fuse=True, depths="2,2,3")
-    modules = lambda group: sum(isinstance(m, FusedInceptionConv) for m in group.modules())  # noqa: E731
+    def modules(group):
+        return sum(isinstance(m, FusedInceptionConv) for m in group.modules())
     assert [modules(getattr(deeper, f"group{i}")) for i in (1, 2, 3)] == [2, 2, 3]
     assert set(base.state_dict()) < set(deeper.state_dict())
     assert count_macs(deeper) > count_macs(base)

@@ -354,10 +354,10 @@ OPTIONS_DOC = """
     ``2/2/3``; default 2/2/2), ``act`` (gelu or relu), ``bn_scale`` (learn the
     batch-norm scale; default false: frozen at 1), ``dirac`` (identity-initialised 3x3
     filters; default true), ``dirac_offset`` (the deep branch's identity filters take the
-    input channels after the 3x3 branch's; default false), ``reduce`` (the first module of each group reduces the grid
-    inside its branches; default false), ``fuse`` (the branches' first convolutions run as
-    one, :class:`FusedInceptionConv`: the same function, faster; default false, whose
-    weights keep the layout of separate branches).
+    input channels after the 3x3 branch's; default false), ``reduce`` (the first module of
+    each group reduces the grid inside its branches; default false), ``fuse`` (the
+    branches' first convolutions run as one, :class:`FusedInceptionConv`: the same function,
+    faster; default false, whose weights keep the layout of separate branches).
     """
 
 

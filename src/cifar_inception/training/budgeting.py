@@ -134,8 +134,8 @@ def measure_rates(loop: Loop) -> Rates:
 
     def step() -> None:
         nonlocal calls
-        x = normalize(loop.policy(images, generator=seeded_generator(device, "probe")), data.mean, data.std,
-                      channels_last=channels_last)
+        augmented = loop.policy(images, generator=seeded_generator(device, "probe"))
+        x = normalize(augmented, data.mean, data.std, channels_last=channels_last)
         optimise(net, optimizer, x, targets, loop.aux_weights, config.label_smoothing,
                  autocast)
         calls += 1
