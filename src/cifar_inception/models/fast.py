@@ -336,12 +336,11 @@ def _identity_parts(model: nn.Module, offset: bool) -> dict[int, list[tuple[int,
 
 def _identity_filters(weight: torch.Tensor, start: int) -> None:
     """Filter i passes input channel ``(start + i) % in`` through unchanged, for the first
-    ``min(in, out)`` filters (``nn.init.dirac_`` with a shifted start)."""
-    count = min(weight.shape[0], weight.shape[1])
-    weight[:count].zero_()
-    centre = weight.shape[2] // 2, weight.shape[3] // 2
-    for i in range(count):
-        weight[i, (start + i) % weight.shape[1], centre[0], centre[1]] = 1
+    ``min(in, out)`` filters: ``nn.init.dirac_``, its input channels rolled by ``start``."""
+    identity = weight[:min(weight.shape[0], weight.shape[1])]
+    nn.init.dirac_(identity)
+    if start:
+        identity.copy_(identity.roll(start, dims=1))
 
 
 CPU_WIDTHS = (32, 128, 128)
