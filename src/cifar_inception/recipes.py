@@ -334,9 +334,9 @@ _CPU10 = Recipe(
     # batches, and a run of a few epochs gains from 4x the steps. The learning rate scales
     # linearly with the batch (the weight decay per image stays the same), and lookahead
     # averages every 20 steps: the same 5,120 images as airbench's 5 x 1024. Its decay stays
-    # 0.95 a step, so each update keeps 0.95^20 of the average where airbench keeps 0.95^5:
-    # the average spans about a third of airbench's images (airbench's span measured level
-    # at 10 minutes: BENCHMARKS.md, "Smaller batches, a longer lookahead ...").
+    # 0.95 a step, so an update keeps at most 0.95^20 of the average where airbench keeps
+    # 0.95^5: the average spans about a third of airbench's images (airbench's span, one
+    # seed at 10 minutes: level; BENCHMARKS.md, "Smaller batches, a longer lookahead ...").
     settings=dict(_SPEED, batch_size=256, lr=0.375, lookahead_steps=20, epochs=12,
                   budget=600.0, warmup_fraction=0.23, whiten_bias_fraction=0.25,
                   cpu_channels_last=True),
