@@ -128,6 +128,20 @@ def test_depths_add_modules_on_the_pooled_grid_and_keep_the_earlier_names():
     assert deeper(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("aux, taps", [(1, ["group2"]), (2, ["group1", "group2"])])
+def test_aux_heads_read_the_groups_before_the_last_in_training_only(aux, taps):
+    plain = small("inception-cpu", reduce=True, fuse=True)
+    model = small("inception-cpu", reduce=True, fuse=True, aux=aux)
+    assert list(model.aux_taps) == taps and model.default_aux_weights == (0.3,) * aux
+    # the trunk and its initialisation are the plain net's: the heads only add to it
+    for name, tensor in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+    x = torch.randn(2, 3, 32, 32)
+    output = model.train()(x)
+    assert output.logits.shape == (2, 10) and [a.shape for a in output.aux_logits] == [(2, 10)] * aux
+    assert model.eval()(x).shape == (2, 10)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_dirac_offset_starts_the_deep_branch_on_the_channels_the_wide_one_leaves(fuse):
     """A module as wide as its input, evaluated fresh (its inner norm the identity): the 3x3
@@ -175,6 +189,8 @@ def test_relu_option_replaces_gelu():
     ({"depths": "2/2/1"}, "depths must be three layer counts from 2 to 8"),
     ({"depths": "2/2"}, "depths"),
     ({"depth": 3}, "no option 'depth'"),
+    ({"aux": 3}, "aux must be 0, 1 or 2"),
+    ({"aux": True}, "aux must be"),
 ])
 def test_bad_options(options, fragment):
     with pytest.raises(ModelError, match=fragment):

@@ -28,6 +28,10 @@ channels.
   fast-changing weights of a short run.
 - **Head**: global max pooling, a linear layer without bias, and a fixed scale (1/9) on the
   logits, which keeps the first logits small without a special initialisation.
+- **Auxiliary heads** (``aux``, none by default): GoogLeNet's auxiliary classifiers, each the
+  main head's shape, on the output of group 2 (or groups 1 and 2), their losses weighted 0.3.
+  They run in training only. At 10 minutes on a 2-core CPU they measured no gain
+  (BENCHMARKS.md), so ``cpu10`` trains without them.
 
 ``inception-cpu`` is sized for about ten minutes of training on a 2-core CPU;
 ``inception-fast`` is wider, for one GPU. ``widths`` sets the three groups' channels and
@@ -57,6 +61,7 @@ STEM_CHANNELS = 2 * 3 * STEM_PATCH ** 2   # every eigenvector of a 2x2x3 patch, 
 LOGIT_SCALE = 1 / 9
 BN_MOMENTUM = 0.6                         # PyTorch's convention: weight of the newest batch
 BN_EPS = 1e-12
+AUX_WEIGHT = 0.3                          # GoogLeNet's weight of each auxiliary loss
 ACTIVATIONS = ("gelu", "relu")
 
 
@@ -255,12 +260,14 @@ def _three_counts(value: object, name: str, what: str, *, low: int, high: int,
 def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, width: float,
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
                    fuse: bool = False, widen_first: bool = True, dirac_offset: bool = False,
-                   depths: tuple[int, int, int] | str = (2, 2, 2),
+                   depths: tuple[int, int, int] | str = (2, 2, 2), aux: int = 0,
+                   aux_weight: float = AUX_WEIGHT,
                    layer: Callable[..., nn.Module] | None = None) -> FastInception:
     """The network of this module's docstring, its groups ``widths`` wide (three channel
     counts, or a string such as ``"32/128/256"``) times ``width``, the first group's too
     unless ``widen_first`` is false; ``layer`` replaces the Inception module (the plain
-    baseline's 3x3 convolution)."""
+    baseline's 3x3 convolution). ``aux`` auxiliary heads (0 to 2), as GoogLeNet's, read the
+    last groups but one (:func:`_aux_heads`), their losses weighted ``aux_weight``."""
     widths = check_widths(widths)
     depths = check_depths(depths)
     width = check_width(width)
@@ -271,6 +278,7 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
     fuse = check_flag("fuse", fuse)
     widen_first = check_flag("widen_first", widen_first)
     dirac_offset = check_flag("dirac_offset", dirac_offset)
+    aux = _check_aux(aux)
     if layer is None:
         layer = FusedInceptionConv if fuse else InceptionConv
     channels = [c if index == 0 and not widen_first else scale_width(c, width)
@@ -284,11 +292,32 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
         stages[f"group{index}"] = ConvGroup(previous, out, act=act, bn_scale=bn_scale,
                                             layer=layer, reduce=reduce, depth=depth)
         previous = out
-    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-                         nn.Linear(previous, num_classes, bias=False), Scale(LOGIT_SCALE))
-    model = FastInception(stages, head)
+    model = FastInception(stages, _max_pool_head(previous, num_classes),
+                          _aux_heads(channels, num_classes, aux), aux_weight)
     _init(model, dirac, dirac_offset)
     return model
+
+
+def _max_pool_head(channels: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, num_classes, bias=False), Scale(LOGIT_SCALE))
+
+
+def _aux_heads(channels: list[int], num_classes: int, count: int) -> list[tuple[str, nn.Module]]:
+    """``count`` auxiliary heads on the groups before the last: one reads group 2, two read
+    groups 1 and 2. Each is the main head's shape (max-pool,
+    linear, the same logit scale), so a head costs a pooling and a 10-way linear layer: the
+    deep supervision of GoogLeNet's auxiliary classifiers at almost no cost, and only in
+    training (:class:`~cifar_inception.models.blocks.InceptionNet`); ``--aux-weights`` sets
+    their loss weights."""
+    taps = range(len(channels) - 1 - count, len(channels) - 1)
+    return [(f"group{index + 1}", _max_pool_head(channels[index], num_classes)) for index in taps]
+
+
+def _check_aux(aux: object) -> int:
+    if isinstance(aux, bool) or not isinstance(aux, int) or not 0 <= aux <= 2:
+        raise ModelError(f"aux must be 0, 1 or 2 auxiliary heads, not {aux!r}")
+    return aux
 
 
 def _init(model: nn.Module, dirac: bool, dirac_offset: bool = False) -> None:
@@ -356,7 +385,8 @@ OPTIONS_DOC = """
     input channels after the 3x3 branch's; default false), ``reduce`` (the first module of
     each group reduces the grid inside its branches; default false), ``fuse`` (the
     branches' first convolutions run as one, :class:`FusedInceptionConv`: the same function,
-    faster; default false, whose weights keep the layout of separate branches).
+    faster; default false, whose weights keep the layout of separate branches), ``aux``
+    (auxiliary heads on groups 2, or 1 and 2, each loss weighted 0.3; default 0).
     """
 
 
@@ -368,10 +398,10 @@ def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[.
     def build(num_classes: int = 10, *, width: float = 1.0, widths: str = table,
               widen_first: bool = True, act: str = "gelu", bn_scale: bool = False,
               dirac: bool = True, dirac_offset: bool = False, reduce: bool = False,
-              fuse: bool = False, depths: str = "2/2/2") -> FastInception:
+              fuse: bool = False, depths: str = "2/2/2", aux: int = 0) -> FastInception:
         return fast_inception(widths, num_classes, width=width, widen_first=widen_first,
                               act=act, bn_scale=bn_scale, dirac=dirac, dirac_offset=dirac_offset,
-                              reduce=reduce, fuse=fuse, depths=depths)
+                              reduce=reduce, fuse=fuse, depths=depths, aux=aux)
     build.__doc__ = purpose + OPTIONS_DOC
     return build
 
