@@ -189,7 +189,7 @@ def test_relu_option_replaces_gelu():
     ({"depths": "2/2/1"}, "depths must be three layer counts from 2 to 8"),
     ({"depths": "2/2"}, "depths"),
     ({"depth": 3}, "no option 'depth'"),
-    ({"aux": 3}, "aux must be 0, 1 or 2"),
+    ({"aux": 3}, "aux must be an integer from 0 to 2"),
     ({"aux": True}, "aux must be"),
 ])
 def test_bad_options(options, fragment):

@@ -50,6 +50,7 @@ from cifar_inception.errors import ModelError
 from cifar_inception.models.blocks import (
     Branches,
     InceptionNet,
+    check_count,
     check_flag,
     check_width,
     scale_width,
@@ -261,13 +262,12 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
                    act: str, bn_scale: bool, dirac: bool, reduce: bool = False,
                    fuse: bool = False, widen_first: bool = True, dirac_offset: bool = False,
                    depths: tuple[int, int, int] | str = (2, 2, 2), aux: int = 0,
-                   aux_weight: float = AUX_WEIGHT,
                    layer: Callable[..., nn.Module] | None = None) -> FastInception:
     """The network of this module's docstring, its groups ``widths`` wide (three channel
     counts, or a string such as ``"32/128/256"``) times ``width``, the first group's too
     unless ``widen_first`` is false; ``layer`` replaces the Inception module (the plain
     baseline's 3x3 convolution). ``aux`` auxiliary heads (0 to 2), as GoogLeNet's, read the
-    last groups but one (:func:`_aux_heads`), their losses weighted ``aux_weight``."""
+    last groups but one (:func:`_aux_heads`)."""
     widths = check_widths(widths)
     depths = check_depths(depths)
     width = check_width(width)
@@ -278,7 +278,7 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
     fuse = check_flag("fuse", fuse)
     widen_first = check_flag("widen_first", widen_first)
     dirac_offset = check_flag("dirac_offset", dirac_offset)
-    aux = _check_aux(aux)
+    aux = check_count("aux", aux, 0, 2)
     if layer is None:
         layer = FusedInceptionConv if fuse else InceptionConv
     channels = [c if index == 0 and not widen_first else scale_width(c, width)
@@ -293,7 +293,7 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
                                             layer=layer, reduce=reduce, depth=depth)
         previous = out
     model = FastInception(stages, _max_pool_head(previous, num_classes),
-                          _aux_heads(channels, num_classes, aux), aux_weight)
+                          _aux_heads(channels, num_classes, aux), AUX_WEIGHT)
     _init(model, dirac, dirac_offset)
     return model
 
@@ -305,19 +305,13 @@ def _max_pool_head(channels: int, num_classes: int) -> nn.Sequential:
 
 def _aux_heads(channels: list[int], num_classes: int, count: int) -> list[tuple[str, nn.Module]]:
     """``count`` auxiliary heads on the groups before the last: one reads group 2, two read
-    groups 1 and 2. Each is the main head's shape (max-pool,
-    linear, the same logit scale), so a head costs a pooling and a 10-way linear layer: the
-    deep supervision of GoogLeNet's auxiliary classifiers at almost no cost, and only in
-    training (:class:`~cifar_inception.models.blocks.InceptionNet`); ``--aux-weights`` sets
-    their loss weights."""
+    groups 1 and 2. Each is the main head's shape (max-pool, linear, the same logit scale),
+    so a head costs a pooling and a 10-way linear layer: the deep supervision of GoogLeNet's
+    auxiliary classifiers at almost no cost, and only in training
+    (:class:`~cifar_inception.models.blocks.InceptionNet`). Their loss weights default to
+    AUX_WEIGHT; ``--aux-weights`` sets others."""
     taps = range(len(channels) - 1 - count, len(channels) - 1)
     return [(f"group{index + 1}", _max_pool_head(channels[index], num_classes)) for index in taps]
-
-
-def _check_aux(aux: object) -> int:
-    if isinstance(aux, bool) or not isinstance(aux, int) or not 0 <= aux <= 2:
-        raise ModelError(f"aux must be 0, 1 or 2 auxiliary heads, not {aux!r}")
-    return aux
 
 
 def _init(model: nn.Module, dirac: bool, dirac_offset: bool = False) -> None:
