@@ -30,8 +30,8 @@ channels.
   logits, which keeps the first logits small without a special initialisation.
 - **Auxiliary heads** (``aux``, none by default): GoogLeNet's auxiliary classifiers, each the
   main head's shape, on the output of group 2 (or groups 1 and 2), their losses weighted 0.3.
-  They run in training only. At 10 minutes on a 2-core CPU they measured no gain
-  (BENCHMARKS.md), so ``cpu10`` trains without them.
+  They run in training only. At 10 minutes on a 2-core AMD EPYC Zen 4 (capability AVX512,
+  bf16) they measured no gain (BENCHMARKS.md), so ``cpu10`` trains without them.
 
 ``inception-cpu`` is sized for about ten minutes of training on a 2-core CPU;
 ``inception-fast`` is wider, for one GPU. ``widths`` sets the three groups' channels and
