@@ -156,6 +156,19 @@ def test_run_folder_contents_and_learning(tmp_path, data):
     assert " - lr: " in epoch_lines[-1]
 
 
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, data):
+    trained = train(tiny_config(tmp_path, name="first"), data, log=quiet).run_dir / "best.pt"
+    # With a vanishing learning rate the run keeps what it starts from: the trained weights
+    # (well above chance), not a fresh initialisation (about chance).
+    still = dict(epochs=1, lr=1e-9, test=True, whiten_init=False)
+    tuned = train(tiny_config(tmp_path, name="tuned", weights=str(trained), **still), data,
+                  log=quiet)
+    fresh = train(tiny_config(tmp_path, name="fresh", **still), data, log=quiet)
+    assert tuned.test["test_top1"] > 0.5 > fresh.test["test_top1"]
+    config = json.loads((tuned.run_dir / "config.json").read_text())["config"]
+    assert config["weights"] == str(trained)
+
+
 def test_no_validation_split_keeps_last_epoch_as_best(tmp_path, data):
     result = train(tiny_config(tmp_path, val_size=0, epochs=2), data, log=quiet)
     rows = result.history

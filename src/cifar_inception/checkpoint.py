@@ -201,7 +201,8 @@ def check_compatible(ckpt: dict, *, model_name: str | None = None,
 
 
 def _build(info: dict, where: str, device: str | None = None) -> torch.nn.Module:
-    from cifar_inception.models import create_model  # sideways: models know nothing of us
+    # the registry module, not the package: the package's create_model reads checkpoints
+    from cifar_inception.models.registry import create_model
 
     try:
         with torch.device(device) if device else contextlib.nullcontext():

@@ -99,3 +99,30 @@ def predict_files(classifier: Classifier, paths: Iterable[str | os.PathLike], to
     its ``error`` set; the other files are still predicted.
     """
     return list(iter_predictions(classifier, paths, top_k=top_k, max_pixels=max_pixels))
+
+
+MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
+
+
+def is_model_path(path: str | os.PathLike) -> bool:
+    """A .pt/.pth/.onnx file, or a run folder (it holds best.pt, last.pt or config.json)."""
+    from cifar_inception.runs import BEST, CONFIG_FILE, LAST
+
+    path = Path(path)
+    if path.is_dir():
+        return any((path / name).exists() for name in (BEST, LAST, CONFIG_FILE))
+    return path.suffix.lower() in MODEL_SUFFIXES
+
+
+def split_model_argument(arguments: Sequence[str], *,
+                         weights_given: bool) -> tuple[str | None, list[str]]:
+    """``predict [CHECKPOINT] IMAGE...``: the model path, if the first argument is one, and
+    the images. With ``--weights`` every argument is an image."""
+    from cifar_inception.errors import CifarInceptionError
+
+    if weights_given or not is_model_path(arguments[0]):
+        return None, list(arguments)
+    if len(arguments) == 1:
+        raise CifarInceptionError(f"{arguments[0]} is a model; give the images to classify "
+                                  "after it")
+    return arguments[0], list(arguments[1:])

@@ -102,6 +102,11 @@ class TrainConfig:
     model_options: dict[str, Any] = option(factory=dict, group="model", cli=False,
                                            label="model options")
     recipe: str | None = option(None, "named set of hyperparameters", cli=False)
+    weights: str | None = option(
+        None, "start from trained weights (fine-tuning): a shipped name such as cifar10 (see "
+        "`cifar-inception models`), a .pt checkpoint or run folder, or a URL ending in "
+        "#sha256=HEX; the model's options must be theirs", group="model",
+        metavar="NAME|PATH|URL")
     # data (--data-dir and --no-download are shared with the other commands)
     data_dir: str | None = option(None, group="data", cli=False, runtime=True)
     download: bool = option(True, group="data", cli=False, runtime=True)

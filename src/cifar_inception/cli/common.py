@@ -54,3 +54,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+WEIGHTS_HELP = ("trained weights instead of a run: a shipped name (see `cifar-inception "
+                "models`), 'default', a .pt path, or a URL ending in #sha256=HEX (downloaded "
+                "once into the cache, its hash checked)")
+
+
+def add_weights_arg(parser: argparse.ArgumentParser) -> None:
+    """``--weights``, the same flag with the same meaning for every command that loads a model."""
+    parser.add_argument("--weights", metavar="NAME|PATH|URL", default=None, help=WEIGHTS_HELP)

@@ -6,13 +6,19 @@ import argparse
 import json
 import sys
 
-from cifar_inception.cli.common import add_command, add_data_args, add_device_arg
+from cifar_inception.cli.common import (
+    add_command,
+    add_data_args,
+    add_device_arg,
+    add_weights_arg,
+)
 
 DESCRIPTION = """\
 Evaluate a trained model on the CIFAR-10 test set: loss (cross-entropy), top-1 and top-5
 accuracy, accuracy per class and the confusion matrix. RUN_OR_CHECKPOINT is a run folder
 (its best.pt is used) or a .pt checkpoint. The results are written to eval.json beside the
 checkpoint. The data set is the one the run was trained on unless --data-dir says otherwise.
+--weights NAME evaluates shipped (or downloaded) weights instead, and writes no eval.json.
 
 --tta averages the softmax probabilities of six views of each image: the image and its
 mirror, each as is and shifted by 2 pixels up-left and down-right (reflect padding);
@@ -25,8 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "evaluate", run,
         help="test-set accuracy, loss, per-class accuracy, confusion matrix",
         description=DESCRIPTION)
-    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", nargs="?", default=None,
                         help="run folder or .pt checkpoint")
+    add_weights_arg(parser)
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation: flips and small translations")
     parser.add_argument("--tta-views", type=int, choices=(2, 6), default=6, metavar="{2,6}",
@@ -64,14 +71,19 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.evaluation import evaluate
+    from cifar_inception.pretrained import model_source
     from cifar_inception.runs import RunFolder
 
-    result = evaluate(args.checkpoint, tta=args.tta, tta_views=args.tta_views,
+    source = model_source(args.checkpoint, args.weights)
+    write = source.is_run and not args.no_write  # never into the package or the cache
+    if not source.is_run:
+        print(f"using {source.describe()}", file=sys.stderr if args.json else sys.stdout)
+    result = evaluate(source.path, tta=args.tta, tta_views=args.tta_views,
                       device=args.device,
                       batch_size=args.batch_size, data_dir=args.data_dir,
-                      download=not args.no_download, write=not args.no_write)
+                      download=not args.no_download, write=write)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
-    if not args.no_write:
+    if write:
         # On stderr with --json, so that stdout stays one JSON document.
         written = RunFolder.holding(result["checkpoint"]).eval
         print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cifar_inception.cli.common import add_command
+from cifar_inception.cli.common import add_command, add_weights_arg
 
 DESCRIPTION = """\
 Export a trained model (a run folder, whose best.pt is used, or a .pt checkpoint) as one
@@ -35,21 +36,29 @@ def register(subparsers) -> None:
         subparsers, "export", run,
         help="export a trained model to ONNX, torch.export (.pt2) or TorchScript",
         description=DESCRIPTION)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="run folder or .pt checkpoint")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", nargs="?", default=None,
+                        help="run folder or .pt checkpoint")
+    add_weights_arg(parser)
     parser.add_argument("-f", "--format", choices=FORMATS, default="onnx",
                         help="file format (default: onnx)")
     parser.add_argument("-o", "--output", metavar="OUT", default=None,
                         help="output file (default: beside the checkpoint, e.g. best.onnx, "
-                             "best.pt2, best.torchscript.pt)")
+                             "best.pt2, best.torchscript.pt; for --weights, NAME.onnx ... in "
+                             "the current folder)")
     parser.add_argument("--opset", type=int, default=None, metavar="N",
                         help="ONNX opset version (default: a current one, 20)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar_inception.export import export_model
+    from cifar_inception.export import default_output, export_model
+    from cifar_inception.pretrained import model_source
 
+    source = model_source(args.checkpoint, args.weights)
+    output = args.output
+    if output is None and not source.is_run:  # not into the package or the cache
+        output = default_output(Path(source.path.name), args.format)
     options = {} if args.opset is None else {"opset": args.opset}
-    result = export_model(args.checkpoint, args.output, fmt=args.format, **options)
+    result = export_model(source.path, output, fmt=args.format, **options)
     what = f"ONNX opset {result.opset}" if result.format == "onnx" else result.format
     meta = result.metadata
     print(f"wrote {result.path} ({what}, {result.num_bytes / 1e6:.1f} MB): {meta['model']}, "

@@ -1,4 +1,4 @@
-"""``cifar-inception predict CHECKPOINT IMAGE_OR_FOLDER...``: top-k classes per image file."""
+"""``cifar-inception predict [CHECKPOINT] IMAGE_OR_FOLDER...``: top-k classes per image file."""
 
 from __future__ import annotations
 
@@ -6,11 +6,17 @@ import argparse
 import json
 import sys
 
-from cifar_inception.cli.common import add_command, add_device_arg, positive_int
+from cifar_inception.cli.common import (
+    add_command,
+    add_device_arg,
+    add_weights_arg,
+    positive_int,
+)
 
 DESCRIPTION = """\
-Classify image files with a trained model: a run folder (its best.pt, else last.pt),
-a .pt checkpoint, or an exported .onnx file.
+Classify image files with a trained model: a run folder (its best.pt, else last.pt), a .pt
+checkpoint or an exported .onnx file, given first; or --weights NAME; or, with neither, the
+package's default shipped weights (its first line says which).
 
 Images of any size and mode are accepted: transparent pixels are composited on white,
 greyscale, palette and 16-bit images are converted to 8-bit RGB, and the whole image is
@@ -28,10 +34,10 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "predict", run,
                          help="classify image files with a trained model",
                          description=DESCRIPTION)
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="run folder, .pt checkpoint or .onnx file")
-    parser.add_argument("paths", metavar="IMAGE_OR_FOLDER", nargs="+",
-                        help="image files and folders of images")
+    parser.add_argument("paths", metavar="[CHECKPOINT] IMAGE_OR_FOLDER", nargs="+",
+                        help="a run folder, .pt or .onnx file (optional), then image files "
+                             "and folders of images")
+    add_weights_arg(parser)
     parser.add_argument("-k", "--top-k", type=positive_int, default=5, metavar="K",
                         help="how many classes to show per image (default: 5)")
     parser.add_argument("--json", action="store_true",
@@ -51,16 +57,21 @@ def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import CifarInceptionError
     from cifar_inception.images import find_images
     from cifar_inception.inference import load_classifier
-    from cifar_inception.predict import iter_predictions
+    from cifar_inception.predict import iter_predictions, split_model_argument
+    from cifar_inception.pretrained import model_source
 
-    if not find_images(args.paths):
-        raise CifarInceptionError(
-            "no image files found in " + ", ".join(args.paths))
-    classifier = load_classifier(args.checkpoint, device=args.device)
+    model, paths = split_model_argument(args.paths, weights_given=args.weights is not None)
+    if not find_images(paths):
+        raise CifarInceptionError("no image files found in " + ", ".join(paths))
+    source = model_source(model, args.weights, default=True)
+    classifier = load_classifier(source.path, device=args.device)
+    if not source.is_run:  # say which weights answer, as they were not named by a path
+        print(f"cifar-inception: using {source.describe()}",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
     width = max(len(name) for name in classifier.classes)
 
     results, failed = [], 0
-    for result in iter_predictions(classifier, args.paths, top_k=args.top_k):
+    for result in iter_predictions(classifier, paths, top_k=args.top_k):
         if not result.ok:
             failed += 1
             print(f"cifar-inception: skipped {result.error}", file=sys.stderr)

@@ -1,15 +1,20 @@
-"""``cifar-inception serve CHECKPOINT_OR_ONNX``: the demo page and JSON API, with uvicorn."""
+"""``cifar-inception serve [CHECKPOINT_OR_ONNX]``: the demo page and JSON API, with uvicorn."""
 
 from __future__ import annotations
 
 import argparse
 import math
 
-from cifar_inception.cli.common import add_command, add_device_arg, positive_int
+from cifar_inception.cli.common import (
+    add_command,
+    add_device_arg,
+    add_weights_arg,
+    positive_int,
+)
 
 DESCRIPTION = """\
-Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
-page, where images can be chosen, dropped or pasted and are shown at 32x32 beside their
+Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file; or
+--weights NAME; with neither, the package's default shipped weights) as a web page, where images can be chosen, dropped or pasted and are shown at 32x32 beside their
 top-5 classes, and as a JSON API:
 
   POST /api/predict   multipart/form-data, one or more image files -> top classes per file
@@ -46,8 +51,10 @@ def register(subparsers) -> None:
     parser = add_command(subparsers, "serve", run,
                          help="serve a web demo page and JSON API for a trained model",
                          description=DESCRIPTION)
-    parser.add_argument("model", metavar="CHECKPOINT_OR_ONNX",
-                        help="run folder, .pt checkpoint or exported .onnx file")
+    parser.add_argument("model", metavar="CHECKPOINT_OR_ONNX", nargs="?", default=None,
+                        help="run folder, .pt checkpoint or exported .onnx file (default: "
+                             "the shipped default weights)")
+    add_weights_arg(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=8000,
@@ -64,6 +71,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import needs_extra
     from cifar_inception.inference import load_classifier
+    from cifar_inception.pretrained import model_source
 
     with needs_extra("serve", "serve"):
         import python_multipart  # noqa: F401  (Starlette reads uploads with it)
@@ -73,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
         from cifar_inception.serve.server import is_loopback, open_listener, run_server, url_of
 
     max_upload_bytes = max(1, int(args.max_upload_mb * 1024 * 1024))
-    classifier = load_classifier(args.model, device=args.device)
+    source = model_source(args.model, args.weights, default=True)
+    classifier = load_classifier(source.path, device=args.device)
+    if not source.is_run:
+        print(f"using {source.describe()}", flush=True)
     app = create_app(classifier, max_upload_bytes, max_files=args.max_files)
     sock = open_listener(args.host, args.port)
     params = classifier.info.get("params")

@@ -38,34 +38,46 @@ def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
     mismatching or broken download is removed. ``url`` defaults to ``$CIFAR_INCEPTION_URL``,
     else the data set's home page.
     """
+    return fetch_file(
+        url or os.environ.get(ENV_URL) or CIFAR10_URL, folder, name=ARCHIVE_NAME,
+        known_hash=f"md5:{md5 or CIFAR10_MD5}", what="CIFAR-10", progress=progress,
+        advice=f"without internet, fetch {ARCHIVE_NAME} (or an image-folder copy) elsewhere "
+               "and pass --data-dir PATH")
+
+
+def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: str, what: str,
+               advice: str, progress: bool = True) -> Path:
+    """Download ``url`` into ``folder``/``name`` unless a file with that hash is there.
+
+    ``known_hash`` is ``md5:HEX`` or ``sha256:HEX``. The file arrives under a temporary name
+    and is renamed only once its hash matches; a mismatching or broken download is removed.
+    Every failure is a one-line :class:`DataError` that ends with ``advice``.
+    """
     import pooch
     import requests
 
     folder = Path(folder)
-    url = url or os.environ.get(ENV_URL) or CIFAR10_URL
-    md5 = md5 or CIFAR10_MD5
     if not url.lower().startswith(("http://", "https://")):
         raise DataError(f"the download address must start with http:// or https://: {url}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the data folder {folder}: {exc.strerror or exc}") from None
-    advice = (f"without internet, fetch {ARCHIVE_NAME} (or an image-folder copy) elsewhere and "
-              "pass --data-dir PATH")
-    bar = _DownloadBar(desc=f"downloading {ARCHIVE_NAME}") if progress else None
+        raise DataError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
+    kind, _, expected = known_hash.partition(":")
+    bar = _DownloadBar(desc=f"downloading {name}") if progress else None
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # our own bar says what happens
     try:
-        path = pooch.retrieve(url, known_hash=f"md5:{md5}", fname=ARCHIVE_NAME, path=folder,
+        path = pooch.retrieve(url, known_hash=known_hash, fname=name, path=folder,
                               progressbar=bar if bar is not None else False)
     except ValueError as exc:
         if "does not match" in str(exc):
-            got = re.search(r"got ([0-9a-f]{32})", str(exc))
+            got = re.search(r"got ([0-9a-f]{32,64})", str(exc))
             raise DataError(
-                f"the file downloaded from {url} failed the MD5 check (expected {md5}"
-                f"{', got ' + got.group(1) if got else ''}) and was removed; try again, or "
-                f"{advice}") from None
+                f"the file downloaded from {url} failed the {kind.upper()} check (expected "
+                f"{expected}{', got ' + got.group(1) if got else ''}) and was removed; try "
+                f"again, or {advice}") from None
         raise DataError(f"cannot download {url}: {_one_line(exc)}") from None
     except requests.exceptions.HTTPError as exc:
         raise DataError(f"cannot download {url}: the server answered "
@@ -75,7 +87,7 @@ def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
         raise DataError(f"the download from {url} was cut short (truncated) and was removed; "
                         f"try again, or {advice}") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise DataError(f"cannot download CIFAR-10 from {url}: network unreachable "
+        raise DataError(f"cannot download {what} from {url}: network unreachable "
                         f"({_root_cause(exc)}); {advice}") from None
     except requests.exceptions.RequestException as exc:
         raise DataError(f"cannot download {url}: {_one_line(exc)}; {advice}") from None

@@ -68,6 +68,8 @@ def check_model(config: TrainConfig) -> None:
     from cifar_inception.models.registry import check_model_options
 
     check_model_options(config.model, config.model_options)
+    if config.weights is not None:
+        start_weights(config)
 
 
 @dataclass
@@ -192,7 +194,9 @@ def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
     aux_weights = resolve_aux_weights(config, model)
     optimizer = build_optimizer(config, model)
     if ckpt is None:
-        if config.whiten_init:
+        if config.weights is not None:
+            load_start_weights(model, config, prepared)
+        elif config.whiten_init:
             init_from_data(model, prepared)
     else:
         model.load_state_dict(ckpt["state_dict"])
@@ -246,6 +250,34 @@ def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
 def _fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
     """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
     return loop.model.stem_conv().bias if _stem_is_fixed(loop.config, loop.model) else None
+
+
+def start_weights(config: TrainConfig) -> tuple[dict, str]:
+    """The checkpoint ``--weights`` names, checked against the model and its options (the
+    classes are checked once the data is loaded), and how to name it."""
+    from cifar_inception.models.registry import model_options
+    from cifar_inception.pretrained import load_checkpoint_for
+
+    start, where = load_checkpoint_for(config.weights, model=config.model,
+                                       options=config.model_options)
+    defaults = model_options(config.model)
+    theirs = {**defaults, **start["model"]["options"]}
+    ours = {**defaults, **config.model_options}
+    if theirs != ours:
+        differ = {k: v for k, v in theirs.items() if ours.get(k) != v}
+        raise TrainingError(f"{where} are for {config.model} with {differ}; train it with the "
+                            "same options (e.g. --width W or --option KEY=VALUE)")
+    return start, where
+
+
+def load_start_weights(model: nn.Module, config: TrainConfig, prepared: DeviceData) -> None:
+    """Fine-tuning: trained weights (``--weights``) replace the fresh ones before the first
+    step. They must be for this model, its options and the data's classes."""
+    start, where = start_weights(config)
+    if list(start["data"]["classes"]) != list(prepared.classes):
+        raise TrainingError(f"{where} were trained on the classes {start['data']['classes']}, "
+                            f"not this data's {list(prepared.classes)}")
+    model.load_state_dict(start["state_dict"])
 
 
 def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
