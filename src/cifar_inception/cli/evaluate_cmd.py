@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from cifar_inception.cli.common import add_command, add_data_args, add_device_arg
+from cifar_inception.cli.common import add_command, add_data_args, add_device_arg, terminal_text
 
 DESCRIPTION = """\
 Evaluate a trained model on the CIFAR-10 test set: loss (cross-entropy), top-1 and top-5
@@ -64,13 +63,14 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.evaluation import evaluate
+    from cifar_inception.fileio import to_json
     from cifar_inception.runs import RunFolder
 
     result = evaluate(args.checkpoint, tta=args.tta, tta_views=args.tta_views,
                       device=args.device,
                       batch_size=args.batch_size, data_dir=args.data_dir,
                       download=not args.no_download, write=not args.no_write)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(to_json(result, indent=2) if args.json else terminal_text(format_table(result)))
     if not args.no_write:
         # On stderr with --json, so that stdout stays one JSON document.
         written = RunFolder.holding(result["checkpoint"]).eval

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from cifar_inception.cli.common import add_command, add_device_arg, positive_int
+from cifar_inception.cli.common import add_command, add_device_arg, positive_int, terminal_text
 
 DESCRIPTION = """\
 Classify image files with a trained model: a run folder (its best.pt, else last.pt),
@@ -40,15 +39,16 @@ def register(subparsers) -> None:
 
 
 def format_prediction(result, width: int) -> str:
-    lines = [result.path]
+    lines = [terminal_text(result.path)]
     for rank, (name, prob) in enumerate(result.top, start=1):
         bar = "#" * round(prob * 20)
-        lines.append(f"  {rank}. {name:<{width}} {prob * 100:6.2f}%  {bar}")
+        lines.append(f"  {rank}. {terminal_text(name):<{width}} {prob * 100:6.2f}%  {bar}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import CifarInceptionError
+    from cifar_inception.fileio import to_json
     from cifar_inception.images import find_images
     from cifar_inception.inference import load_classifier
     from cifar_inception.predict import iter_predictions
@@ -57,13 +57,13 @@ def run(args: argparse.Namespace) -> int:
         raise CifarInceptionError(
             "no image files found in " + ", ".join(args.paths))
     classifier = load_classifier(args.checkpoint, device=args.device)
-    width = max(len(name) for name in classifier.classes)
+    width = max(len(terminal_text(name)) for name in classifier.classes)
 
     results, failed = [], 0
     for result in iter_predictions(classifier, args.paths, top_k=args.top_k):
         if not result.ok:
             failed += 1
-            print(f"cifar-inception: skipped {result.error}", file=sys.stderr)
+            print(f"cifar-inception: skipped {terminal_text(result.error)}", file=sys.stderr)
         if args.json:
             results.append(result.to_dict())
         elif result.ok:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {"model": classifier.info, "classes": list(classifier.classes),
                     "top_k": args.top_k, "results": results}
-        print(json.dumps(document, indent=2))
+        print(to_json(document, indent=2))
     if failed:
         print(f"cifar-inception: {failed} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from cifar_inception.cli.common import add_command, add_device_arg, positive_int
+from cifar_inception.cli.common import add_command, add_device_arg, positive_int, terminal_text
 
 DESCRIPTION = """\
 Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file) as a web
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     sock = open_listener(args.host, args.port)
     params = classifier.info.get("params")
     size = f", {params:,} parameters" if params else ""
-    print(f"serving {classifier.model_name}{size} at {url_of(sock)} (Ctrl+C to stop)", flush=True)
+    print(f"serving {terminal_text(classifier.model_name)}{size} at {url_of(sock)} (Ctrl+C to stop)", flush=True)
     if not is_loopback(sock):
         print("note: reachable from other machines, with no authentication", flush=True)
     run_server(app, sock, access_log=not args.no_access_log)
