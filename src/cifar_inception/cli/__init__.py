@@ -85,6 +85,6 @@ def tolerate_any_encoding() -> None:
 
 def show_warning_as_one_line(message: Warning | str, category: type[Warning], filename: str,
                              lineno: int, file: Any = None, line: str | None = None) -> None:
-    """A warning as ``cifar-inception: warning: ...`` on stderr, without the source file and
-    line that Python's format adds: they mean nothing to the user."""
-    print(f"cifar-inception: warning: {terminal_text(message)}", file=file or sys.stderr)
+    """A warning as ``warning: ...`` on stderr (as a run's own warnings read), without the
+    source file and line that Python's format adds: they mean nothing to the user."""
+    print(f"warning: {terminal_text(message)}", file=file or sys.stderr)
