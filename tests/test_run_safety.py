@@ -311,3 +311,10 @@ def test_evaluate_refuses_a_damaged_record_in_one_line(tmp_path, tree, config, w
     capsys.readouterr()
     assert main(["evaluate", str(run), "--no-write"]) == 2
     one_error_line(capsys.readouterr().err, *words)
+
+
+# 13. Progress bars only on a terminal: a log file gets lines, not bar redraws.
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tree, capsys):
+    assert main(train_argv(tree, tmp_path, "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "\r" not in err, err
