@@ -308,11 +308,29 @@ def best_epoch(history: list[dict]) -> dict | None:
 
 
 def read_eval(folder: str | os.PathLike) -> dict | None:
-    """The run folder's eval.json; None when it is missing, unreadable or not a JSON object."""
+    """The run folder's eval.json; None when it is missing, unreadable or not an evaluation."""
     try:
-        return read_json_object(Path(folder) / EVAL_FILE)
+        evaluation = read_json_object(Path(folder) / EVAL_FILE)
     except CifarInceptionError:
         return None
+    return evaluation if is_evaluation(evaluation) else None
+
+
+def is_evaluation(record: dict) -> bool:
+    """An eval.json as evaluate writes it: numbers for the metrics and counts, a table of
+    accuracies per class and a confusion matrix of counts (as far as it has them)."""
+    per_class = record.get("per_class", {})
+    confusion = record.get("confusion", [])
+    return (all(_is_number(record.get(key)) for key in ("test_loss", "test_top1", "test_top5"))
+            and _is_count(record.get("num_images", 0))
+            and isinstance(per_class, dict)
+            and all(v is None or _is_number(v) for v in per_class.values())
+            and isinstance(confusion, list)
+            and all(isinstance(row, list) and all(map(_is_count, row)) for row in confusion))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def eval_is_for(evaluation: dict, checkpoint: str | os.PathLike) -> bool:

@@ -93,14 +93,14 @@ def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
     _check_resume_matches(config, ckpt["training"]["config"], path)
     _check_checkpoints_are_the_runs(path.parent, ckpt, path)
     position = Position(**ckpt["training"]["position"])
-    if position.epoch >= config.epochs and not test_is_left(config, path.parent):
+    if position.epoch >= config.epochs and not final_test_pending(config, path.parent):
         tested = " and tested" if config.test else ""
         raise TrainingError(f"{path.parent}: all {config.epochs} epochs are done{tested}; "
                             f"pass a larger --epochs to train further")
     return ckpt, position
 
 
-def test_is_left(config: TrainConfig, folder: Path) -> bool:
+def final_test_pending(config: TrainConfig, folder: Path) -> bool:
     """Whether the run's final test is still to do: asked for, and no eval.json of best.pt
     (a stop after the last epoch, or during the test, leaves none)."""
     return config.test and RunFolder(folder).eval_for(folder / BEST) is None
