@@ -175,8 +175,12 @@ def _depth_over(value: Any, limit: int) -> bool:
 
 
 def read_record_bytes(path: str | os.PathLike) -> bytes:
-    """A record file's bytes; CifarInceptionError when it is over :data:`MAX_RECORD_BYTES`."""
-    with open(path, "rb") as handle:
+    """A record file's bytes; CifarInceptionError when it is over :data:`MAX_RECORD_BYTES`
+    or not a regular file (reading a FIFO would wait forever)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CifarInceptionError(f"{path}: not a regular file")
         data = handle.read(MAX_RECORD_BYTES + 1)
     if len(data) > MAX_RECORD_BYTES:
         raise CifarInceptionError(f"{path}: over {MAX_RECORD_BYTES >> 20} MB, not a record "
