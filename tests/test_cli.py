@@ -37,3 +37,31 @@ def test_module_entry_point_runs():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0
     assert done.stdout.strip() == f"cifar-inception {__version__}"
+
+
+def test_a_warning_is_one_clean_line(monkeypatch, capsys):
+    import warnings
+
+    import cifar_inception.cli.summary_cmd as summary_cmd
+
+    def warns(args):
+        warnings.warn("could not cache the decoded arrays in /cache: Permission denied")
+        return 0
+
+    monkeypatch.setattr(summary_cmd, "run", warns)
+    assert main(["summary", "googlenet"]) == 0
+    assert capsys.readouterr().err == ("warning: could not cache the decoded arrays in "
+                                       "/cache: Permission denied\n")
+
+
+def test_an_error_cannot_drive_the_terminal(monkeypatch, capsys):
+    import cifar_inception.cli.summary_cmd as summary_cmd
+    from cifar_inception.errors import CheckpointError
+
+    def fails(args):  # as a message quoting a checkpoint's class names would
+        raise CheckpointError("trained on classes cat\x1b[2J, dog\x1b]0;x\x07")
+
+    monkeypatch.setattr(summary_cmd, "run", fails)
+    assert main(["summary", "googlenet"]) == 2
+    err = capsys.readouterr().err
+    assert err == "cifar-inception: error: trained on classes cat\\x1b[2J, dog\\x1b]0;x\\x07\n"

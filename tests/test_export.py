@@ -274,6 +274,20 @@ def test_cli_exports_torch_formats_that_reproduce_the_model(tiny_run, fmt, capsy
         np.testing.assert_allclose(probs.sum(1).numpy(), 1.0, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+def test_cli_export_never_replaces_a_device_or_fifo(tiny_run, tmp_path, capsys):
+    """As root, `-o /dev/null` renamed a file over the device; a FIFO stands in for it."""
+    import os
+    import stat
+
+    fifo = tmp_path / "null"
+    os.mkfifo(fifo)
+    assert main(["export", str(tiny_run[0]), "--format", "torchscript", "-o", str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a regular file" in err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and os.listdir(tmp_path) == ["null"]
+
+
 def test_export_refuses_bad_requests(run_dir, tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         export_onnx(tmp_path / "missing.pt")

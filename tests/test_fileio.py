@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
+import numpy as np
 import pytest
+import torch
 
-from cifar_inception.fileio import (append_jsonl, atomic_open, atomic_write_json,
-                                    atomic_write_text, read_jsonl)
+from cifar_inception.errors import CifarInceptionError
+from cifar_inception.fileio import (MAX_JSON_DEPTH, append_jsonl, atomic_open,
+                                    atomic_write_bytes, atomic_write_json, atomic_write_text,
+                                    parse_json, read_jsonl, to_json)
 
 
 def test_atomic_write_replaces_content_and_leaves_no_temporary_file(tmp_path):
@@ -46,3 +51,45 @@ def test_read_jsonl_skips_a_torn_last_line(tmp_path):
     with open(path, "a") as handle:
         handle.write('{"epoch": 3, "val_')  # a crash mid-line
     assert read_jsonl(path) == [{"epoch": 1}, {"epoch": 2}]
+
+
+# A device node, a FIFO or a folder at the output path is refused, never renamed over.
+@pytest.mark.parametrize("kind", ["fifo", "link to a fifo", "folder"])
+def test_atomic_write_refuses_to_replace_what_is_not_a_regular_file(tmp_path, kind):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    target = {"fifo": fifo, "link to a fifo": tmp_path / "link", "folder": tmp_path / "dir"}[kind]
+    if kind == "link to a fifo":
+        target.symlink_to(fifo)
+    elif kind == "folder":
+        target.mkdir()
+    with pytest.raises(CifarInceptionError, match="not a regular file"):
+        atomic_write_bytes(target, b"model")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"fifo", target.name})
+
+
+def test_json_written_is_valid_json_whatever_it_holds(tmp_path):
+    value = {"nan": float("nan"), "nested": [{"inf": float("-inf")}], "tensor": torch.tensor(0.5),
+             "vector": torch.tensor([1, 2]), "array": np.float32(0.25), "tuple": (1, 2)}
+    expected = {"nan": None, "nested": [{"inf": None}], "tensor": 0.5, "vector": [1, 2],
+                "array": 0.25, "tuple": [1, 2]}
+    atomic_write_json(tmp_path / "out.json", value)
+    assert json.loads((tmp_path / "out.json").read_text(), parse_constant=pytest.fail) == expected
+    assert json.loads(to_json(value)) == expected
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("[" * 100_000 + "]" * 100_000, "nested"),
+    ("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1), "nested"),
+    ("9" * 5000, "digits"),
+    (b'{"a": "\xff"}', "utf-8"),
+])
+def test_parse_json_refuses_what_no_record_holds(text, reason):
+    with pytest.raises(ValueError, match=reason):
+        parse_json(text)
+
+
+def test_parse_json_reads_nan_as_null():
+    assert parse_json('{"a": NaN, "b": [Infinity, 1e999], "c": 1}') == {"a": None,
+                                                                        "b": [None, None], "c": 1}

@@ -209,6 +209,46 @@ def test_cli_all_good_exits_zero(checkpoint_path, image_folder, capsys):
     assert status == 0 and len(doc["results"]) == 1
 
 
+def test_cli_json_is_valid_with_nan_and_tensors_in_the_metrics(tmp_path, image_folder,
+                                                               capsys):
+    metrics = {"val_loss": float("nan"), "nested": {"losses": [float("inf"), 1.0]},
+               "val_acc": torch.tensor(0.5), "per_class": torch.zeros(3)}
+    save_model_checkpoint(tmp_path / "best.pt", metrics=metrics)
+    status = main(["predict", str(tmp_path / "best.pt"), str(image_folder / "rgb.png"),
+                   "--json", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    doc = json.loads(out, parse_constant=pytest.fail)  # NaN or Infinity is not JSON
+    assert doc["model"]["metrics"] == {"val_loss": None, "nested": {"losses": [None, 1.0]},
+                                       "val_acc": 0.5, "per_class": [0.0, 0.0, 0.0]}
+
+
+def test_cli_escapes_control_characters_of_class_names(tmp_path, image_folder, capsys):
+    hostile = ["\x1b]0;owned\x07plane", "car\x1b[2J", *CLASSES[2:]]
+    save_model_checkpoint(tmp_path / "best.pt", classes=hostile)
+    status = main(["predict", str(tmp_path / "best.pt"), str(image_folder / "rgb.png"),
+                   "-k", "10", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b]0;owned\\x07plane" in out and "car\\x1b[2J" in out
+
+
+def test_cli_prints_any_file_name_whatever_the_terminal_encoding(tmp_path, checkpoint_path,
+                                                                 monkeypatch):
+    import io
+    import sys
+
+    image = tmp_path / "caf\u00e9-\u732b.png"
+    Image.fromarray(rgb_noise((32, 32))).save(image)
+    ascii_stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # PYTHONIOENCODING=ascii
+    monkeypatch.setattr(sys, "stdout", ascii_stdout)
+    status = main(["predict", str(checkpoint_path), str(image), "--device", "cpu"])
+    ascii_stdout.flush()
+    assert status == 0
+    assert b"caf\\xe9-\\u732b.png" in ascii_stdout.buffer.getvalue()
+
+
 @pytest.mark.parametrize("target", ["missing-checkpoint", "empty-folder"])
 def test_cli_user_errors_exit_two(tmp_path, checkpoint_path, target, capsys):
     empty = tmp_path / "empty"

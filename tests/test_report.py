@@ -213,6 +213,26 @@ def test_stale_eval_json_is_not_used(tmp_path, data_tree):
     assert data.evaluation_source == "eval.json" and data.evaluation == fitting
 
 
+def test_damaged_records_are_dropped_or_refused_in_one_line(tmp_path, data_tree):
+    """Lines and records no run writes: left out of the report, or one error; no traceback."""
+    from cifar_inception.errors import CifarInceptionError
+
+    run = write_run(tmp_path / "run", data_tree, fitting_eval=True)
+    with open(run / "metrics.jsonl", "ab") as handle:
+        handle.write(b'\n{"epoch": 4, "val_acc": "high"}\n{"epoch": 4, "x": "\xff"}\n'
+                     b'{"epoch": 4, "lr": ' + b"1" * 5000 + b"}\n" + b"[" * 100_000 + b"\n")
+    damaged = eval_document(np.eye(10, dtype=int) * TEST_PER_CLASS)
+    damaged["test_loss"] = "low"
+    (run / "eval.json").write_text(json.dumps(damaged))
+    data = report.gather(run, device="cpu")
+    assert [row["epoch"] for row in data.metrics] == [row["epoch"] for row in METRICS]
+    assert "damaged" in data.evaluation_source
+    for config, words in (('{"data_dir": 5}', "data_dir"), ("[" * 100_000, "nested")):
+        (run / "config.json").write_text(config)
+        with pytest.raises(CifarInceptionError, match=words):
+            report.gather(run, device="cpu")
+
+
 def test_cli_report(tmp_path, data_tree, capsys):
     run = write_run(tmp_path / "run", data_tree)
     (run / "config.json").write_text(json.dumps({"model": TINY}))  # no data_dir in it

@@ -169,3 +169,152 @@ def test_os_error_is_one_line_with_status_1(tmp_path, tree, capsys):
     blocker.write_text("not a folder")
     assert main(train_argv(tree, blocker)) == 1
     one_error_line(capsys.readouterr().err, str(blocker))
+
+
+def full_argv(tree: Path, runs: Path, *extra: str) -> list[str]:
+    """train_argv with the final test: the run is done only once eval.json is written."""
+    return [arg for arg in train_argv(tree, runs, *extra) if arg != "--no-test"]
+
+
+# 8. A .lock planted as a link is not followed: the file it points to keeps its content.
+@pytest.mark.parametrize("how", ["resume", "new run"])
+def test_a_lock_that_is_a_symlink_is_refused(tmp_path, tree, how, capsys):
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PATH\n")
+    run = tmp_path / "runs" / "run"
+    if how == "resume":
+        assert main(train_argv(tree, tmp_path / "runs", "--stop-after-epochs", "1")) == 0
+        (run / ".lock").unlink()
+        argv = ["train", "--resume", str(run)]
+    else:
+        run.mkdir(parents=True)
+        argv = train_argv(tree, tmp_path / "runs")
+    (run / ".lock").symlink_to(victim)
+    capsys.readouterr()
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err, ".lock", "symbolic link")
+    assert victim.read_text() == "export PATH\n"
+
+
+def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path, tree, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / ".lock")
+    assert main(train_argv(tree, tmp_path)) == 2
+    one_error_line(capsys.readouterr().err, ".lock", "not a regular file")
+
+
+# 9. A run name is one folder inside --output, never a path out of it.
+@pytest.mark.parametrize("name", ["../../x", "..", "/tmp/x", "a/b"])
+def test_run_names_stay_inside_output(tmp_path, tree, name, capsys):
+    runs = tmp_path / "deep" / "runs"
+    argv = train_argv(tree, runs)
+    argv[argv.index("--name") + 1] = name
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err, "--name")
+    assert [p.name for p in tmp_path.iterdir()] == []  # nothing written anywhere
+
+
+# 10. A last.pt of another model in the folder: refused before anything is written.
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, tree, capsys):
+    from small_model import SMALL, small_model
+    import torch
+
+    assert main(train_argv(tree, tmp_path, "--stop-after-epochs", "1")) == 0
+    run = tmp_path / "run"
+    foreign = load_checkpoint(run / "last.pt")
+    foreign["model"].update(name=SMALL, options={"hidden": 4})
+    foreign["training"]["config"].update(model=SMALL, model_options={"hidden": 4})
+    foreign["state_dict"] = small_model().state_dict()
+    torch.save(foreign, run / "last.pt")
+    before = {name: (run / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    one_error_line(capsys.readouterr().err, "last.pt", SMALL, TINY)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+# 11. Stopped after the last epoch, or in the final test: --resume finishes the test.
+def test_ctrl_c_after_the_last_epoch_is_finished_by_resume(tmp_path, tree, monkeypatch,
+                                                          capsys):
+    crash_at_step(monkeypatch, 10)  # the last step of the last epoch (2 epochs of 5 steps)
+    assert main(full_argv(tree, tmp_path)) == 130
+    one_error_line(capsys.readouterr().err, "after epoch 2", "--resume")
+    run = tmp_path / "run"
+    assert not (run / "eval.json").exists()
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert json.loads((run / "eval.json").read_text())["num_images"] == 20
+    assert epochs_logged(run) == [1, 2]
+    assert main(["train", "--resume", str(run)]) == 2  # now nothing is left to do
+    one_error_line(capsys.readouterr().err, "epochs are done and tested")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_during_the_final_test_exits_130_and_resume_tests(tmp_path, tree, monkeypatch,
+                                                                 signum, capsys):
+    import cifar_inception.training.loop as loop_mod
+
+    def stopped_test(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        raise AssertionError("the signal did not stop the test")
+
+    monkeypatch.setattr(loop_mod, "evaluate", stopped_test)
+    assert main(full_argv(tree, tmp_path)) == 130
+    one_error_line(capsys.readouterr().err, "during the test", "--resume")
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert main(["train", "--resume", str(run)]) == 0
+    assert (run / "eval.json").is_file() and epochs_logged(run) == [1, 2]
+
+
+# 12. Damaged records: a warning and the line dropped, or one line; never a traceback.
+DAMAGED_LINES = {
+    "nested": b'{"epoch": 1, "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "not UTF-8": b'{"epoch": 1, "val_acc": 0.5, "note": "\xff"}',
+    "5,000 digits": b'{"epoch": 1, "val_acc": ' + b"9" * 5000 + b"}",
+    "a word for a number": b'{"epoch": 1, "val_acc": "high"}',
+}
+
+
+@pytest.mark.parametrize("line", DAMAGED_LINES.values(), ids=DAMAGED_LINES.keys())
+def test_resume_drops_a_damaged_metrics_line(tmp_path, tree, line, capsys):
+    assert main(train_argv(tree, tmp_path, "--stop-after-epochs", "1")) == 0
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "ab") as handle:
+        handle.write(line + b"\n")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    assert epochs_logged(run) == [1, 2]  # the damaged line is gone
+
+
+def test_resume_rebuilds_a_deeply_nested_record(tmp_path, tree, capsys):
+    assert main(train_argv(tree, tmp_path, "--stop-after-epochs", "1")) == 0
+    run = tmp_path / "run"
+    (run / "config.json").write_text('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "rebuilding it" in capsys.readouterr().out
+    assert epochs_logged(run) == [1, 2]
+
+
+@pytest.mark.parametrize("config, words", [
+    ('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}", ("config.json", "nested")),
+    ('{"config": {"data_dir": 5}}', ("data_dir", "--data-dir")),
+    ('{"config": {"seed": ' + "7" * 5000 + "}}", ("config.json", "digits")),
+])
+def test_evaluate_refuses_a_damaged_record_in_one_line(tmp_path, tree, config, words, capsys):
+    assert main(train_argv(tree, tmp_path, "--stop-after-epochs", "1")) == 0
+    run = tmp_path / "run"
+    (run / "config.json").write_text(config)
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--no-write"]) == 2
+    one_error_line(capsys.readouterr().err, *words)
+
+
+# 13. Progress bars only on a terminal: a log file gets lines, not bar redraws.
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tree, capsys):
+    assert main(train_argv(tree, tmp_path, "--epochs", "1")) == 0
+    err = capsys.readouterr().err
+    assert "%|" not in err and "\r" not in err, err

@@ -125,6 +125,24 @@ def test_model_info_survives_nan_metrics(classifier):
     assert info["metrics"] == {"train_loss": None, "val_acc": 0.5} and info["test_top1"] is None
 
 
+def test_model_info_survives_tensors_and_nested_nan_in_a_checkpoint(tmp_path):
+    import torch
+
+    from cifar_inception.inference import load_classifier
+    from small_model import save_small_checkpoint
+
+    metrics = {"val_acc": torch.tensor(0.5), "curve": [float("nan"), 0.4],
+               "deep": {"loss": float("inf")}}
+    save_small_checkpoint(tmp_path / "best.pt", metrics=metrics)
+    (tmp_path / "eval.json").write_text('{"checkpoint": "best.pt", "test_top1": NaN}')
+    with TestClient(create_app(load_classifier(tmp_path / "best.pt", device="cpu"))) as client:
+        response = client.get("/api/model")
+    assert response.status_code == 200, response.text
+    assert response.json()["metrics"] == {"val_acc": 0.5, "curve": [None, 0.4],
+                                          "deep": {"loss": None}}
+    assert response.json()["test_top1"] is None
+
+
 def test_health_and_model(client):
     assert client.get("/api/health").json() == {"status": "ok", "model": "fake-net"}
     model = client.get("/api/model").json()

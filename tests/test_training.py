@@ -469,8 +469,11 @@ def test_cli_without_model_picks_by_hardware(tmp_path, capsys):
 
 def speed_config(tmp_path, **overrides):
     """The cpu10 recipe on a tiny inception-cpu and the easy task, a few steps long."""
-    # the recipe's learning rate is for batches of 1024; these are of 20
-    settings = dict(epochs=6, batch_size=20, lr=0.4, val_size=60, out_dir=str(tmp_path / "runs"),
+    # The recipe's learning rate is for batches of 1024; these are of 20. At 0.4 the
+    # validation accuracy collapsed to chance for an epoch or two and ended anywhere from
+    # 0.3 to 0.8 depending on the CPU's rounding (fp32 or bf16); at 0.1 it rises steadily
+    # to 0.6-0.8 with either precision and any of the seeds tried.
+    settings = dict(epochs=6, batch_size=20, lr=0.1, val_size=60, out_dir=str(tmp_path / "runs"),
                     name="run", test=False, num_threads=1, model_options={"width": 0.25})
     settings.update(overrides)
     return build_config(None, "cpu10", **settings)
@@ -535,8 +538,9 @@ def test_cpu10_recipe_learns_and_resumes_exactly(tmp_path, data):
     """bf16 and channels_last on the CPU, lookahead, alternating flips, TTA: a run that
     learns, and a paused-and-resumed one that ends with the same weights."""
     straight = train(speed_config(tmp_path / "a", test=True), data, log=quiet)
-    assert straight.history[-1]["val_acc"] > 0.3
-    assert straight.test["tta"] is True and straight.test["test_top1"] > 0.3
+    # Chance is 0.1; runs end at 0.6 or more, so 0.4 leaves a margin no rounding crosses.
+    assert straight.history[-1]["val_acc"] > 0.4
+    assert straight.test["tta"] is True and straight.test["test_top1"] > 0.4
     paused = train(speed_config(tmp_path / "b", stop_after_epochs=3), data, log=quiet)
     assert "lookahead" in load_checkpoint(paused.run_dir / "last.pt")["training"]
     resumed = train(resume_config(paused.run_dir), data, resume=paused.run_dir, log=quiet)

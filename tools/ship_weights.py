@@ -58,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     file = f"{args.name}.pt"
     out = Path(args.out)
     out.mkdir(exist_ok=True)
-    save_checkpoint(out / file, shipped_checkpoint(best, dtype))
+    measured = accuracies[precision]
+    save_checkpoint(out / file, shipped_checkpoint(
+        best, dtype, test_top1=measured["test_acc"], test_top1_tta=measured["test_acc_tta"]))
     entry = {
         "name": args.name, "model": best["model"]["name"], "options": best["model"]["options"],
         "tag": args.tag, "file": file, "sha256": sha256_of(out / file),
         "default": args.default,
         "record": run_description(record, read_history(run.path), best, args)
         | {"precision": precision,
-           "test_acc": accuracies[precision]["test_acc"],
-           "test_acc_tta": accuracies[precision]["test_acc_tta"],
+           "test_acc": measured["test_acc"], "test_acc_tta": measured["test_acc_tta"],
            "test_acc_float32": accuracies["float32"]["test_acc"],
            "test_acc_tta_float32": accuracies["float32"]["test_acc_tta"],
            "test_views": 6, "test_images": int(len(data.test_labels))},
@@ -95,11 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def shipped_checkpoint(best: dict, dtype: torch.dtype) -> dict:
-    """The checkpoint without its optimiser state, floating-point weights in ``dtype``."""
+def shipped_checkpoint(best: dict, dtype: torch.dtype, **test: float) -> dict:
+    """The checkpoint without its optimiser state, floating-point weights in ``dtype``, its
+    metrics those of its epoch and the ``test`` accuracies (which serve and predict show)."""
     state = {key: value.to(dtype) if value.is_floating_point() else value
              for key, value in best["state_dict"].items()}
-    metrics = {k: v for k, v in best.get("metrics", {}).items() if isinstance(v, (int, float))}
+    metrics = {k: v for k, v in best.get("metrics", {}).items()
+               if isinstance(v, (int, float))} | test
     return {key: best[key] for key in ("format", "model", "data")} | {
         "state_dict": state, "metrics": metrics}
 

@@ -21,7 +21,6 @@ export functions.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import warnings
@@ -35,7 +34,7 @@ import numpy as np
 
 from cifar_inception import __version__
 from cifar_inception.errors import CifarInceptionError, needs_extra
-from cifar_inception.fileio import atomic_write_bytes
+from cifar_inception.fileio import atomic_write_bytes, to_json
 from cifar_inception.inference import (  # noqa: F401  (re-exported: part of this API)
     EXPORT_FORMAT,
     INPUT_NAME,
@@ -171,7 +170,7 @@ def _to_onnx(wrapper, example, metadata: dict, opset: int) -> tuple[bytes, Calla
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key = key
-        entry.value = json.dumps(value) if key in JSON_KEYS else str(value)
+        entry.value = to_json(value) if key in JSON_KEYS else str(value)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
 
@@ -191,7 +190,7 @@ def _to_pt2(wrapper, example, metadata: dict) -> tuple[bytes, Callable]:
         program = torch.export.export(
             wrapper, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={METADATA_FILE: json.dumps(metadata)})
+    torch.export.save(program, buffer, extra_files={METADATA_FILE: to_json(metadata)})
     data = buffer.getvalue()
 
     def run(images):
@@ -209,7 +208,7 @@ def _to_torchscript(wrapper, example, metadata: dict) -> tuple[bytes, Callable]:
     with _quiet_exporters():
         traced = torch.jit.trace(wrapper, example, check_trace=False)  # checked below, once
         buffer = io.BytesIO()
-        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: json.dumps(metadata)})
+        torch.jit.save(traced, buffer, _extra_files={METADATA_FILE: to_json(metadata)})
     data = buffer.getvalue()
 
     def run(images):

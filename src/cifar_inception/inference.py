@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
+from cifar_inception.fileio import json_safe
 from cifar_inception.runs import RunFolder, eval_is_for
 
 # The interface of an exported file (see :mod:`cifar_inception.export`).
@@ -87,13 +88,16 @@ def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarra
 
 def classifier_info(model_name: str, *, options: Any, num_classes: int, params: int | None,
                     metrics: Any, fmt: str, source: str) -> dict[str, Any]:
-    """The ``info`` of a classifier: what ``predict --json`` prints and ``serve`` describes."""
+    """The ``info`` of a classifier: what ``predict --json`` prints and ``serve`` describes.
+
+    Options and metrics come from the file and may hold NaN or tensors: made JSON-safe here,
+    once, so that every JSON output built from them is valid."""
     return {
         "model": model_name,
-        "options": options,
+        "options": json_safe(options),
         "num_classes": num_classes,
         "params": params,
-        "metrics": metrics,
+        "metrics": json_safe(metrics),
         "format": fmt,
         "source": source,
     }

@@ -18,8 +18,8 @@ epoch), ``last.pt`` (the state to resume from), ``best.pt`` and ``eval.json``.
 
 from __future__ import annotations
 
-import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from cifar_inception.errors import CifarInceptionError, TrainingError
-from cifar_inception.fileio import atomic_write_text, read_jsonl
+from cifar_inception.fileio import (
+    atomic_write_text,
+    parse_json,
+    read_jsonl,
+    read_record_bytes,
+    to_json,
+)
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -74,6 +80,7 @@ def new_run_folder(out_dir: str | os.PathLike, name: str | None, model: str) -> 
     """
     root = Path(out_dir)
     if name:
+        check_run_name(name)
         path = root / name
         if path.is_dir() and any(path.iterdir()):
             if (path / LAST).exists():
@@ -93,6 +100,14 @@ def new_run_folder(out_dir: str | os.PathLike, name: str | None, model: str) -> 
     return path
 
 
+def check_run_name(name: str) -> None:
+    """Refuse a --name that would put the run outside --output: a path, '..', or absolute."""
+    separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
+    if name in (".", "..") or any(sep in name for sep in separators):
+        raise RunFolderError(f"--name {name!r}: a run name is one folder name inside "
+                             "--output, without '/', '\\' or '..'")
+
+
 def clear_for_restart(folder: Path) -> None:
     """Remove what a run that is started again would otherwise mix with its new results."""
     for name in (METRICS_FILE, BEST, EVAL_FILE):
@@ -110,12 +125,11 @@ def locked(folder: Path) -> Iterator[None]:
     except ImportError:  # no advisory locks on this platform: nothing to hold
         yield
         return
-    with open(folder / LOCK_FILE, "a+") as handle:
+    with os.fdopen(_open_lock_file(folder / LOCK_FILE), "r+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip()
+            holder = handle.read(32).strip()
             who = f" (process {holder})" if holder.isdigit() else ""
             raise RunFolderError(f"{folder} is in use by another training run{who}; wait for "
                                  f"it to end, or stop it") from None
@@ -127,6 +141,25 @@ def locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_lock_file(path: Path) -> int:
+    """The lock file's descriptor, never through a link: a ``.lock`` planted as a symlink to
+    another file would otherwise have that file truncated and overwritten with our PID."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError:
+        if os.path.islink(path):  # ELOOP from O_NOFOLLOW
+            raise RunFolderError(f"{path} is a symbolic link, not a lock file; remove it "
+                                 "and try again") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderError(f"{path} is not a regular file, not a lock file; remove it and "
+                             "try again")
+    os.set_blocking(fd, True)
+    return fd
 
 
 # --- leftovers of a kill
@@ -153,14 +186,20 @@ def remove_temporaries(folder: Path) -> int:
 def read_json_object(path: str | os.PathLike,
                      error: type[CifarInceptionError] = CifarInceptionError) -> dict:
     """A record file (config.json, eval.json) as a dict; ``error`` naming the file when it
-    cannot be read, is not JSON or holds something else than one object."""
+    cannot be read, is not JSON within the reader's bounds (size, depth, numbers: see
+    :func:`cifar_inception.fileio.parse_json`) or holds something else than one object."""
     try:
-        content = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise error(f"{path}: not readable JSON ({exc})") from None
+        content = parse_json(read_record_bytes(path))
+    except (OSError, ValueError, CifarInceptionError) as exc:
+        raise error(f"{path}: not readable JSON ({_first_line(exc)})") from None
     if not isinstance(content, dict):
         raise error(f"{path}: expected a JSON object")
     return content
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
 def read_record(folder: Path, warn: Warn) -> dict | None:
@@ -183,20 +222,38 @@ def read_record(folder: Path, warn: Warn) -> dict | None:
 
 
 def read_history(folder: Path, warn: Warn | None = None) -> list[dict]:
-    """The epochs in metrics.jsonl, in order; lines that are not an epoch's row are dropped."""
+    """The epochs in metrics.jsonl, in order; lines that are not an epoch's row (a torn or
+    damaged line, a metric that is not a number) are dropped."""
     path = folder / METRICS_FILE
     if not path.exists():
         return []
-    lines = read_jsonl(path)
-    rows = [r for r in lines if isinstance(r, dict) and _is_epoch(r.get("epoch"))]
+    try:
+        lines = read_jsonl(path)
+    except CifarInceptionError as exc:
+        raise TrainingError(str(exc)) from None
+    rows = [r for r in lines if is_epoch_row(r)]
     if warn is not None and len(rows) < len(lines):
         warn(f"warning: {path}: ignored {len(lines) - len(rows)} line(s) that are not an "
              f"epoch's metrics")
     return rows
 
 
+# What an epoch's row holds besides its number: numbers, or null where there is none.
+METRIC_KEYS = ("seconds", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+def is_epoch_row(row: Any) -> bool:
+    """A row of metrics.jsonl as training writes it: an epoch number, numbers (or null)."""
+    return isinstance(row, dict) and _is_epoch(row.get("epoch")) and all(
+        row.get(key) is None or _is_number(row[key]) for key in METRIC_KEYS)
+
+
 def _is_epoch(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def truncate_history(folder: Path, epochs_done: int, warn: Warn) -> list[dict]:
@@ -208,7 +265,7 @@ def truncate_history(folder: Path, epochs_done: int, warn: Warn) -> list[dict]:
             kept[row["epoch"]] = row  # a repeated epoch: the later line is the one saved
     rows = [kept[e] for e in sorted(kept)]
     if (folder / METRICS_FILE).exists():
-        atomic_write_text(folder / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(folder / METRICS_FILE, "".join(to_json(r) + "\n" for r in rows))
     return rows
 
 
@@ -229,7 +286,11 @@ def recorded_data_dir(record: dict | None, ckpt: dict | None = None) -> str | No
     trained = (ckpt or {}).get("training", {}).get("config")
     for settings in (recorded_settings(record or {}), trained):
         if isinstance(settings, dict) and settings.get("data_dir"):
-            return settings["data_dir"]
+            data_dir = settings["data_dir"]
+            if not isinstance(data_dir, str):
+                raise CifarInceptionError(f"the run's recorded data_dir is {data_dir!r:.80}, "
+                                          "not a folder; give --data-dir")
+            return data_dir
     return None
 
 
@@ -247,11 +308,29 @@ def best_epoch(history: list[dict]) -> dict | None:
 
 
 def read_eval(folder: str | os.PathLike) -> dict | None:
-    """The run folder's eval.json; None when it is missing, unreadable or not a JSON object."""
+    """The run folder's eval.json; None when it is missing, unreadable or not an evaluation."""
     try:
-        return read_json_object(Path(folder) / EVAL_FILE)
+        evaluation = read_json_object(Path(folder) / EVAL_FILE)
     except CifarInceptionError:
         return None
+    return evaluation if is_evaluation(evaluation) else None
+
+
+def is_evaluation(record: dict) -> bool:
+    """An eval.json as evaluate writes it: numbers for the metrics and counts, a table of
+    accuracies per class and a confusion matrix of counts (as far as it has them)."""
+    per_class = record.get("per_class", {})
+    confusion = record.get("confusion", [])
+    return (all(_is_number(record.get(key)) for key in ("test_loss", "test_top1", "test_top5"))
+            and _is_count(record.get("num_images", 0))
+            and isinstance(per_class, dict)
+            and all(v is None or _is_number(v) for v in per_class.values())
+            and isinstance(confusion, list)
+            and all(isinstance(row, list) and all(map(_is_count, row)) for row in confusion))
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def eval_is_for(evaluation: dict, checkpoint: str | os.PathLike) -> bool:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+
+# C0 and C1 control characters but newline and tab, and the bidirectional overrides: what a
+# file's text (a class name, a file name) could use to move the cursor, recolour or rewrite
+# the terminal, or to show text in another order than it is.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str,
@@ -54,6 +60,12 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
+
+
+def terminal_text(text: object) -> str:
+    """``text`` for the terminal: control characters shown as escapes (``\\x1b``)."""
+    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"),
+                        str(text))
 
 
 WEIGHTS_HELP = ("trained weights instead of a run: a shipped name (see `cifar-inception "

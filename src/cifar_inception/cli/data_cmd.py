@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cifar_inception.cli.common import add_command, add_data_args
+from cifar_inception.cli.common import add_command, add_data_args, terminal_text
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
                                                  val_size=args.val_size, seed=args.seed)
     mean, std = channel_stats(train_x)
 
-    print(f"source    {data.source}")
+    print(f"source    {terminal_text(data.source)}")
     print(f"checksum  {data.checksum}")
     if data.cache_file is not None:
         state = "read from the cache" if data.from_cache else "decoded, now cached"
@@ -78,8 +78,9 @@ def _print_counts(classes: tuple[str, ...], splits: dict) -> None:
 
     counts = {name: np.bincount(labels, minlength=len(classes)) for name, labels in
               splits.items()}
-    width = max(len(c) for c in classes) + 2
+    shown = [terminal_text(c) for c in classes]
+    width = max(len(c) for c in shown) + 2
     print(f"{'class':<{width}}" + "".join(f"{name:>10}" for name in splits))
-    for index, cls in enumerate(classes):
+    for index, cls in enumerate(shown):
         print(f"{cls:<{width}}" + "".join(f"{counts[name][index]:>10,}" for name in splits))
     print(f"{'total':<{width}}" + "".join(f"{len(labels):>10,}" for labels in splits.values()))

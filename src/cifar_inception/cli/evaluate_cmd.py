@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cifar_inception.cli.common import (
@@ -11,6 +10,7 @@ from cifar_inception.cli.common import (
     add_data_args,
     add_device_arg,
     add_weights_arg,
+    terminal_text,
 )
 
 DESCRIPTION = """\
@@ -71,6 +71,7 @@ def format_table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.evaluation import evaluate
+    from cifar_inception.fileio import to_json
     from cifar_inception.pretrained import model_source
     from cifar_inception.runs import RunFolder
 
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                       device=args.device,
                       batch_size=args.batch_size, data_dir=args.data_dir,
                       download=not args.no_download, write=write)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    print(to_json(result, indent=2) if args.json else terminal_text(format_table(result)))
     if write:
         # On stderr with --json, so that stdout stays one JSON document.
         written = RunFolder.holding(result["checkpoint"]).eval

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from cifar_inception.cli.common import (
@@ -11,6 +10,7 @@ from cifar_inception.cli.common import (
     add_device_arg,
     add_weights_arg,
     positive_int,
+    terminal_text,
 )
 
 DESCRIPTION = """\
@@ -46,15 +46,16 @@ def register(subparsers) -> None:
 
 
 def format_prediction(result, width: int) -> str:
-    lines = [result.path]
+    lines = [terminal_text(result.path)]
     for rank, (name, prob) in enumerate(result.top, start=1):
         bar = "#" * round(prob * 20)
-        lines.append(f"  {rank}. {name:<{width}} {prob * 100:6.2f}%  {bar}")
+        lines.append(f"  {rank}. {terminal_text(name):<{width}} {prob * 100:6.2f}%  {bar}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.errors import CifarInceptionError
+    from cifar_inception.fileio import to_json
     from cifar_inception.images import find_images
     from cifar_inception.inference import load_classifier
     from cifar_inception.predict import iter_predictions, split_model_argument
@@ -68,13 +69,13 @@ def run(args: argparse.Namespace) -> int:
     if not source.is_run:  # say which weights answer, as they were not named by a path
         print(f"cifar-inception: using {source.describe()}",
               file=sys.stderr if args.json else sys.stdout, flush=True)
-    width = max(len(name) for name in classifier.classes)
+    width = max(len(terminal_text(name)) for name in classifier.classes)
 
     results, failed = [], 0
     for result in iter_predictions(classifier, paths, top_k=args.top_k):
         if not result.ok:
             failed += 1
-            print(f"cifar-inception: skipped {result.error}", file=sys.stderr)
+            print(f"cifar-inception: skipped {terminal_text(result.error)}", file=sys.stderr)
         if args.json:
             results.append(result.to_dict())
         elif result.ok:
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         document = {"model": classifier.info, "classes": list(classifier.classes),
                     "top_k": args.top_k, "results": results}
-        print(json.dumps(document, indent=2))
+        print(to_json(document, indent=2))
     if failed:
         print(f"cifar-inception: {failed} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0

@@ -10,6 +10,7 @@ from cifar_inception.cli.common import (
     add_device_arg,
     add_weights_arg,
     positive_int,
+    terminal_text,
 )
 
 DESCRIPTION = """\
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     sock = open_listener(args.host, args.port)
     params = classifier.info.get("params")
     size = f", {params:,} parameters" if params else ""
-    print(f"serving {classifier.model_name}{size} at {url_of(sock)} (Ctrl+C to stop)", flush=True)
+    print(f"serving {terminal_text(classifier.model_name)}{size} at {url_of(sock)} "
+          "(Ctrl+C to stop)", flush=True)
     if not is_loopback(sock):
         print("note: reachable from other machines, with no authentication", flush=True)
     run_server(app, sock, access_log=not args.no_access_log)

@@ -33,7 +33,7 @@ def _progress_bar(enabled: bool, **options):  # noqa: ANN202
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(leave=False, **options)
+    return tqdm(leave=False, disable=None, **options)  # None: drawn only on a terminal
 
 
 def _one_line(exc: object) -> str:

@@ -11,7 +11,13 @@ import numpy as np
 
 from cifar_inception.errors import CheckpointError, CifarInceptionError
 from cifar_inception.inference import TorchClassifier
-from cifar_inception.runs import RunFolder, eval_is_for, read_json_object, recorded_data_dir
+from cifar_inception.runs import (
+    RunFolder,
+    eval_is_for,
+    is_evaluation,
+    read_json_object,
+    recorded_data_dir,
+)
 
 
 @dataclass
@@ -55,7 +61,12 @@ def saved_evaluation(path: Path, checkpoint: Path,
     """eval.json when it describes this checkpoint on this test set; else None and why not."""
     if not path.is_file():
         return None, "computed for this report (the run has no eval.json)"
-    evaluation = read_json_object(path)
+    try:
+        evaluation = read_json_object(path)
+    except CifarInceptionError as exc:
+        return None, f"computed for this report ({exc})"
+    if not is_evaluation(evaluation):
+        return None, "computed for this report (eval.json is damaged)"
     if evaluation.get("num_images") != num_images:
         return None, (f"computed for this report (eval.json is for {evaluation.get('num_images')} "
                       f"test images, this data has {num_images:,})")

@@ -26,7 +26,6 @@ import math
 import os
 import signal
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +50,15 @@ from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
-from cifar_inception.runs import BEST, LAST, METRICS_FILE, locked, read_history, resume_target
+from cifar_inception.runs import (
+    BEST,
+    LAST,
+    METRICS_FILE,
+    check_run_name,
+    locked,
+    read_history,
+    resume_target,
+)
 from cifar_inception.training.budgeting import plan_budget, replan_budget, widen_for_budget
 from cifar_inception.training.optim import optimise
 from cifar_inception.training.ranks import train_in_processes
@@ -151,6 +158,8 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
            epoch_end: Callable[..., None] | None = None,
            started: float | None = None, held: ExitStack | None = None) -> TrainResult:
     check_model(config)  # before the data is loaded: a typo should fail at once
+    if resume is None and config.name:
+        check_run_name(config.name)
     held = held if held is not None else ExitStack()
     if resume is not None and ctx.is_main:  # one process per run folder, before reading it
         held.enter_context(locked(resume_target(resume).folder))
@@ -240,15 +249,29 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     best = next((r for r in history if r["epoch"] == position.best_epoch), None)
     test = None
     if status == "completed" and ctx.is_main and config.test:
-        test = evaluate(loop.run_dir / BEST, data, device=str(device),
-                        batch_size=config.eval_batch_size, tta=config.tta,
-                        tta_views=config.tta_views)
-        emit(f"test ({BEST}, epoch {position.best_epoch}"
-             f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
-             f"loss {test['test_loss']:.4f} - "
-             f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
-             f"({loop.run_dir / EVAL_FILE})")
+        try:
+            with interrupts_raise():
+                test = _final_test(loop, data, position.best_epoch, emit)
+        except KeyboardInterrupt:  # eval.json is written atomically: none, or a whole one
+            status = "interrupted"
+            message = _stop_message(f"interrupted during the test of {BEST}", loop.run_dir,
+                                    saved=False)
     return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
+
+
+def _final_test(loop: Loop, data: Any, best_epoch: int | None,
+                emit: Callable[[str], None]) -> dict:
+    """Evaluate best.pt on the test set, writing eval.json, and log the result."""
+    config = loop.config
+    test = evaluate(loop.run_dir / BEST, data, device=str(loop.device),
+                    batch_size=config.eval_batch_size, tta=config.tta,
+                    tta_views=config.tta_views)
+    emit(f"test ({BEST}, epoch {best_epoch}"
+         f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
+         f"loss {test['test_loss']:.4f} - "
+         f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
+         f"({loop.run_dir / EVAL_FILE})")
+    return test
 
 
 def _fewer_views_line(asked: int, kept: int) -> str:
@@ -438,6 +461,25 @@ class StopRequest:
                 signal.signal(signum, handler)
 
 
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the block (SIGTERM would otherwise end
+    the process with no word), for work that is dropped whole when stopped: the test."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _stop_message(stopped: str, run_dir: Path | None, *, saved: bool) -> str:
     """How the run stopped, the last.pt it saved (``saved``), and the command that continues it."""
     if run_dir is None:  # a rank other than 0 under torchrun: rank 0 saves and says where
@@ -447,12 +489,12 @@ def _stop_message(stopped: str, run_dir: Path | None, *, saved: bool) -> str:
 
 
 def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
-    """A tqdm bar on a terminal; a silent stand-in elsewhere."""
+    """A tqdm bar where it is drawn, stderr, is a terminal; a silent stand-in elsewhere."""
     from tqdm import tqdm
 
-    enabled = ctx.is_main and sys.stdout.isatty()
     return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
-                unit="step", leave=False, disable=not enabled, dynamic_ncols=True)
+                unit="step", leave=False, disable=None if ctx.is_main else True,
+                dynamic_ncols=True)
 
 
 def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) -> str:

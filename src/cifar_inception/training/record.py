@@ -20,6 +20,7 @@ from cifar_inception.fileio import atomic_write_json
 from cifar_inception.recipes import TrainConfig, get_recipe
 from cifar_inception.runs import (
     CONFIG_FILE,
+    EVAL_FILE,
     clear_for_restart,
     locked,
     new_run_folder,
@@ -55,6 +56,8 @@ def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | Non
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "hardware": hardware_info(loop.device, loop.ctx)})
         truncate_history(run_dir, position.epoch, emit)
+        if position.epoch < loop.config.epochs:  # best.pt may change: its test is to redo
+            (run_dir / EVAL_FILE).unlink(missing_ok=True)
     atomic_write_json(run_dir / CONFIG_FILE, record)
     return run_dir
 

@@ -9,10 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cifar_inception.checkpoint import load_checkpoint
-from cifar_inception.errors import CheckpointError, TrainingError
+from cifar_inception.checkpoint import check_run_matches, load_checkpoint
+from cifar_inception.errors import CheckpointError, CifarInceptionError, TrainingError
 from cifar_inception.recipes import RUNTIME_FIELDS, TrainConfig, validate
-from cifar_inception.runs import CONFIG_FILE, LAST, RunFolderError, read_record, resume_target
+from cifar_inception.runs import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    RunFolder,
+    RunFolderError,
+    read_record,
+    recorded_settings,
+    resume_target,
+)
 
 
 @dataclass
@@ -69,7 +78,9 @@ def _saved_config(run: str | os.PathLike) -> dict:
 
 def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
                   ) -> tuple[dict | None, Position]:
-    """The checkpoint to continue from (checked against ``config``) and its position."""
+    """The checkpoint to continue from (checked against ``config`` and against the run's
+    record) and its position. A run whose epochs are all done is continued only when its
+    test is still to do."""
     path = resume_target(resume).last if resume is not None else None
     if path is None:  # a new run, or one that died before its first last.pt: from the start
         return None, Position()
@@ -80,11 +91,35 @@ def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
         raise CheckpointError(f"{path} is for model {ckpt['model']['name']!r}, "
                               f"not {config.model!r}")
     _check_resume_matches(config, ckpt["training"]["config"], path)
+    _check_checkpoints_are_the_runs(path.parent, ckpt, path)
     position = Position(**ckpt["training"]["position"])
-    if position.epoch >= config.epochs:
-        raise TrainingError(f"{path.parent}: all {config.epochs} epochs are done; "
+    if position.epoch >= config.epochs and not final_test_pending(config, path.parent):
+        tested = " and tested" if config.test else ""
+        raise TrainingError(f"{path.parent}: all {config.epochs} epochs are done{tested}; "
                             f"pass a larger --epochs to train further")
     return ckpt, position
+
+
+def final_test_pending(config: TrainConfig, folder: Path) -> bool:
+    """Whether the run's final test is still to do: asked for, and no eval.json of best.pt
+    (a stop after the last epoch, or during the test, leaves none)."""
+    return config.test and RunFolder(folder).eval_for(folder / BEST) is None
+
+
+def _check_checkpoints_are_the_runs(folder: Path, last: dict, last_path: Path) -> None:
+    """Refuse to resume from a last.pt (or beside a best.pt) of another model or other
+    settings than the run's config.json records: training on would rewrite the record and
+    mix another run's epochs into metrics.jsonl. A config.json that cannot be read is
+    rebuilt when the run opens, so it checks nothing."""
+    try:
+        if recorded_settings(RunFolder(folder).read_config()) is None:
+            return
+    except CifarInceptionError:
+        return
+    check_run_matches(last, last_path)
+    best = folder / BEST
+    if best.exists():
+        check_run_matches(load_checkpoint(best), best)
 
 
 def _check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
