@@ -417,3 +417,16 @@ def test_an_unreadable_cache_folder_is_only_a_slower_load(tmp_path, monkeypatch)
     monkeypatch.setattr(type(cache), "is_file", is_file)
     loaded = load_cifar10(source, download=False, progress=False)
     assert len(loaded.train_labels) and not loaded.from_cache
+
+
+def test_a_file_name_that_is_not_utf8_is_checksummed(tmp_path):
+    files, expected = image_tree_files(train_per_class=1, test_per_class=1)
+    tree = write_tree(tmp_path / "tree", files)
+    # A Latin-1 name: valid on disk, not valid UTF-8.
+    odd = os.path.join(os.fsencode(tree / "train" / "cat"), b"caf\xe9.png")
+    with open(odd, "wb") as handle:
+        handle.write(files["train/cat/0.png"])
+    loaded = load_cifar10(tree, download=False, progress=False)
+    assert len(loaded.train_labels) == len(expected["train_labels"]) + 1
+    assert loaded.checksum.startswith("sha256:")
+    assert load_cifar10(tree, download=False, progress=False).from_cache

@@ -200,7 +200,9 @@ def _hash_files(stats: list[tuple[str, Path, os.stat_result]], label: str) -> st
     digest = hashlib.sha256()
     for rel, path, _ in stats:
         if len(stats) > 1:
-            digest.update(rel.encode() + b"\0")
+            # The name's bytes as on disk: a name that is not valid UTF-8 arrives with
+            # surrogate escapes, which str.encode() refuses.
+            digest.update(os.fsencode(rel) + b"\0")
         try:
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
