@@ -158,8 +158,8 @@ class _ReadBudget:
     sizes are its own word), so at most one capped file more is ever held.
     """
 
-    def __init__(self, label: str, limit: int = MAX_SOURCE_BYTES) -> None:
-        self.label, self.limit, self.total = label, limit, 0
+    def __init__(self, label: str) -> None:
+        self.label, self.limit, self.total = label, MAX_SOURCE_BYTES, 0
 
     def check(self, size: int) -> None:
         if self.total + size > self.limit:
