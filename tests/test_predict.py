@@ -315,18 +315,24 @@ def test_a_fifo_is_skipped_with_a_message_instead_of_hanging(tmp_path, checkpoin
 def test_predict_walks_a_folder_nested_deeper_than_the_recursion_limit(tmp_path, capsys):
     import sys
 
-    depth = sys.getrecursionlimit() + 100
     folder = tmp_path / "deep"
-    folder.mkdir()
-    bottom = folder
-    for _ in range(depth):
-        bottom = bottom / "d"
-        bottom.mkdir()
-    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(bottom / "black.png")
+    nested = [folder]
+    for _ in range(sys.getrecursionlimit() + 100):
+        nested.append(nested[-1] / "d")
+    for path in nested:
+        path.mkdir()
+    image = nested[-1] / "black.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
     loop = folder / "d" / "loop"
     loop.symlink_to(folder, target_is_directory=True)  # not followed: no endless walk
     checkpoint = tmp_path / "model.pt"
     save_small_checkpoint(checkpoint)
-    assert main(["predict", str(checkpoint), str(folder), "--json"]) == 0
-    results = json.loads(capsys.readouterr().out)["results"]
-    assert [Path(r["path"]).name for r in results] == ["black.png"]
+    try:
+        assert main(["predict", str(checkpoint), str(folder), "--json"]) == 0
+        results = json.loads(capsys.readouterr().out)["results"]
+        assert [Path(r["path"]).name for r in results] == ["black.png"]
+    finally:  # removed here: a recursive removal of the temporary folder would overflow
+        image.unlink()
+        loop.unlink()
+        for path in reversed(nested):
+            path.rmdir()
