@@ -188,3 +188,54 @@ def test_a_fifo_is_not_read_as_a_checkpoint(tmp_path, image):
     os.mkfifo(fifo)
     with pytest.raises(CheckpointError, match="not a regular file"):
         load_classifier(fifo, device="cpu")
+
+
+@pytest.mark.parametrize("planted", ["text file", "symlinked best.pt"])
+def test_a_text_file_is_not_a_checkpoint(tmp_path, image, capsys, planted):
+    text = tmp_path / "passwd"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/usr/sbin:/bin/sh\n")
+    target = text
+    if planted == "symlinked best.pt":
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "best.pt").symlink_to(text)
+        target = run
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        ckpt_mod.load_checkpoint(target)
+    assert main(["predict", str(target), image]) == 2
+    assert_one_line_error(capsys, "not a readable checkpoint")
+
+
+def deflated_copy(source, dest) -> str:
+    """The same records, deflated: what torch.save never writes."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive, \
+            zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as out:
+        for record in archive.infolist():
+            out.writestr(record.filename, archive.read(record.filename))
+    return str(dest)
+
+
+def test_a_compressed_tensor_is_refused_before_it_is_inflated(tmp_path, image, capsys):
+    ckpt = small_checkpoint()
+    ckpt["metrics"] = {"val_acc": 0.5, "padding": torch.zeros(4_000_000)}  # 16 MB of zeros
+    plain = save(tmp_path / "plain.pt", ckpt)
+    path = deflated_copy(plain, tmp_path / "deflated.pt")
+    assert (tmp_path / "deflated.pt").stat().st_size < 200_000
+    with pytest.raises(CheckpointError, match="is compressed"):
+        ckpt_mod.load_checkpoint(path)
+    assert main(["predict", path, image]) == 2
+    assert_one_line_error(capsys, "is compressed")
+
+
+def test_tensors_beyond_the_weights_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt_mod, "MAX_SMALL_TENSOR_BYTES", 1000)
+    ckpt = small_checkpoint()
+    ckpt["metrics"] = {"val_acc": 0.5, "padding": torch.zeros(1000)}
+    with pytest.raises(CheckpointError, match="'metrics' entry holds 4,000 bytes of tensors"):
+        ckpt_mod.load_checkpoint(save(tmp_path / "padded.pt", ckpt))
+    # An optimiser's copy of every weight is what training keeps: accepted.
+    ckpt = small_checkpoint()
+    ckpt["training"] = {"optimizer": {k: v.clone() for k, v in ckpt["state_dict"].items()}}
+    assert ckpt_mod.load_checkpoint(save(tmp_path / "resumable.pt", ckpt))["training"]

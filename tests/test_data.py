@@ -5,6 +5,7 @@ Image-folder sources are in test_data_sources.py, downloads in test_data_downloa
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -348,3 +349,72 @@ def test_official_files_fixture_is_what_it_claims():
     assert batch[b"data"].shape == (3, 3072)
     red_plane = batch[b"data"][0, :1024].reshape(32, 32)
     np.testing.assert_array_equal(red_plane, expected["train_images"][0, :, :, 0])
+
+
+# --- a damaged or foreign cache is stale -------------------------------------------------------
+
+
+def rewrite_cache(path, **changes) -> None:
+    """Replace arrays of a cache file, keeping the rest."""
+    with np.load(path) as stored:
+        arrays = {key: stored[key] for key in stored.files}
+    arrays.update(changes)
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def loads_again_with_a_warning(folder, expected, match: str) -> None:
+    with pytest.warns(UserWarning, match=match):
+        again = load_cifar10(folder, progress=False)
+    assert not again.from_cache
+    assert_arrays_equal(again, expected)
+    assert load_cifar10(folder, progress=False).from_cache  # rebuilt, and good again
+
+
+def test_out_of_range_labels_in_the_cache_make_it_stale(tmp_path):
+    expected = write_official_folder(tmp_path / "cifar")
+    cache = load_cifar10(tmp_path / "cifar", progress=False).cache_file
+    labels = expected["train_labels"].copy()
+    labels[:5] = 12
+    rewrite_cache(cache, train_labels=labels)
+    loads_again_with_a_warning(tmp_path / "cifar", expected, "labels from 0 to 12")
+
+
+def test_another_data_sets_cache_under_this_checksum_is_stale(tmp_path):
+    expected = write_official_folder(tmp_path / "cifar")
+    other = write_official_folder(tmp_path / "other", seed=1, test_count=31)
+    cache = load_cifar10(tmp_path / "cifar", progress=False).cache_file
+    other_cache = load_cifar10(tmp_path / "other", progress=False).cache_file
+    cache.write_bytes(other_cache.read_bytes())
+    assert len(other["test_labels"]) != len(expected["test_labels"])
+    loads_again_with_a_warning(tmp_path / "cifar", expected, "decoded from another source")
+
+
+def test_an_absurd_array_header_is_refused_before_allocating(tmp_path):
+    expected = write_official_folder(tmp_path / "cifar")
+    cache = load_cifar10(tmp_path / "cifar", progress=False).cache_file
+    raw = cache.read_bytes()
+    count = len(expected["train_labels"])
+    shape = f"({count}, 32, 32, 3)".encode()
+    absurd = f"({10**12}, 32, 32, 3)".encode()  # 3 PB of pixels
+    start = raw.index(shape)
+    end = raw.index(b"\n", start)
+    header = raw[start:end].replace(shape, absurd, 1)
+    extra = len(absurd) - len(shape)
+    assert header.endswith(b" " * extra)  # the header's padding makes room: same length
+    cache.write_bytes(raw[:start] + header[:len(header) - extra] + raw[end:])
+    loads_again_with_a_warning(tmp_path / "cifar", expected, "over 200,000")
+
+
+def test_a_deeply_nested_checksum_memo_is_forgotten(tmp_path):
+    expected = write_official_folder(tmp_path / "cifar")
+    first = load_cifar10(tmp_path / "cifar", progress=False)
+    memo = tmp_path / "cache" / "checksums.json"
+    memo.write_text("[" * 100_000 + "]" * 100_000)
+    again = load_cifar10(tmp_path / "cifar", progress=False)
+    assert again.from_cache and again.checksum == first.checksum
+    assert_arrays_equal(again, expected)
+    # A remembered checksum that could not be one is not used to name a cache file.
+    memo.write_text(json.dumps({str((tmp_path / "cifar").resolve()): {
+        "fingerprint": "x", "checksum": "../../escape"}}))
+    assert load_cifar10(tmp_path / "cifar", progress=False).checksum == first.checksum

@@ -417,3 +417,41 @@ def test_an_unreadable_cache_folder_is_only_a_slower_load(tmp_path, monkeypatch)
     monkeypatch.setattr(type(cache), "is_file", is_file)
     loaded = load_cifar10(source, download=False, progress=False)
     assert len(loaded.train_labels) and not loaded.from_cache
+
+
+def test_a_file_name_that_is_not_utf8_is_checksummed(tmp_path):
+    files, expected = image_tree_files(train_per_class=1, test_per_class=1)
+    tree = write_tree(tmp_path / "tree", files)
+    # A Latin-1 name: valid on disk, not valid UTF-8.
+    odd = os.path.join(os.fsencode(tree / "train" / "cat"), b"caf\xe9.png")
+    with open(odd, "wb") as handle:
+        handle.write(files["train/cat/0.png"])
+    loaded = load_cifar10(tree, download=False, progress=False)
+    assert len(loaded.train_labels) == len(expected["train_labels"]) + 1
+    assert loaded.checksum.startswith("sha256:")
+    assert load_cifar10(tree, download=False, progress=False).from_cache
+
+
+def test_an_archive_of_padded_images_is_capped_in_total(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "MAX_SOURCE_BYTES", 200_000)
+    files, _ = image_tree_files(train_per_class=1, test_per_class=1)
+    padded = {name: blob + b"\0" * 20_000 for name, blob in files.items()}  # valid PNGs
+    message = load_error(pack(padded, tmp_path / "padded.zip"))
+    assert "its files total more than 200,000 bytes" in message
+
+
+@pytest.mark.parametrize("container", ["tar", "zip"])
+def test_an_archive_holding_a_member_twice_is_refused(tmp_path, container):
+    files, _ = image_tree_files(train_per_class=1, test_per_class=1)
+    archive = pack(files, tmp_path / f"tree.{container}")
+    name, blob = "train/cat/0.png", files["train/cat/0.png"]
+    if container == "tar":
+        with tarfile.open(archive, "a") as tar:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    else:
+        with pytest.warns(UserWarning, match="Duplicate name"), \
+                zipfile.ZipFile(archive, "a") as out:
+            out.writestr(name, blob)
+    assert "holds 'train/cat/0.png' twice" in load_error(archive)

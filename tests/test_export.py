@@ -395,3 +395,56 @@ def test_onnx_with_another_input_signature_is_refused_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith("cifar-inception: error: ") and err.count("\n") == 1
     assert "foreign.onnx" in err and "its input is" in err
+
+
+def handmade_onnx(path, *, metadata, reshape_to=(-1, 10)):
+    """A uint8 NHWC model with the export's interface, whose Reshape is ``reshape_to``: a
+    shape the image does not fit makes it fail only when run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+             helper.make_node("Reshape", ["x", "shape"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    shape = numpy_helper.from_array(np.array(reshape_to, np.int64), "shape")
+    graph = helper.make_graph(
+        nodes, "handmade",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 32, 32, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    base = {"format": "cifar-inception-export/1", "model": "handmade",
+            "classes": json.dumps(list(CLASSES)), "options": "{}", "metrics": "{}",
+            "params": "0"}
+    for key, value in {**base, **metadata}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("key, value", [
+    ("params", '"ten million"'), ("params", "[1, 2]"), ("metrics", "[0.5]"),
+    ("options", '"wide"'), ("params", "true"),
+])
+def test_onnx_metadata_of_the_wrong_type_is_refused_in_one_line(tmp_path, capsys, key, value):
+    path = handmade_onnx(tmp_path / "odd.onnx", metadata={key: value})
+    with pytest.raises(CheckpointError, match=f"its metadata '{key}' must be"):
+        OnnxClassifier(path)
+    assert main(["serve", str(path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and f"'{key}' must be" in err
+
+
+def test_an_onnx_model_that_fails_when_run_gives_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    path = handmade_onnx(tmp_path / "broken.onnx", metadata={}, reshape_to=(-1, 7))
+    classifier = OnnxClassifier(path)  # the interface is right: it loads
+    with pytest.raises(CheckpointError, match="the model fails when run"):
+        classifier.predict_proba(np.zeros((1, 32, 32, 3), np.uint8))
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
+    assert main(["predict", str(path), str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "fails when run" in err

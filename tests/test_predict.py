@@ -350,3 +350,29 @@ def test_a_fifo_is_skipped_with_a_message_instead_of_hanging(tmp_path, checkpoin
     captured = capsys.readouterr()
     assert f"skipped {fifo}: not a regular file (a named pipe (FIFO))" in captured.err
     assert str(good) in captured.out
+
+
+def test_predict_walks_a_folder_nested_deeper_than_the_recursion_limit(tmp_path, capsys):
+    import sys
+
+    folder = tmp_path / "deep"
+    nested = [folder]
+    for _ in range(sys.getrecursionlimit() + 100):
+        nested.append(nested[-1] / "d")
+    for path in nested:
+        path.mkdir()
+    image = nested[-1] / "black.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    loop = folder / "d" / "loop"
+    loop.symlink_to(folder, target_is_directory=True)  # not followed: no endless walk
+    checkpoint = tmp_path / "model.pt"
+    save_small_checkpoint(checkpoint)
+    try:
+        assert main(["predict", str(checkpoint), str(folder), "--json"]) == 0
+        results = json.loads(capsys.readouterr().out)["results"]
+        assert [Path(r["path"]).name for r in results] == ["black.png"]
+    finally:  # removed here: a recursive removal of the temporary folder would overflow
+        image.unlink()
+        loop.unlink()
+        for path in reversed(nested):
+            path.rmdir()

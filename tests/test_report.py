@@ -13,6 +13,7 @@ from PIL import Image
 
 from cifar_inception import report
 from cifar_inception.cli import main
+from cifar_inception.errors import CifarInceptionError
 from small_model import SMALL as TINY
 from small_model import save_small_checkpoint
 
@@ -312,3 +313,26 @@ def test_format_duration():
     assert report.format_duration(42) == "42s"
     assert report.format_duration(630) == "10m 30s"
     assert report.format_duration(3 * 3600 + 5 * 60) == "3h 05m"
+
+
+@pytest.mark.parametrize("count", ["1000000", "0", "201"])
+def test_cli_report_bounds_the_misclassified_count(tmp_path, data_tree, capsys, monkeypatch,
+                                                   count):
+    run = write_run(tmp_path / "run", data_tree)
+    gathered = []
+    monkeypatch.setattr(report, "gather", lambda *a, **k: gathered.append(a))
+    assert main(["report", str(run), "--data-dir", str(data_tree), "--no-download",
+                 "--misclassified", count, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be from 1 to 200" in err
+    assert gathered == [] and not (run / "report").exists()  # refused before any work
+
+
+def test_misclassified_figure_shows_at_most_what_exists(tmp_path):
+    labels = np.array([0, 1, 2, 0])
+    probs = np.eye(3)[[1, 1, 2, 2]]  # two mistakes
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    assert len(report.most_confident_mistakes(probs, labels, report.MAX_MISCLASSIFIED)) == 2
+    with pytest.raises(CifarInceptionError, match="must be from 1 to 200"):
+        report.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png",
+                                  count=10**6)

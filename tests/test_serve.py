@@ -435,3 +435,125 @@ def test_cli_serve_refuses_a_non_finite_upload_limit(tmp_path, capsys, value):
     err = capsys.readouterr().err
     assert "--max-upload-mb" in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("cifar-inception serve: error: ")
+
+
+# --- slow and many clients, on a real server --------------------------------------------------
+
+
+@pytest.fixture()
+def live_server(classifier):
+    """Start uvicorn with given limits on a free loopback port, in a thread; stopped after."""
+    import threading
+
+    from cifar_inception.serve.server import ConnectionLimits, build_server
+
+    started = []
+
+    def start(**limits):
+        sock = open_listener("127.0.0.1", 0)
+        server = build_server(create_app(classifier), access_log=False, log_level="warning",
+                              limits=ConnectionLimits(**limits))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        for _ in range(200):
+            if server.started:
+                break
+            thread.join(0.05)
+        assert server.started
+        return sock.getsockname()[:2]
+
+    yield start
+    for server, thread in started:
+        server.should_exit = True
+        thread.join(10)
+
+
+def read_until_closed(conn: socket.socket, limit_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection; fails if it never does."""
+    conn.settimeout(limit_s)
+    received = b""
+    while chunk := conn.recv(65536):
+        received += chunk
+    return received
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(live_server):
+    address = live_server(header_timeout=0.5, body_timeout=0.5)
+    with socket.create_connection(address) as slow:
+        slow.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert read_until_closed(slow) == b""  # closed, not kept for ever
+
+
+def test_a_client_that_never_finishes_its_body_is_cut_off(live_server):
+    address = live_server(header_timeout=0.5, body_timeout=0.5)
+    with socket.create_connection(address) as slow:
+        slow.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+        assert b"200 OK" not in read_until_closed(slow)
+
+
+def test_connections_over_the_cap_are_refused_and_the_server_recovers(live_server):
+    address = live_server(header_timeout=30, max_connections=2)
+    held = [socket.create_connection(address) for _ in range(2)]
+    try:
+        for conn in held:  # each is accepted and idle: the server now has two
+            conn.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.settimeout(10)
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        with socket.create_connection(address) as extra:
+            answer = read_until_closed(extra)
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer
+    finally:
+        for conn in held:
+            conn.close()
+    for _ in range(100):  # the held connections are seen closed soon after
+        with socket.create_connection(address) as fresh:
+            fresh.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if read_until_closed(fresh).startswith(b"HTTP/1.1 200"):
+                break
+    else:
+        pytest.fail("the server never served again after the connections closed")
+
+
+def test_accept_errors_are_logged_once_as_one_line():
+    import errno
+    import logging
+
+    from cifar_inception.serve.server import AcceptErrorFilter
+
+    flood = AcceptErrorFilter(seconds=60)
+    passed = []
+    for _ in range(1000):
+        try:
+            raise OSError(errno.EMFILE, "Too many open files")
+        except OSError as exc:
+            record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1,
+                                       "socket.accept() out of system resource\nsocket: <s>",
+                                       (), (type(exc), exc, exc.__traceback__))
+        if flood.filter(record):
+            passed.append(record)
+    assert len(passed) == 1
+    assert passed[0].exc_info is None and "\n" not in passed[0].getMessage()
+    assert "Too many open files" in passed[0].getMessage()
+    other = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "other", (), None)
+    assert flood.filter(other)
+
+
+def test_uploads_over_the_budget_get_503_and_are_released(classifier):
+    app = create_app(classifier, upload_budget_bytes=100_000, max_concurrent_uploads=2)
+    budget = app.state.uploads_in_flight
+    upload = {"file": ("a.png", png_bytes(picture()), "image/png")}
+    with TestClient(app) as client:
+        with budget.hold(60_000):  # another upload holds most of the bytes
+            answer = client.post("/api/predict", files=upload)
+            assert answer.status_code == 200  # a small body still fits
+            big = {"file": ("big.png", png_bytes(picture()) + b"\0" * 50_000, "image/png")}
+            busy = client.post("/api/predict", files=big)
+            assert busy.status_code == 503 and "busy" in busy.json()["error"]
+            assert busy.headers["retry-after"] == "1"
+            with budget.hold(1):  # and another holds the second upload slot
+                assert client.post("/api/predict", files=upload).status_code == 503
+        assert (budget.used_bytes, budget.uploads) == (0, 0)  # every hold was given back
+        assert client.post("/api/predict", files=upload).status_code == 200
+        assert client.get("/api/model").json()["limits"]["max_concurrent_uploads"] == 2

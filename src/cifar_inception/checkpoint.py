@@ -53,6 +53,14 @@ RUN_CONFIG = CONFIG_FILE  # written by train beside the checkpoints
 # allocated: a header saying num_classes = 10**9 must not make us allocate half a terabyte.
 MAX_CLASSES = 1000
 MAX_PARAMETERS = 1_000_000_000  # the largest registered model has about 232 million
+# Bounds on what a checkpoint may hold besides its weights, checked before any of it is
+# read: a 3 MB file must not inflate to gigabytes. torch.save stores every record
+# uncompressed, so a record's size in the zip is its size in the file. The pickled structure
+# (names, numbers, lists) of a real checkpoint is a few hundred kilobytes; the optimiser keeps
+# at most two tensors per weight (Adam's moments); RNG states and metrics are small.
+MAX_PICKLE_BYTES = 64 << 20
+OPTIMIZER_COPIES = 2
+MAX_SMALL_TENSOR_BYTES = 16 << 20
 # What a model option may be: the JSON scalars the command line's KEY=VALUE gives.
 _OPTION_TYPES = (bool, int, float, str, type(None))
 
@@ -98,11 +106,37 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint safely (weights only) and check that it is one of ours."""
-    path = resolve_checkpoint(path)
+def check_archive(path: Path) -> None:
+    """Refuse, before torch reads it, a file that is not a torch zip (torch's loader fails
+    on a text file with an IndexError), a compressed record (torch.save never writes one; it
+    could inflate to any size) and an oversized pickle."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch checkpoint "
+                              "file)") from None
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(
+                f"{path}: refused: its record {record.filename!r} is compressed "
+                f"({record.file_size:,} bytes inflated), which torch.save never writes")
+        if record.filename.endswith("data.pkl") and record.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: refused: its pickled structure is "
+                                  f"{record.file_size:,} bytes, over the limit of "
+                                  f"{MAX_PICKLE_BYTES:,}")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint safely (weights only) and check that it is one of ours.
+
+    The tensors are memory-mapped, not read, until :func:`check_tensor_bytes` has bounded
+    what the checkpoint holds besides its weights.
+    """
+    path = resolve_checkpoint(path)
+    check_archive(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         # torch's message opens with generic advice; the useful part names the offending global.
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -117,8 +151,44 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc)[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-inception checkpoint (no '{FORMAT}' marker)")
+    check_tensor_bytes(ckpt, where=str(path))
     check_structure(ckpt, where=str(path))
     return ckpt
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages inside nested dicts, lists and tuples, each object
+    counted once (walked without recursion: a deeply nested or self-referencing pickle must
+    neither overflow the stack nor loop)."""
+    total, pending, seen = 0, [obj], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            total += item.untyped_storage().nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return total
+
+
+def check_tensor_bytes(ckpt: dict, *, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose tensors besides its weights outweigh what training keeps:
+    the optimiser's copies of the weights and small RNG states and metrics."""
+    weights = tensor_bytes(ckpt.get("state_dict"))
+    allowed = OPTIMIZER_COPIES * weights + MAX_SMALL_TENSOR_BYTES
+    for key, value in ckpt.items():
+        if key == "state_dict":
+            continue
+        found = tensor_bytes(value)
+        limit = allowed if key == "training" else MAX_SMALL_TENSOR_BYTES
+        if found > limit:
+            raise CheckpointError(f"{where}: refused: its '{key}' entry holds {found:,} bytes "
+                                  f"of tensors, over the limit of {limit:,} for a model "
+                                  f"with {weights:,} bytes of weights")
 
 
 def check_structure(ckpt: dict, *, where: str = "checkpoint") -> None:

@@ -190,8 +190,26 @@ def find_images(paths: list[str | os.PathLike]) -> list[Path]:
     found: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            found.extend(sorted(p for p in entry.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(sorted(_image_files_under(entry)))
         else:
             found.append(entry)
     return found
+
+
+def _image_files_under(root: Path) -> list[Path]:
+    """Image files anywhere below ``root``, walked with a stack of folders rather than by
+    recursion, so that a tree of any depth is no RecursionError. Links to folders are not
+    followed (as ``Path.rglob``), so a link loop cannot make the walk endless."""
+    images, folders = [], [root]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as scan:
+                entries = list(scan)
+        except PermissionError:
+            continue  # a folder we may not read is skipped, as rglob skips it
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                folders.append(Path(entry.path))
+            elif entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                images.append(Path(entry.path))
+    return images

@@ -33,6 +33,16 @@ from cifar_inception.runs import RunFolder, eval_is_for
 EXPORT_FORMAT = "cifar-inception-export/1"
 # Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
 JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics")
+# The type each of those values must have, as the rest of the package uses them: a string
+# for "params" would break every formatted print of it.
+METADATA_TYPES = {
+    "options": (dict, "a JSON object"),
+    "metrics": (dict, "a JSON object"),
+    "params": ((int, type(None)), "a whole number"),
+    "num_classes": (int, "a whole number"),
+    "mean": (list, "a list of 3 numbers"),
+    "std": (list, "a list of 3 numbers"),
+}
 INPUT_NAME = "images"
 INPUT_TYPE = "tensor(uint8)"
 INPUT_SHAPE = (32, 32, 3)  # after the batch dimension, which stays dynamic
@@ -187,6 +197,12 @@ class TorchClassifier:
 # ONNX Runtime only
 
 
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (ONNX Runtime's run to many), or its type."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[str, Any]:
     """Decode the metadata an export wrote; refuse files that do not carry it."""
     if metadata_props.get("format") != EXPORT_FORMAT:
@@ -203,6 +219,13 @@ def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[st
     classes = meta.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise CheckpointError(f"{where}: its metadata has no valid class names")
+    for key, (kinds, meaning) in METADATA_TYPES.items():
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise CheckpointError(f"{where}: its metadata '{key}' must be {meaning}, "
+                                  f"not {type(value).__name__} {str(value)[:60]!r}")
+    if meta.get("params") is not None and meta["params"] < 0:
+        raise CheckpointError(f"{where}: its metadata 'params' is negative")
     return meta
 
 
@@ -229,9 +252,8 @@ class OnnxClassifier:
                 str(self.path), sess_options=options,
                 providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:  # ONNX Runtime raises its own, undocumented exception types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(
-                f"{self.path}: not a readable ONNX model ({first[:160]})") from None
+                f"{self.path}: not a readable ONNX model ({first_line(exc)})") from None
         meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
                                   where=str(self.path))
         self._check_signature(len(meta["classes"]))
@@ -271,7 +293,11 @@ class OnnxClassifier:
 
     def _run(self, output: str, images: np.ndarray) -> np.ndarray:
         def run_batch(batch: np.ndarray) -> np.ndarray:
-            return self.session.run([output], {INPUT_NAME: batch})[0]
+            try:
+                return self.session.run([output], {INPUT_NAME: batch})[0]
+            except Exception as exc:  # ONNX Runtime raises its own, undocumented types
+                raise CheckpointError(f"{self.path}: the model fails when run "
+                                      f"({first_line(exc)})") from None
 
         return predict_in_batches(run_batch, images, num_classes=len(self.classes),
                                   batch_size=self.batch_size, source=str(self.path))

@@ -28,18 +28,15 @@ def register(subparsers) -> None:
     parser.add_argument("-o", "--output", metavar="DIR", default=None,
                         help="where to write the figures and report.html (default: RUN/report)")
     parser.add_argument("--misclassified", type=int, default=40, metavar="N",
-                        help="how many misclassified test images to show (default: 40)")
+                        help="how many misclassified test images to show, 1 to 200 (default: 40)")
     add_device_arg(parser, "for predicting the test set")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from cifar_inception.errors import CifarInceptionError
     from cifar_inception.report import build_report
 
-    if args.misclassified < 1:
-        raise CifarInceptionError(f"--misclassified must be at least 1, not {args.misclassified}")
     report = build_report(args.run, data_dir=args.data_dir, output=args.output,
                           download=not args.no_download, progress=sys.stderr.isatty(),
                           device=args.device, misclassified=args.misclassified)

@@ -211,13 +211,13 @@ def one_hot(labels: np.ndarray, num_classes: int = 10) -> np.ndarray:
 def _load_source(source: _Source, *, progress: bool) -> CIFAR10:
     checksum = _source_checksum(source)
     cache_file = _cache_file(checksum)
-    cached = _read_cache(cache_file)
+    cached = _read_cache(cache_file, checksum)
     if cached is not None:
         arrays, layout = cached
         from_cache = True
     else:
         arrays, layout = _decode_source(source, progress=progress)
-        if not _write_cache(cache_file, arrays, layout):
+        if not _write_cache(cache_file, arrays, layout, checksum):
             cache_file = None
         from_cache = False
     return CIFAR10(

@@ -9,10 +9,25 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_inception.data.common import APP_NAME, ENV_CACHE, IMAGE_SIZE, SPLITS
+from cifar_inception.data.common import (
+    APP_NAME,
+    CLASSES,
+    ENV_CACHE,
+    IMAGE_SIZE,
+    SPLITS,
+    _one_line,
+)
 from cifar_inception.fileio import atomic_open
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the cache records the checksum of the source it was decoded from
+# Images a cache may hold, far above CIFAR-10's 60,000: an array header asking for more is
+# damage, refused before anything is allocated (at most 600 MB of pixels).
+MAX_CACHED_IMAGES = 200_000
+# What each cached array must be: dtype and the shape after the image count.
+_ARRAY_LAYOUT = {**{f"{split}_images": (np.dtype(np.uint8), (IMAGE_SIZE, IMAGE_SIZE, 3))
+                    for split in SPLITS},
+                 **{f"{split}_labels": (np.dtype(np.int64), ()) for split in SPLITS}}
+_MAX_TEXT_BYTES = 4096  # the "layout" and "source" strings
 
 
 def cache_dir() -> Path:
@@ -34,32 +49,98 @@ def _cache_file(checksum: str) -> Path:
     return cache_dir() / "arrays" / f"v{_CACHE_VERSION}-{checksum.replace(':', '-')}.npz"
 
 
-def _read_cache(path: Path) -> tuple[dict[str, np.ndarray], str] | None:
-    """The cached arrays, or None when absent or unreadable (it is then rebuilt and replaced)."""
+def _read_cache(path: Path, checksum: str) -> tuple[dict[str, np.ndarray], str] | None:
+    """The arrays cached for the source with ``checksum``, or None when there are none.
+
+    A cache that is unreadable, or does not hold what its source would give (array headers,
+    dtypes and shapes, labels in range, the source's checksum), is stale: it is rebuilt and
+    replaced, with a one-line warning. Its array headers are checked before any array is
+    read, so a damaged header cannot ask for petabytes.
+    """
     try:
         if not path.is_file():  # raises when the cache folder may not be searched
             return None
     except OSError:
         return None
     try:
-        with np.load(path, allow_pickle=False) as stored:
-            arrays = {key: stored[key] for key in
-                      ("train_images", "train_labels", "test_images", "test_labels")}
-            layout = str(stored["layout"])
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        problem = _header_problem(path)
+        if problem is None:
+            with np.load(path, allow_pickle=False) as stored:
+                arrays = {key: stored[key] for key in _ARRAY_LAYOUT}
+                layout, source = str(stored["layout"]), str(stored["source"])
+            problem = _content_problem(arrays, source, checksum)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        problem = f"is unreadable ({_one_line(exc)})"
+    if problem is not None:
+        warnings.warn(f"the cached arrays {path} {problem}; decoding the source again",
+                      stacklevel=3)
         return None
-    for split in SPLITS:
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if (images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)
-                or labels.dtype != np.int64 or labels.shape != (len(images),)):
-            return None
     return arrays, layout
 
 
-def _write_cache(path: Path, arrays: dict[str, np.ndarray], layout: str) -> bool:
+def _header_problem(path: Path) -> str | None:
+    """What is wrong with the arrays an .npz declares, read from the headers alone."""
+    with zipfile.ZipFile(path) as archive:
+        for key in (*_ARRAY_LAYOUT, "layout", "source"):
+            try:
+                info = archive.getinfo(f"{key}.npy")
+            except KeyError:
+                return f"lacks the array {key!r}"
+            if info.compress_type != zipfile.ZIP_STORED:
+                return f"holds {key!r} compressed, which this cache never writes"
+            with archive.open(info) as member:
+                shape, dtype = _array_header(member)
+            problem = _declared_problem(key, shape, dtype)
+            if problem is None and _nbytes(shape, dtype) > info.file_size:
+                problem = f"declares {key!r} larger than the file holds"
+            if problem is not None:
+                return problem
+    return None
+
+
+def _array_header(member) -> tuple[tuple[int, ...], np.dtype]:  # noqa: ANN001
+    version = np.lib.format.read_magic(member)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(member)
+    return tuple(shape), dtype
+
+
+def _declared_problem(key: str, shape: tuple[int, ...], dtype: np.dtype) -> str | None:
+    if key in ("layout", "source"):
+        ok = dtype.kind == "U" and shape == () and dtype.itemsize <= _MAX_TEXT_BYTES
+        return None if ok else f"holds a {key!r} that is not a short string"
+    expected_dtype, expected_shape = _ARRAY_LAYOUT[key]
+    if dtype != expected_dtype or len(shape) != 1 + len(expected_shape) \
+            or shape[1:] != expected_shape:
+        return f"holds {key!r} as {dtype} {shape}, not {expected_dtype} (N, *{expected_shape})"
+    if shape[0] > MAX_CACHED_IMAGES:
+        return f"declares {shape[0]:,} entries in {key!r}, over {MAX_CACHED_IMAGES:,}"
+    return None
+
+
+def _nbytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _content_problem(arrays: dict[str, np.ndarray], source: str, checksum: str) -> str | None:
+    """What makes the arrays other than what the source with ``checksum`` decodes to."""
+    if source != checksum:
+        return f"were decoded from another source ({source[:80]})"
+    for split in SPLITS:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            return f"hold {len(images):,} {split} images but {len(labels):,} labels"
+        if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+            return (f"hold {split} labels from {labels.min()} to {labels.max()}, outside "
+                    f"0-{len(CLASSES) - 1}")
+    return None
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray], layout: str, checksum: str) -> bool:
     try:
         with atomic_open(path, "wb") as handle:
-            np.savez(handle, layout=np.array(layout), **arrays)
+            np.savez(handle, layout=np.array(layout), source=np.array(checksum), **arrays)
     except OSError as exc:
         warnings.warn(f"could not cache the decoded arrays in {path}: {exc.strerror or exc}",
                       stacklevel=3)

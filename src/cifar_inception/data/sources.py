@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from cifar_inception.data.common import (
     ENV_DATA,
     MAX_BATCH_BYTES,
     MAX_IMAGE_BYTES,
+    MAX_SOURCE_BYTES,
     SPLITS,
 )
 from cifar_inception.data.trees import _ImageDecoder, _TreeLayout
@@ -95,7 +97,9 @@ def _subfolders(folder: Path) -> Iterator[Path]:
 def _decode_source(source: _Source, *, progress: bool) -> tuple[dict[str, np.ndarray], str]:
     label = str(source.path)
     if source.kind == "batches":
-        blobs = {name: _read_file(source.path / name, f"{label}: {name}", MAX_BATCH_BYTES)
+        budget = _ReadBudget(label)
+        blobs = {name: budget.charge(_read_file(source.path / name, f"{label}: {name}",
+                                                MAX_BATCH_BYTES))
                  for name in BATCH_FILES}
         return _parse_batches(blobs, label), "batches"
     if source.kind == "images":
@@ -111,21 +115,29 @@ def _read_entries(files: Iterable[_FileEntry], label: str, *,
     """Sort a stream of files into official batches or an image tree, decoding as they come."""
     batches: dict[str, bytes] = {}
     layout = _TreeLayout(label)
+    budget = _ReadBudget(label)
+    seen: set[tuple[str, ...]] = set()
     with _ImageDecoder(label, progress=progress) as decoder:
         for parts, size, read in files:
             if not parts:
                 continue
+            if parts in seen:  # a tar may hold a name twice; which copy is meant is unknown
+                raise DataError(f"{label}: holds {'/'.join(parts)!r} twice; refusing an "
+                                "archive with duplicate members")
+            seen.add(parts)
             if len(parts) <= 2 and parts[-1] in BATCH_FILES:
                 if size > MAX_BATCH_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
                                     "for a CIFAR-10 batch")
-                batches[parts[-1]] = read(MAX_BATCH_BYTES)
+                budget.check(size)
+                batches[parts[-1]] = budget.charge(read(MAX_BATCH_BYTES))
                 continue
             if layout.add(parts) and layout.healthy:
                 if size > MAX_IMAGE_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
                                     "for a 32x32 image")
-                decoder.add("/".join(parts), read(MAX_IMAGE_BYTES))
+                budget.check(size)
+                decoder.add("/".join(parts), budget.charge(read(MAX_IMAGE_BYTES)))
         if batches:
             if layout.count:
                 raise DataError(f"{label}: holds both CIFAR-10 batch files and image folders; "
@@ -137,6 +149,27 @@ def _read_entries(files: Iterable[_FileEntry], label: str, *,
             return _parse_batches(batches, label), "batches"
         layout.check()
         return layout.assemble(decoder.finish()), "images"
+
+
+class _ReadBudget:
+    """Bytes read from one source, all its files together, within :data:`MAX_SOURCE_BYTES`.
+
+    Sizes are checked as declared before a file is read, and as read after (an archive's
+    sizes are its own word), so at most one capped file more is ever held.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label, self.limit, self.total = label, MAX_SOURCE_BYTES, 0
+
+    def check(self, size: int) -> None:
+        if self.total + size > self.limit:
+            raise DataError(f"{self.label}: its files total more than {self.limit:,} bytes, "
+                            "far more than CIFAR-10's 60,000 small images take")
+
+    def charge(self, data: bytes) -> bytes:
+        self.check(len(data))
+        self.total += len(data)
+        return data
 
 
 def _folder_tree_listing(root: Path) -> list[tuple[str, Path, int, os.stat_result]]:
@@ -166,6 +199,9 @@ def _read_file(path: Path, label: str, limit: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Checksums, remembered by path, size and modification time
+
+_CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
+_MAX_MEMO_BYTES = 1 << 20  # 200 remembered sources take about 60 KB
 
 
 def _source_checksum(source: _Source) -> str:
@@ -200,7 +236,9 @@ def _hash_files(stats: list[tuple[str, Path, os.stat_result]], label: str) -> st
     digest = hashlib.sha256()
     for rel, path, _ in stats:
         if len(stats) > 1:
-            digest.update(rel.encode() + b"\0")
+            # The name's bytes as on disk: a name that is not valid UTF-8 arrives with
+            # surrogate escapes, which str.encode() refuses.
+            digest.update(os.fsencode(rel) + b"\0")
         try:
             with open(path, "rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
@@ -211,11 +249,27 @@ def _hash_files(stats: list[tuple[str, Path, os.stat_result]], label: str) -> st
 
 
 def _read_memo(path: Path) -> dict:
+    """The remembered checksums; anything damaged is forgotten (they are only a speed-up).
+
+    The file is read with a size bound, a nesting too deep for the parser is damage, and
+    only entries of the form this module writes are kept: a checksum becomes part of a
+    cache file's name.
+    """
     try:
-        memo = json.loads(path.read_text())
-    except (OSError, ValueError):
+        with open(path, "rb") as handle:
+            text = handle.read(_MAX_MEMO_BYTES + 1)
+        memo = json.loads(text) if len(text) <= _MAX_MEMO_BYTES else None
+    except (OSError, ValueError, RecursionError):
         return {}
-    return memo if isinstance(memo, dict) else {}
+    if not isinstance(memo, dict):
+        return {}
+    return {key: entry for key, entry in memo.items() if _is_memo_entry(entry)}
+
+
+def _is_memo_entry(entry: object) -> bool:
+    return (isinstance(entry, dict) and isinstance(entry.get("fingerprint"), str)
+            and isinstance(entry.get("checksum"), str)
+            and _CHECKSUM.fullmatch(entry["checksum"]) is not None)
 
 
 def _stat(path: Path) -> os.stat_result:

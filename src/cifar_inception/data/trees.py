@@ -13,7 +13,13 @@ import numpy as np
 
 from cifar_inception.data.common import BATCHES_DIR, CLASSES, IMAGE_SIZE, SPLITS, _progress_bar
 from cifar_inception.errors import DataError
-from cifar_inception.images import IMAGE_SUFFIXES, ImageError, open_image, to_rgb
+from cifar_inception.images import (
+    IMAGE_SUFFIXES,
+    ImageError,
+    image_header,
+    open_image,
+    to_rgb,
+)
 
 _DECODE_CHUNK = 2000  # images per task for the decoding processes
 _MAX_PROBLEMS = 6     # problems named in one error message
@@ -214,15 +220,19 @@ def _decode_chunk(label: str, names: list[str], blobs: list[bytes]) -> np.ndarra
 
 
 def _decode_cifar_image(blob: bytes, name: str) -> np.ndarray:
-    """One image file that must be 32x32 -> RGB uint8 (32, 32, 3); DataError naming the file."""
+    """One image file that must be 32x32 -> RGB uint8 (32, 32, 3); DataError naming the file.
+
+    The size is read from the header first, so that no image of another size is decoded: a
+    few kilobytes of PNG could otherwise decode to 40 megapixels in each worker.
+    """
     try:
-        image = open_image(blob, name=name)
+        width, height, _ = image_header(blob, name=name)
+        if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(f"{name} is {width}x{height} pixels; CIFAR-10 images are "
+                            f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+        image = open_image(blob, name=name, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
     except ImageError as exc:
         raise DataError(str(exc)) from None
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        width, height = image.size
-        raise DataError(f"{name} is {width}x{height} pixels; CIFAR-10 images are "
-                        f"{IMAGE_SIZE}x{IMAGE_SIZE}")
     return np.asarray(to_rgb(image), dtype=np.uint8)
 
 

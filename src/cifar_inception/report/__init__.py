@@ -20,9 +20,11 @@ from pathlib import Path
 from cifar_inception.fileio import atomic_write_text
 from cifar_inception.report.figures import (
     FIGURE_DPI,
+    MAX_MISCLASSIFIED,
     TRAIN_COLOUR,
     VAL_COLOUR,
     WRONG_COLOUR,
+    check_misclassified_count,
     draw_figures,
     most_confident_mistakes,
     new_figure,
@@ -60,7 +62,8 @@ __all__ = [
     "read_json", "best_epoch", "recorded_data_dir",
     "FIGURE_DPI", "TRAIN_COLOUR", "VAL_COLOUR", "WRONG_COLOUR", "new_figure", "save_figure",
     "plot_training_curves", "plot_confusion_matrix", "most_confident_mistakes",
-    "plot_misclassified", "draw_figures",
+    "plot_misclassified", "draw_figures", "MAX_MISCLASSIFIED",
+    "check_misclassified_count",
     "CSS", "esc", "percent", "image_tag", "card", "format_duration", "metric_cards",
     "per_class_rows", "per_class_table", "flatten", "config_groups", "config_value",
     "config_table", "figure_section", "model_line", "render_html",
@@ -79,6 +82,7 @@ def build_report(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
                  progress: bool = False, device: str | None = None,
                  misclassified: int = 40) -> Report:
     """Write the figures and ``report.html`` into ``output`` (default ``RUN/report``)."""
+    check_misclassified_count(misclassified)  # before the test set is predicted
     data = gather(run, data_dir=data_dir, download=download, progress=progress, device=device)
     folder = Path(output) if output is not None else data.run / "report"
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_bytes
 from cifar_inception.report.gather import RunData
 from cifar_inception.runs import best_epoch
 
 FIGURE_DPI = 110
+# Most mistakes one figure shows: 200 is 25 rows of 8; each further row adds about 170 KB of
+# pixels and 16 text artists, so a million asked for would take gigabytes.
+MAX_MISCLASSIFIED = 200
 TRAIN_COLOUR, VAL_COLOUR, WRONG_COLOUR = "#1f77b4", "#d62728", "#c0392b"
 
 
@@ -122,10 +126,19 @@ def most_confident_mistakes(probs: np.ndarray, labels: np.ndarray, count: int) -
     return wrong[np.argsort(-confidence, kind="stable")[:count]]
 
 
+def check_misclassified_count(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) \
+            or not 1 <= count <= MAX_MISCLASSIFIED:
+        raise CifarInceptionError(f"the number of misclassified images to show must be from 1 "
+                                  f"to {MAX_MISCLASSIFIED}, not {count!r}")
+
+
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                        classes: tuple[str, ...], path: Path, *, count: int = 40,
                        columns: int = 8) -> Path:
-    """The test images the model gets wrong with the most confidence, true vs predicted."""
+    """The test images the model gets wrong with the most confidence, true vs predicted:
+    at most ``count``, which must be from 1 to :data:`MAX_MISCLASSIFIED`."""
+    check_misclassified_count(count)
     chosen = most_confident_mistakes(probs, labels, count)
     total_wrong = int((probs.argmax(axis=1) != labels).sum())
     if len(chosen) == 0:

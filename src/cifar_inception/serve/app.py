@@ -11,8 +11,9 @@ A predict request is one batch and succeeds or fails as a whole: if any file is 
 readable image the answer is 400 naming that file, and no file of the request is predicted
 (the page sends one request per file, so one bad file spoils only its own card). Errors are
 JSON ``{"error": message}``: 400 bad image or request, 413 body over the upload limit, 415 not
-multipart. The body is refused from its Content-Length when it declares one, and is counted
-while it streams in either way, so nothing over the limit is ever read into memory.
+multipart, 503 too many uploads at once. The body is refused from its Content-Length when it
+declares one, and is counted while it streams in either way, so nothing over the limit is
+ever read into memory; the bodies held at once are bounded by :class:`UploadBudget`.
 
 Decoding and inference run in worker threads (``run_in_threadpool``), never on the event
 loop; inference is serialised by a lock. Decoding is bounded by pixels, read from each
@@ -26,6 +27,7 @@ request.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import logging
 import math
@@ -60,6 +62,13 @@ DEFAULT_TOP_K = 5
 # measured for a 40-megapixel RGB PNG, 148 MB for a 16-bit one), twice that with
 # transparency, which is therefore counted twice: about 640 MB in all.
 DECODE_PIXEL_BUDGET = 4 * MAX_PIXELS
+# Upload bodies held in memory at once, over all requests, and how many requests may be
+# uploading or decoding at once. A body is held whole (Starlette spools it, then it is read
+# into memory for decoding) until its answer is sent; it is reserved at its Content-Length,
+# or at the upload limit when it declares none. With the decode budget above, the server's
+# memory for requests is about 640 + 256 MB.
+UPLOAD_BUDGET_BYTES = 256 * 1024 * 1024
+MAX_CONCURRENT_UPLOADS = 32
 # Pixels in one request, all its images together (16 40-megapixel images would take a
 # minute to decode on 2 cores).
 MAX_REQUEST_PIXELS = 100_000_000
@@ -151,6 +160,33 @@ class PixelBudget:
             self.condition.notify_all()
 
 
+class UploadBudget:
+    """Request bodies held at once, in bytes and in requests.
+
+    Used on the event loop only (one thread), so it needs no lock. A request that does not
+    fit is refused with 503 at once rather than queued: waiting would keep its connection and
+    its body. One body larger than the whole budget is reserved at the whole budget.
+    """
+
+    def __init__(self, total_bytes: int, max_uploads: int):
+        self.total_bytes, self.max_uploads = total_bytes, max_uploads
+        self.used_bytes = self.uploads = 0
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        nbytes = min(nbytes, self.total_bytes)
+        if self.uploads >= self.max_uploads or self.used_bytes + nbytes > self.total_bytes:
+            raise HTTPException(503, "the server is busy with other uploads; try again in a "
+                                     "moment", headers={"retry-after": "1"})
+        self.uploads += 1
+        self.used_bytes += nbytes
+        try:
+            yield
+        finally:
+            self.uploads -= 1
+            self.used_bytes -= nbytes
+
+
 class _Predictor:
     """Decoding and inference, called from worker threads."""
 
@@ -228,19 +264,27 @@ async def _limited_stream(request: Request, max_bytes: int):
         yield chunk
 
 
-async def read_uploads(request: Request, max_bytes: int,
-                       max_files: int) -> list[tuple[str, bytes]]:
-    """The (file name, content) of each file in a multipart body, within the limits."""
+def upload_size(request: Request, max_bytes: int) -> int:
+    """The most bytes the body of an upload may bring: its Content-Length, else ``max_bytes``;
+    415, 400 or 413 for a request refused from its headers."""
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise HTTPException(415, "send the images as multipart/form-data (one or more files)")
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise HTTPException(400, "invalid Content-Length header")
-        if int(declared) > max_bytes:
-            raise HTTPException(413, f"upload too large ({human_bytes(int(declared))}): the limit "
-                                     f"is {human_bytes(max_bytes)} per request")
+    if declared is None:
+        return max_bytes
+    if not declared.isdigit():
+        raise HTTPException(400, "invalid Content-Length header")
+    if int(declared) > max_bytes:
+        raise HTTPException(413, f"upload too large ({human_bytes(int(declared))}): the limit "
+                                 f"is {human_bytes(max_bytes)} per request")
+    return int(declared)
+
+
+async def read_uploads(request: Request, max_bytes: int,
+                       max_files: int) -> list[tuple[str, bytes]]:
+    """The (file name, content) of each file in a multipart body, within the limits."""
+    upload_size(request, max_bytes)
     parser = MultiPartParser(request.headers, _limited_stream(request, max_bytes),
                              max_files=max_files, max_fields=max_files)
     try:
@@ -262,15 +306,20 @@ async def read_uploads(request: Request, max_bytes: int,
 
 def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, *,
                max_files: int = DEFAULT_MAX_FILES, max_pixels: int = MAX_PIXELS,
-               max_request_pixels: int = MAX_REQUEST_PIXELS) -> Starlette:
+               max_request_pixels: int = MAX_REQUEST_PIXELS,
+               upload_budget_bytes: int = UPLOAD_BUDGET_BYTES,
+               max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS) -> Starlette:
     """The demo page and JSON API for ``classifier`` (see the module docstring)."""
-    if max_upload_bytes < 1 or max_files < 1:
-        raise ValueError("max_upload_bytes and max_files must be positive")
+    if min(max_upload_bytes, max_files, upload_budget_bytes, max_concurrent_uploads) < 1:
+        raise ValueError("the upload and file limits must be positive")
     predictor = _Predictor(classifier, max_pixels, max_request_pixels)
+    uploads_in_flight = UploadBudget(upload_budget_bytes, max_concurrent_uploads)
     classes = list(classifier.classes)
     summary = model_summary(classifier)
     summary["limits"] = {"max_upload_bytes": max_upload_bytes, "max_files": max_files,
-                         "max_pixels": max_pixels, "max_request_pixels": max_request_pixels}
+                         "max_pixels": max_pixels, "max_request_pixels": max_request_pixels,
+                         "upload_budget_bytes": upload_budget_bytes,
+                         "max_concurrent_uploads": max_concurrent_uploads}
     page = (STATIC_DIR / "index.html").read_text(encoding="utf-8")
 
     async def index(request: Request) -> Response:
@@ -284,6 +333,11 @@ def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOA
 
     async def predict(request: Request) -> Response:
         top = _parse_top(request.query_params.get("top"), len(classes))
+        # The body is held from its first byte until the answer is built.
+        with uploads_in_flight.hold(upload_size(request, max_upload_bytes)):
+            return await classify_uploads(request, top)
+
+    async def classify_uploads(request: Request, top: int) -> Response:
         uploads = await read_uploads(request, max_upload_bytes, max_files)
         try:
             images = await run_in_threadpool(predictor.decode, uploads)
@@ -330,4 +384,5 @@ def create_app(classifier: Classifier, max_upload_bytes: int = DEFAULT_MAX_UPLOA
         exception_handlers={HTTPException: http_error, 500: server_error},
     )
     app.router.redirect_slashes = False  # its redirects are absolute, from the Host header
+    app.state.uploads_in_flight = uploads_in_flight
     return app
