@@ -101,17 +101,17 @@ def predict_files(classifier: Classifier, paths: Iterable[str | os.PathLike], to
     return list(iter_predictions(classifier, paths, top_k=top_k, max_pixels=max_pixels))
 
 
-MODEL_SUFFIXES = (".pt", ".pth", ".onnx")
-
-
 def is_model_path(path: str | os.PathLike) -> bool:
-    """A .pt/.pth/.onnx file, or a run folder (it holds best.pt, last.pt or config.json)."""
+    """Whether ``predict``'s first argument names the model: a run folder (it holds best.pt,
+    last.pt or config.json), or any file that is not an image (.pt, .onnx, or a file that
+    will then be refused as no checkpoint). Image files and folders of images are not."""
+    from cifar_inception.images import IMAGE_SUFFIXES
     from cifar_inception.runs import BEST, CONFIG_FILE, LAST
 
     path = Path(path)
     if path.is_dir():
         return any((path / name).exists() for name in (BEST, LAST, CONFIG_FILE))
-    return path.suffix.lower() in MODEL_SUFFIXES
+    return path.suffix.lower() not in IMAGE_SUFFIXES
 
 
 def split_model_argument(arguments: Sequence[str], *,

@@ -16,7 +16,8 @@ from cifar_inception.cli.common import (
 DESCRIPTION = """\
 Classify image files with a trained model: a run folder (its best.pt, else last.pt), a .pt
 checkpoint or an exported .onnx file, given first; or --weights NAME; or, with neither, the
-package's default shipped weights (its first line says which).
+package's default shipped weights (its first line says which). The first argument is the
+model unless it is an image file or a folder that is not a run folder.
 
 Images of any size and mode are accepted: transparent pixels are composited on white,
 greyscale, palette and 16-bit images are converted to 8-bit RGB, and the whole image is
