@@ -215,3 +215,39 @@ def test_seed_speed_times_a_step_in_a_fresh_process(tmp_path, capsys):
     assert row["ms_median"] > 0 and row["epoch_min"] > 0
     assert "| seed-googlenet | + memory reuse |" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"] == result["rows"]
+
+
+def test_budget_under_load_runs_the_command_beside_a_bounded_hog(tmp_path, image_tree,
+                                                                  capsys):
+    """One condition on a tiny setting (a hog from halfway): the command's wall and CPU
+    seconds, epochs and test accuracy are reported, and the hog (its own session) is gone
+    afterwards. The budget holds the command's start and the probe on a busy machine."""
+    import budget_under_load
+
+    started = []
+    real_start = budget_under_load.Hog._start
+
+    def start(hog):
+        real_start(hog)
+        started.append(hog.process)
+
+    budget_under_load.Hog._start = start
+    try:
+        out = tmp_path / "load.json"
+        result = budget_under_load.main([
+            "--data-dir", str(image_tree), "--budget", "20s", "--conditions",
+            "hog-half", "--out-dir", str(tmp_path / "runs"), "--json", str(out),
+            "--markdown", str(tmp_path / "BENCH.md"),
+            "--train-args", "--width 0.25 --val-size 20 --batch-size 32 --threads 1 "
+                            "--no-tta --device cpu"])
+    finally:
+        budget_under_load.Hog._start = real_start
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["condition"] for r in rows] == ["hog-half"] == \
+        [r["condition"] for r in result["rows"]]
+    assert all(r["exit"] == 0 and r["epochs"] >= 1 and r["test_top1"] is not None
+               and r["cpu_s"] > 0 and r["wall_s"] > 0 for r in rows), rows
+    assert len(started) == 1 and started[0].poll() is not None  # the hog was ended
+    markdown = (tmp_path / "BENCH.md").read_text()
+    assert "The budget under load (20s)" in markdown and "| hog-half |" in markdown
+    assert "| hog-half |" in capsys.readouterr().out

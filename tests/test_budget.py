@@ -22,7 +22,7 @@ from cifar_inception.budget import (
     time_per_call,
 )
 from cifar_inception.options import parse_duration
-from cifar_inception.recipes import build_config
+from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
 from cifar_inception.training import Loop, budgeting, lr_factor, train
 from cifar_inception.training.budgeting import widen_for_budget
 
@@ -74,11 +74,33 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "-5m", "m"])
+@pytest.mark.parametrize("text", ["", "ten minutes", "10x", "-5m", "m", "1..2", "1.5.5",
+                                  "1" * 34 + "sec", "1" * 400, "1" * 30 + "x" + "1" * 30])
 def test_bad_durations_are_refused(text):
+    """Refused at once: a pattern that backtracked once took time doubling with each digit
+    of "1111...1sec" (this test would then never end)."""
     import argparse
     with pytest.raises(argparse.ArgumentTypeError, match="not a duration"):
         parse_duration(text)
+
+
+@pytest.mark.parametrize("budget", [0.0, -1.0, MAX_BUDGET_S + 1, 2e15 * 3600, math.inf,
+                                    math.nan, "10m", True])
+def test_budgets_beyond_a_week_or_not_positive_are_refused(budget):
+    with pytest.raises(ConfigError, match="budget must be more than 0 seconds and at most a "
+                                          "week"):
+        build_config(None, "cpu10", budget=budget)
+    assert build_config(None, "cpu10", budget=MAX_BUDGET_S).budget == MAX_BUDGET_S
+
+
+@pytest.mark.parametrize("budget", ["2000000000000000h", "100000h", "1000000000"])
+def test_an_absurd_budget_is_one_line_before_any_data_is_read(budget, capsys):
+    from cifar_inception.cli import main
+
+    assert main(["train", "--budget", budget, "--no-download", "--data-dir",
+                 "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cifar-inception: error: budget must be") and err.count("\n") == 1
 
 
 def loop_for(config, steps_per_epoch):
@@ -234,7 +256,9 @@ def test_every_rank_plans_from_the_slowest_rank_s_rates(monkeypatch):
 
     def all_reduce(tensor, ctx, op="sum"):  # a max with the other rank's values
         assert op == "max"
-        other = torch.tensor([*dataclasses.astuple(theirs), 0.0], dtype=tensor.dtype)
+        timed = [f.name for f in dataclasses.fields(Rates) if f.name != "busy"]  # the times
+        other = torch.tensor([*(getattr(theirs, name) for name in timed), 0.0],
+                             dtype=tensor.dtype)
         return torch.maximum(tensor, other)
 
     monkeypatch.setattr(budgeting.distributed, "all_reduce", all_reduce)

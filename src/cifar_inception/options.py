@@ -150,15 +150,29 @@ def runtime_fields(cls: type) -> tuple[str, ...]:
 # --- the command line
 
 
+# One number and its unit, matched from a given position: no nesting and nothing optional
+# before a required part, so a match is linear in the text (a nested pattern once made
+# "1111...1sec" take time doubling with each digit).
+_DURATION_PART = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*([hms]?)\s*")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
+MAX_DURATION_TEXT = 64  # characters: longer is no duration anyone means
+
+
 def parse_duration(text: str) -> float:
-    """``"600"``, ``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` -> seconds."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}
-    parts = re.fullmatch(r"\s*((?:\d+(?:\.\d*)?|\.\d+)\s*[hms]?\s*)+", text.lower())
-    if not parts:
+    """``"600"``, ``"90s"``, ``"10m"``, ``"1h"``, ``"1h30m"`` -> seconds (finite)."""
+    lowered, position, total = text.lower(), 0, 0.0
+    while len(text) <= MAX_DURATION_TEXT and position < len(lowered):
+        part = _DURATION_PART.match(lowered, position)
+        if part is None or part.end() == position:
+            break
+        if not part.group(2) and part.end() < len(lowered):
+            break  # a number without its unit ends the text: "1..2" is no duration
+        total += float(part.group(1)) * _UNIT_SECONDS[part.group(2)]
+        position = part.end()
+    if not lowered.strip() or position < len(lowered) or not math.isfinite(total):
         raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (examples: 600, 90s, 10m, 1h, 1h30m)")
-    total = sum(float(number) * units[unit] for number, unit in
-                re.findall(r"(\d+(?:\.\d*)?|\.\d+)\s*([hms]?)", text.lower()))
+            f"not a duration: {text[:MAX_DURATION_TEXT]!r} (examples: 600, 90s, 10m, 1h, "
+            f"1h30m)")
     return total
 
 

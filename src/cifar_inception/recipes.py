@@ -66,7 +66,7 @@ FLIP_MODES = ("random", "alternate")
 PADDING_MODES = ("reflect", "zeros")
 
 __all__ = ["ConfigError", "TrainConfig", "Recipe", "RECIPES", "FIELDS", "RUNTIME_FIELDS",
-           "build_config", "get_recipe", "list_recipes", "default_recipe_name", "validate"]
+           "MAX_BUDGET_S", "build_config", "get_recipe", "list_recipes", "default_recipe_name", "validate"]
 
 
 def _aux_weights_problem(weights: Any) -> str | None:
@@ -91,6 +91,19 @@ def _views_problem(views: Any) -> str | None:
 def _device_problem(device: Any) -> str | None:
     ok = isinstance(device, str) and (device in ("auto", "cpu") or device.startswith("cuda"))
     return None if ok else f"device must be auto, cpu or cuda[:N], not {device!r}"
+
+
+# The longest --budget: a week. The planner and its records work in seconds of one run; a
+# longer "budget" is a typo (or a hostile value) rather than a plan, so it is refused.
+MAX_BUDGET_S = 7 * 24 * 3600.0
+
+
+def _budget_problem(seconds: Any) -> str | None:
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if number and 0 < seconds <= MAX_BUDGET_S:  # NaN fails both comparisons
+        return None
+    return (f"budget must be more than 0 seconds and at most a week "
+            f"({MAX_BUDGET_S:.0f} s), not {seconds!r}")
 
 
 @dataclass
@@ -121,8 +134,8 @@ class TrainConfig:
     budget: float | None = option(
         None, "train for as long as this allows on this machine, validation and the final "
         "test included: SECONDS or a duration such as 90s, 10m, 1h (measures this machine's "
-        "speed, then fixes the number of steps; --epochs overrides it)", group="optimisation",
-        above=0, parse=parse_duration, metavar="DURATION")
+        "speed, then fixes the number of steps; --epochs overrides it; at most a week)",
+        group="optimisation", check=_budget_problem, parse=parse_duration, metavar="DURATION")
     widen_for_epochs: float | None = option(
         None, "with --budget: widen the model (its width option, in steps of 0.5 up to "
         "three times its width) while the budget still buys E epochs at that width's measured "

@@ -11,7 +11,7 @@ learning-rate schedule, lookahead, the loss and one optimiser step),
 
 from cifar_inception.errors import TrainingError
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, METRICS_FILE
-from cifar_inception.training.budgeting import measure_rates, plan_budget, replan_budget
+from cifar_inception.training.budgeting import FollowBudget, measure_rates, plan_budget
 from cifar_inception.training.loop import (
     EpochResult,
     StopRequest,
@@ -61,7 +61,7 @@ __all__ = [
     "build_optimizer", "lr_factor", "Lookahead", "optimise", "split_outputs",
     "training_loss", "resolve_aux_weights",
     # run record, budget
-    "run_record", "hardware_info", "plan_budget", "measure_rates", "replan_budget",
+    "run_record", "hardware_info", "plan_budget", "measure_rates", "FollowBudget",
     # the run folder's files
     "BEST", "LAST", "CONFIG_FILE", "METRICS_FILE",
 ]

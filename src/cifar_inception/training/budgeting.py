@@ -1,5 +1,6 @@
-"""Fitting a run to a time budget (``--budget``): measure this machine's speed, plan the
-steps, and plan again after the first epoch."""
+"""Fitting a run to a time budget (``--budget``): measure this machine's speed (and, where it
+looks busy, which thread count suits it), plan the steps, and keep the plan current while
+the run trains (:class:`FollowBudget`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import astuple, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,19 +19,27 @@ from cifar_inception import distributed
 from cifar_inception.augment import normalize
 from cifar_inception.budget import (
     EPOCH_FIXED_S,
+    RANK_PROBE_STEPS,
+    TARGET,
     BudgetError,
+    Pace,
     Plan,
     Rates,
-    plan,
-    time_per_call,
     affordable_views,
+    choose_threads,
+    fewer_threads,
+    fit_steps,
+    plan,
+    read_windows,
+    replan_total,
+    time_per_call,
+    time_windows,
 )
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.evaluation import (
     TTA_VIEW_COUNTS,
     log_probabilities,
     test_in_channels_last,
-    views_for,
 )
 from cifar_inception.fileio import atomic_write_json
 from cifar_inception.models.registry import model_options
@@ -47,15 +56,20 @@ from cifar_inception.training.setup import (
 
 def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
     """Measure this machine's speed on a scratch copy of the model, then plan the run."""
-    rates = measure_rates(loop)
+    return plan_from_rates(loop, measure_rates(loop), test_images, started)
+
+
+def plan_from_rates(loop: Loop, rates: Rates, test_images: int, started: float) -> Plan:
+    """The plan that ``rates`` allow in what is left of the budget."""
     # Every rank steps together: the slowest one sets the pace. Every rank must also plan
     # the same number of steps, so they all plan from the same rates (every one of them:
     # a rank's own epoch_s once made the ranks plan different epochs) and the same (the
     # latest) elapsed time.
     *slowest, elapsed = distributed.all_reduce(torch.tensor(
-        [*astuple(rates), time.perf_counter() - started],
+        [rates.step_s, rates.val_image_s, rates.test_image_s, rates.epoch_s,
+         time.perf_counter() - started],
         dtype=torch.float64, device=loop.device), loop.ctx, op="max").tolist()
-    budget, rates = loop.config.budget, Rates(*slowest)
+    budget, rates = loop.config.budget, Rates(*slowest, busy=rates.busy)
     wanted = tuple(v for v in TTA_VIEW_COUNTS if v <= loop.config.tta_views)
     views = affordable_views(budget, test_images, rates.test_image_s, wanted) \
         if loop.config.tta else 0
@@ -65,7 +79,29 @@ def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
                 test_images=test_images * max(1, views), tta_views=views)
 
 
-RANK_PROBE_STEPS = 4  # timed probe steps of each rank, after one untimed, in a split run
+def settle_threads(loop: Loop, budget_plan: Plan, test_images: int, started: float,
+                   emit: Callable[[str], None]) -> Plan:
+    """Say when the probe found the machine busy; then, in a run of one process whose
+    threads were not given, measure fewer threads against all of them and keep the faster
+    (with another program on one core, threads that wait on each other at every parallel
+    region can run several times slower than one thread alone)."""
+    rates = budget_plan.rates
+    if not rates.busy:
+        return budget_plan
+    emit(f"this machine looks busy: {rates.busy}")
+    current = torch.get_num_threads()
+    if loop.ctx.enabled or loop.config.num_threads or not fewer_threads(current):
+        return budget_plan
+    measured = {current: rates}
+    for threads in fewer_threads(current):
+        torch.set_num_threads(threads)
+        measured[threads] = measure_rates(loop)
+    chosen, why = choose_threads({t: r.step_s for t, r in measured.items()}, current)
+    torch.set_num_threads(chosen)
+    emit(f"threads: {why}")
+    return plan_from_rates(loop, measured[chosen], test_images, started)
+
+
 # How --widen-for-epochs widens: half the model's own width at a time, so that the channel
 # counts of inception-cpu stay multiples of 16 (widths 1.25 and 1.75 give counts of 8 times an
 # odd number, which train at a far lower rate on a CPU: BENCHMARKS.md), to three times it.
@@ -146,8 +182,9 @@ def measure_rates(loop: Loop) -> Rates:
     # Each step of a run split into ranks all-reduces its gradients, so every rank must take
     # the same number of probe steps: counted, not timed (a timed count differs by rank, and
     # the ranks would fall out of step).
-    step_s = (time_per_call(step, min_seconds=0.0, min_calls=RANK_PROBE_STEPS)
-              if loop.ctx.enabled else time_per_call(step))
+    windows = time_windows(step, windows=RANK_PROBE_STEPS, calls_per_window=1) \
+        if loop.ctx.enabled else time_windows(step)
+    reading = read_windows(*windows, threads=torch.get_num_threads())
     model.eval()
     sample = data.val_x[:config.eval_batch_size]
     if sample.shape[0] == 0:
@@ -183,7 +220,7 @@ def measure_rates(loop: Loop) -> Rates:
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state(rng[1], device)
-    return Rates(step_s, val_s, test_s, epoch_s + EPOCH_FIXED_S)
+    return Rates(reading.seconds, val_s, test_s, epoch_s + EPOCH_FIXED_S, busy=reading.busy)
 
 
 def _sync(device: torch.device) -> None:
@@ -191,41 +228,153 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def replan_budget(loop: Loop, budget_plan: Plan, run_started: float, epochs_done: int,
-                  step_s: float, val_s: float, test_images: int,
-                  emit: Callable[[str], None]) -> TrainConfig:
-    """Plan the rest of the run again after ``epochs_done`` epochs, from their measured speed
-    (``step_s`` seconds a step, each epoch's first few left out; ``val_s`` for a validation):
-    a far longer measurement than the probe's few steps, which a busy machine can mislead,
-    and one that follows a machine whose speed drifts. The schedules, fractions of the run,
-    follow; a change under 1% is left alone. The run's config and config.json get the new
-    plan. At least one more step stays, so the run ends as planned runs do (the lookahead's
-    average is the last step's)."""
-    config, ctx, steps_per_epoch = loop.config, loop.ctx, loop.steps_per_epoch
-    done = min(config.train_steps, epochs_done * steps_per_epoch)
-    val_per_rank = math.ceil(loop.prepared.val_x.shape[0] / ctx.world_size)
-    # the same inputs on every rank, so that every rank plans the same steps
-    step_s, val_image_s, elapsed = distributed.all_reduce(torch.tensor(
-        [step_s, val_s / max(1, val_per_rank), time.perf_counter() - run_started],
-        dtype=torch.float64, device=loop.device), ctx, op="max").tolist()
-    rates = replace(budget_plan.rates, step_s=step_s, val_image_s=val_image_s)
-    views = len(views_for(config.tta, config.tta_views))
-    try:
-        rest = plan(config.budget, elapsed, rates,
-                    steps_per_epoch=steps_per_epoch, val_images=val_per_rank,
-                    test_images=test_images * views).train_steps
-    except BudgetError:  # the budget is spent already: end with one more step
-        rest = 1
-    total = done + max(1, rest)
-    if abs(total - config.train_steps) <= 0.01 * config.train_steps:
-        return config
-    emit(f"budget re-planned after epoch {epochs_done} (measured "
-         f"{config.batch_size / rates.step_s:,.0f} training images/s): "
-         f"{total / steps_per_epoch:.2f} epochs, {total} steps in all")
-    config = replace(config, train_steps=total, epochs=math.ceil(total / steps_per_epoch))
-    if loop.run_dir is not None:
-        record = read_record(loop.run_dir, emit)
-        if record is not None:
-            record["config"] = config.to_dict()
-            atomic_write_json(loop.run_dir / CONFIG_FILE, record)
-    return config
+# Mid-run, the thread count is measured again when the smoothed rate falls below this share
+# of the rate it was chosen at (another program started), and, while the run is on fewer
+# threads than cores, every THREADS_RECHECK_S (the other program may have ended).
+RATE_DROP = 0.5
+THREADS_RECHECK_S = 60.0
+THREADS_TRIAL_STEPS = 5  # steps timed at the other count, after one untimed
+REPLAN_SHARE = 0.01      # a change of plan under this share of the steps left is left alone
+
+
+class FollowBudget:
+    """Keeps a budgeted run's plan current while it trains.
+
+    After each step (:meth:`after_step`, with the elapsed time every rank agreed on) the
+    smoothed rate (:class:`~cifar_inception.budget.Pace`) and what is left of the budget
+    give the steps that still fit, their validations and the final test reserved
+    (:func:`~cifar_inception.budget.fit_steps`): the deadline. The plan follows when that
+    moves by over :data:`REPLAN_SHARE` of the steps left (or by one step, to end in time);
+    only the part left is stretched or shrunk. After each epoch (:meth:`after_epoch`) the
+    measured validation time replaces the probe's. In a run of one process without
+    ``--threads``, a sharp drop of the rate has fewer (or all) threads tried on real steps.
+    """
+
+    def __init__(self, loop: Loop, budget_plan: Plan, run_started: float, test_images: int,
+                 emit: Callable[[str], None]):
+        rates, config = budget_plan.rates, loop.config
+        self.budget_s, self.run_started, self.emit = config.budget, run_started, emit
+        self.steps_per_epoch = loop.steps_per_epoch
+        self.val_images = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
+        self.test_s = test_images * max(1, budget_plan.tta_views) * rates.test_image_s
+        self.save_s = rates.epoch_s
+        self.epoch_cost_s = self.val_images * rates.val_image_s + rates.epoch_s
+        self.pace = Pace(rates.step_s)
+        self.since: tuple[int, float] | None = None  # (step, elapsed) of the last reading
+        self.cold = 2  # the first steps after the probe, or a change of threads: not timed
+        self.announced = budget_plan.train_steps
+        self.threads = None if loop.ctx.enabled or config.num_threads else ThreadWatch(
+            torch.get_num_threads(), rates.step_s)
+
+    def start_epoch(self) -> None:
+        """The time between epochs (validation, saving) is no step's."""
+        self.since = None
+
+    def after_step(self, loop: Loop, done: int, epoch: int, elapsed: float) -> None:
+        """``done`` global steps are taken, ``elapsed`` seconds after the run's start."""
+        if self.since is not None and self.cold == 0:
+            steps, seconds = done - self.since[0], elapsed - self.since[1]
+            watching = self.threads is None or not self.threads.trying
+            if watching:
+                self.pace.observe(steps, seconds)
+            if self.threads is not None:
+                self._follow_threads(steps, seconds, elapsed)
+        self.cold = max(0, self.cold - 1)
+        self.since = (done, elapsed)
+        # At a whole epoch's last step its validation is still owed, which the count of
+        # fit_steps (from the next epoch on) would leave out: the epoch's end plans then.
+        if done % loop.steps_per_epoch:
+            self._adopt(loop, done, epoch, epoch + 1, self._fitting(elapsed, done, 0.0))
+
+    def after_epoch(self, loop: Loop, epochs_done: int, validation_s: float) -> None:
+        """Plan again after an epoch's validation (its checkpoints still to be written), and
+        record the run's length in its config.json."""
+        elapsed, validation_s = distributed.all_reduce(torch.tensor(
+            [time.perf_counter() - self.run_started, validation_s], dtype=torch.float64,
+            device=loop.device), loop.ctx, op="max").tolist()  # the same on every rank
+        self.epoch_cost_s = validation_s + self.save_s
+        done = min(loop.total_steps, epochs_done * loop.steps_per_epoch)
+        self._adopt(loop, done, epochs_done, epochs_done,
+                    self._fitting(elapsed, done, self.save_s))
+        total = loop.total_steps
+        if abs(total - self.announced) > REPLAN_SHARE * self.announced:
+            self.announced = total
+            self.emit(f"budget re-planned after epoch {epochs_done} (measured "
+                      f"{loop.config.batch_size / self.pace.step_s:,.0f} training images/s): "
+                      f"{total / loop.steps_per_epoch:.2f} epochs, {total} steps in all")
+        if loop.run_dir is not None:
+            record = read_record(loop.run_dir, self.emit)
+            if record is not None and record.get("config") != loop.config.to_dict():
+                record["config"] = loop.config.to_dict()
+                atomic_write_json(loop.run_dir / CONFIG_FILE, record)
+
+    def _fitting(self, elapsed: float, done: int, owed_s: float) -> int:
+        seconds = self.budget_s * TARGET - elapsed - self.test_s - owed_s
+        return fit_steps(seconds, self.pace.step_s, self.epoch_cost_s, done=done,
+                         steps_per_epoch=self.steps_per_epoch)
+
+    def _adopt(self, loop: Loop, done: int, epoch: int, begun: int, wanted: int) -> None:
+        """Follow ``wanted`` total steps from global step ``done`` in epoch ``epoch``
+        (``begun`` epochs begun) when it differs enough; a shrink needs less than a growth,
+        so that an estimate that wavers by a step does not move the plan back and forth."""
+        total = replan_total(wanted, done, epoch, loop.steps_per_epoch)
+        left = max(1, loop.total_steps - done)
+        shrink = loop.total_steps - total >= max(1.0, REPLAN_SHARE * left)
+        grow = total - loop.total_steps >= max(2.0, 2 * REPLAN_SHARE * left)
+        if shrink or grow:
+            loop.set_plan(loop.run_plan().replanned(done, total, begun))
+
+    def _follow_threads(self, steps: int, seconds: float, elapsed: float) -> None:
+        watch = self.threads
+        change = watch.observe(self.pace.step_s, steps, seconds, elapsed)
+        if change is None:
+            return
+        threads, why = change
+        torch.set_num_threads(threads)
+        self.cold = 1  # the first step at a new count sets up its threads
+        if why:
+            self.pace = Pace(watch.reference_s)
+            self.emit(f"threads: {why}")
+
+
+class ThreadWatch:
+    """When to try another thread count on real steps, and which to keep (pure: it is told
+    the rate, the steps and the time, and answers the thread count to set)."""
+
+    def __init__(self, threads: int, step_s: float, cores: int | None = None):
+        self.cores = cores or threads
+        self.threads, self.reference_s = threads, step_s
+        self.chosen_at: float | None = None  # elapsed seconds when the count was chosen
+        self.trying: int | None = None       # the count on trial
+        self.before_s = 0.0                  # the smoothed rate before the trial
+        self.trial: list[tuple[int, float]] = []
+
+    def observe(self, pace_s: float, steps: int, seconds: float, elapsed: float
+                ) -> tuple[int, str] | None:
+        """(threads to set, and why: '' when a trial starts) or None (nothing to change)."""
+        if self.chosen_at is None:
+            self.chosen_at = elapsed
+        if self.trying is not None:
+            self.trial.append((steps, seconds))
+            if sum(n for n, _ in self.trial) < THREADS_TRIAL_STEPS:
+                return None
+            trial_s = sum(t for _, t in self.trial) / sum(n for n, _ in self.trial)
+            measured = {self.threads: self.before_s, self.trying: trial_s}
+            chosen, why = choose_threads(measured, self.threads)
+            self.reference_s = measured[chosen]
+            self.threads, self.trying, self.trial = chosen, None, []
+            self.chosen_at = elapsed
+            return chosen, why
+        other = self._other()
+        dropped = pace_s * RATE_DROP > self.reference_s
+        stale = self.threads < self.cores and elapsed - self.chosen_at >= THREADS_RECHECK_S
+        if other is None or not (dropped or stale):
+            return None
+        self.trying, self.before_s, self.trial = other, pace_s, []
+        return other, ""
+
+    def _other(self) -> int | None:
+        if self.threads < self.cores:
+            return self.cores
+        fewer = fewer_threads(self.cores)
+        return fewer[0] if fewer else None

@@ -22,10 +22,8 @@ stops the run before anything of the bad epoch is written.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +39,7 @@ from torch.profiler import record_function
 
 from cifar_inception import distributed
 from cifar_inception.augment import alternating_flips, normalize
-from cifar_inception.budget import TTA_SHARE
+from cifar_inception.budget import TTA_SHARE, RunPlan, epochs_for
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
@@ -59,7 +57,12 @@ from cifar_inception.runs import (
     read_history,
     resume_target,
 )
-from cifar_inception.training.budgeting import plan_budget, replan_budget, widen_for_budget
+from cifar_inception.training.budgeting import (
+    FollowBudget,
+    plan_budget,
+    settle_threads,
+    widen_for_budget,
+)
 from cifar_inception.training.optim import optimise
 from cifar_inception.training.ranks import train_in_processes
 from cifar_inception.training.record import _open_run_dir
@@ -173,9 +176,10 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
     run_started = time.perf_counter() if started is None else started
     test_images = len(data.test_labels) if config.test else 0
-    budget_plan = None
+    follow = None  # a budget's plan kept current as the run trains
     if config.budget is not None and ckpt is None:
         budget_plan = plan_budget(loop, test_images, run_started)
+        budget_plan = settle_threads(loop, budget_plan, test_images, run_started, emit)
         loop, budget_plan = widen_for_budget(
             loop, budget_plan,
             lambda wider: _build_loop(wider, loop.prepared, ctx, device, None),
@@ -183,20 +187,24 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
         config = loop.config
         if config.tta and budget_plan.tta_views < config.tta_views:
             emit(_fewer_views_line(config.tta_views, budget_plan.tta_views))
-        loop.config = config = replace(config, train_steps=budget_plan.train_steps,
-                                       epochs=budget_plan.epochs,
-                                       tta=budget_plan.tta_views > 0,
-                                       tta_views=budget_plan.tta_views or config.tta_views)
+        loop.config = replace(config, train_steps=budget_plan.train_steps,
+                              epochs=budget_plan.epochs, tta=budget_plan.tta_views > 0,
+                              tta_views=budget_plan.tta_views or config.tta_views)
+        loop.set_plan(loop.run_plan())  # its schedules fixed as fractions of this plan
+        config = loop.config
         emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
+        follow = FollowBudget(loop, budget_plan, run_started, test_images, emit)
+    elif ckpt is not None and _recorded_plan(ckpt, config) is not None:  # as it was decided
+        loop.set_plan(_recorded_plan(ckpt, config))
+        config = loop.config
     elif config.train_steps is not None:  # the epochs that hold them, the last cut short
         loop.config = config = replace(
-            config, epochs=math.ceil(config.train_steps / loop.steps_per_epoch))
+            config, epochs=epochs_for(config.train_steps, loop.steps_per_epoch))
     if ctx.is_main:
         loop.run_dir = _open_run_dir(loop, resume, ckpt, position, held, emit)
         emit(_start_line(loop, resumed=ckpt is not None))
 
     status, message = "completed", ""
-    step_times: list[float] = []  # seconds a step, per epoch of this process, for re-plans
     stop = StopRequest()
     with stop.installed():
         epoch = position.epoch - 1
@@ -208,7 +216,10 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
                 emit(message)
                 break
             started = time.perf_counter() - position.seconds
-            result = train_epoch(loop, epoch, position, stop)
+            if follow is not None:
+                follow.start_epoch()
+            result = train_epoch(loop, epoch, position, stop, follow)
+            config = loop.config  # the budget's plan may have moved the end
             if result.stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
                 position = replace(position, epoch=epoch, step=result.stopped_at,
                                    loss_sum=result.loss_sum, correct=result.correct,
@@ -225,11 +236,9 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             with record_function("validation"):
                 val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
                                                        device, ctx)
-            step_times.append(result.warm_step_s or trained_s / loop.steps_in_epoch(epoch))
-            if budget_plan is not None and epoch + 1 < config.epochs:
-                loop.config = config = replan_budget(
-                    loop, budget_plan, run_started, epoch + 1, statistics.fmean(step_times),
-                    time.perf_counter() - started - trained_s, test_images, emit)
+            if follow is not None and epoch + 1 < config.epochs:
+                follow.after_epoch(loop, epoch + 1, time.perf_counter() - started - trained_s)
+                config = loop.config
             row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
                    "train_loss": result.loss_sum / result.seen,
                    "train_acc": result.correct / result.seen,
@@ -274,6 +283,15 @@ def _final_test(loop: Loop, data: Any, best_epoch: int | None,
     return test
 
 
+def _recorded_plan(ckpt: dict, config: TrainConfig) -> RunPlan | None:
+    """The budget's plan that ``ckpt`` recorded, while the run keeps its length (more
+    --epochs replace it)."""
+    saved = ckpt["training"].get("plan")
+    if saved is None or saved.get("total_steps") != config.train_steps:
+        return None
+    return RunPlan.from_dict(saved)
+
+
 def _fewer_views_line(asked: int, kept: int) -> str:
     if kept:
         return (f"test-time augmentation with {kept} views (the image and its mirror): "
@@ -293,19 +311,15 @@ class EpochResult:
     seen: float                # training images stepped on
     lr: float                  # the learning rate of the last step
     stopped_at: int | None     # steps done when a stop request ended the epoch early, else None
-    # Seconds per step after the first few (their one-time kernel set-up and allocations
-    # excluded), for a budget's re-plan; None when the epoch was too short to tell.
-    warm_step_s: float | None = None
 
 
-WARM_STEPS = 3  # steps of an epoch that a speed measurement leaves out
-
-
-def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest) -> EpochResult:
+def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
+                follow: FollowBudget | None = None) -> EpochResult:
     """The steps of one epoch, from ``position.step`` on.
 
     Returns the global (loss sum, correct, seen) of the epoch, the last learning rate, and
     the number of steps done when a stop request ended the epoch early (else None).
+    ``follow``: a budget's plan, kept current after the steps (the epoch's length with it).
     """
     config, ctx, device, data = loop.config, loop.ctx, loop.device, loop.prepared
     n_train = data.train_x.shape[0]
@@ -324,19 +338,21 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest) -
     if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
         flips = alternating_flips(n_train, epoch,
                                   generator=seeded_generator(device, config.seed, "flips"))
-    stem_bias, bias_steps = _fixed_stem_bias(loop), loop.whiten_bias_steps
+    stem_bias = _fixed_stem_bias(loop)
     first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
-    steps = loop.steps_in_epoch(epoch)
     loop.model.train()
-    bar = _progress(steps, position.step, epoch, config.epochs, ctx)
+    bar = _progress(loop.steps_in_epoch(epoch), position.step, epoch, config.epochs, ctx)
     lr, stopped_at = loop.lr_at(first + position.step), None
-    warm = None  # (steps done, time) once WARM_STEPS are done, at a point where all is synced
-    for step in range(position.step, steps):
+    clock_zero = follow.run_started if follow is not None else time.perf_counter()
+    step = position.step
+    while step < loop.steps_in_epoch(epoch):  # a budget's plan may move the epoch's end
         lr = loop.lr_at(first + step)
         for group in loop.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # The whole global batch is augmented alike on every rank; each keeps its share.
         with record_function("data"):
+            if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
+                order = _more_order(order, n_train, device, config.seed, epoch)
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             images = loop.policy(data.train_x[index], fill=cutout_fill,
                                  flip_mask=None if flips is None else flips[index],
@@ -345,38 +361,53 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest) -
             images = distributed.shard(images, ctx)
             targets = distributed.shard(data.train_y[index], ctx)
             x = normalize(images, data.mean, data.std, channels_last=channels_last)
-        frozen = stem_bias if stem_bias is not None and first + step >= bias_steps else None
+        frozen = (stem_bias if stem_bias is not None and not loop.bias_trains_at(first + step)
+                  else None)
         loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
                                 config.label_smoothing, autocast, frozen=frozen)
-        if loop.lookahead is not None:
-            loop.lookahead.after_step(first + step + 1, loop.total_steps)
         sums += torch.stack([loss.detach().double() * per_rank,
                              (logits.argmax(1) == targets).sum().double(),
                              torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
+        step += 1
 
-        last = step + 1 == steps
-        if (step + 1) % check_every and not last:
+        due = step % check_every == 0 or step >= loop.steps_in_epoch(epoch)
+        if due:
+            # One collective for both flags and the time, so every rank stops at the same
+            # step and follows the same plan.
+            stop_now, diverged, elapsed = distributed.all_reduce(torch.tensor(
+                [float(stop.requested), float(not torch.isfinite(sums[0])),
+                 time.perf_counter() - clock_zero], dtype=torch.float64, device=device),
+                ctx, op="max").tolist()
+            if diverged:
+                bar.close()
+                raise TrainingError(_diverged_message(loop.run_dir, epoch, step - 1, lr))
+            if follow is not None:
+                follow.after_step(loop, first + step, epoch, elapsed)
+        if loop.lookahead is not None:  # after the plan is settled: the last step ends on it
+            loop.lookahead.after_step(first + step, loop.total_steps,
+                                      loop.run_plan().at(first + step))
+        if not due:
             continue
-        # One collective for both flags, so every rank stops at the same step.
-        stop_now, diverged = distributed.all_reduce(torch.tensor(
-            [float(stop.requested), float(not torch.isfinite(sums[0]))], device=device),
-            ctx, op="max").tolist()
-        if diverged:
-            bar.close()
-            raise TrainingError(_diverged_message(loop.run_dir, epoch, step, lr))
-        if warm is None and step + 1 - position.step >= WARM_STEPS:
-            warm = (step + 1, time.perf_counter())
-        bar.update(step + 1 - bar.n)
+        last = step >= loop.steps_in_epoch(epoch)
+        bar.total = loop.steps_in_epoch(epoch)
+        bar.update(step - bar.n)
         if bar.n % 10 == 0 or last:
             bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
         if stop_now and not last:
-            stopped_at = step + 1
+            stopped_at = step
             break
     bar.close()
     loss_sum, correct, seen = distributed.all_reduce(sums, ctx).tolist()
-    done = (stopped_at or steps) - warm[0] if warm is not None else 0
-    warm_step_s = (time.perf_counter() - warm[1]) / done if done >= WARM_STEPS else None
-    return EpochResult(loss_sum, correct, seen, lr, stopped_at, warm_step_s)
+    return EpochResult(loss_sum, correct, seen, lr, stopped_at)
+
+
+def _more_order(order: torch.Tensor, n_train: int, device: torch.device, seed: int,
+                epoch: int) -> torch.Tensor:
+    """The epoch's order followed by another permutation, for the steps of a sliver folded
+    into the epoch (each drawn from its own generator: the epoch's own order is unchanged)."""
+    more = torch.randperm(n_train, device=device, generator=seeded_generator(
+        device, seed, "order", epoch, "folded", order.numel() // n_train))
+    return torch.cat([order, more])
 
 
 @torch.no_grad()

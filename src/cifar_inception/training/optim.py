@@ -47,14 +47,22 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
     Warm-up rises linearly from 0.1 to 1; then ``onecycle`` falls linearly towards ``final``,
     ``cosine`` follows half a cosine towards ``final``, and ``constant`` stays at 1.
     """
-    if step < warmup_steps:
-        return 0.1 + 0.9 * step / warmup_steps
+    return lr_at_progress(step / total_steps, warmup_steps / total_steps, schedule, final)
+
+
+def lr_at_progress(progress: float, warmup: float, schedule: str, final: float = 0.0
+                   ) -> float:
+    """:func:`lr_factor` at ``progress`` through the run (0 to 1), the warm-up ending at
+    ``warmup``: a run whose plan changes keeps a schedule without jumps, since its progress
+    only moves forward (:class:`~cifar_inception.budget.RunPlan`)."""
+    if progress < warmup:
+        return 0.1 + 0.9 * progress / warmup
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    decayed = min(1.0, (progress - warmup) / (1.0 - warmup)) if warmup < 1 else 1.0
     if schedule == "onecycle":
-        return 1.0 - (1.0 - final) * progress
-    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - final) * decayed
+    return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * decayed))
 
 
 class Lookahead:
@@ -71,12 +79,14 @@ class Lookahead:
         self.average = [t.detach().clone() for t in self.tensors]
 
     @torch.no_grad()
-    def after_step(self, step: int, total_steps: int) -> None:
-        """Call after optimizer step ``step`` (1-based); the last step copies the EMA in."""
+    def after_step(self, step: int, total_steps: int, progress: float | None = None) -> None:
+        """Call after optimizer step ``step`` (1-based); the last step copies the EMA in.
+        ``progress``: how far the run is after it (default ``step / total_steps``)."""
         if step == total_steps:
             self._update(1.0)
         elif step % self.every == 0:
-            self._update(self.decay ** self.every * (step / total_steps) ** 3)
+            progress = step / total_steps if progress is None else progress
+            self._update(self.decay ** self.every * progress ** 3)
 
     def _update(self, decay: float) -> None:
         for average, tensor in zip(self.average, self.tensors):

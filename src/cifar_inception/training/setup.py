@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from cifar_inception import distributed
 from cifar_inception.augment import AugmentPolicy, normalize
+from cifar_inception.budget import RunPlan
 from cifar_inception.checkpoint import make_checkpoint
 from cifar_inception.devices import cpu_precision, reuse_freed_memory, usable_cores
 from cifar_inception.distributed import DistContext
@@ -23,7 +24,7 @@ from cifar_inception.recipes import TrainConfig
 from cifar_inception.training.optim import (
     Lookahead,
     build_optimizer,
-    lr_factor,
+    lr_at_progress,
     resolve_aux_weights,
 )
 from cifar_inception.training.resume import Position
@@ -126,6 +127,7 @@ class Loop:
     steps_per_epoch: int
     lookahead: Lookahead | None = None
     run_dir: Path | None = None     # rank 0 only
+    plan: RunPlan | None = None     # what a budget decided (None: the config's own length)
 
     @property
     def cuda(self) -> bool:
@@ -133,12 +135,29 @@ class Loop:
 
     @property
     def total_steps(self) -> int:
-        """Optimiser steps of the whole run: ``train_steps`` (a budget's), else every epoch's."""
+        """Optimiser steps of the whole run: the plan's, ``train_steps``, else every epoch's."""
+        if self.plan is not None:
+            return self.plan.total_steps
         return self.config.train_steps or self.config.epochs * self.steps_per_epoch
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """All of them, but in the last epoch of a run of ``train_steps``."""
-        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+        """All of them, but in the last epoch of a run of ``train_steps`` (shorter, or
+        longer by a folded sliver)."""
+        return self.run_plan().steps_in(epoch, self.steps_per_epoch)
+
+    def run_plan(self) -> RunPlan:
+        """The plan in force: a budget's, else one straight line from the config."""
+        if self.plan is not None:
+            return self.plan
+        total = self.total_steps
+        bias = self.whiten_bias_steps
+        return RunPlan(total, self.warmup_steps / total, None if bias is None else bias / total)
+
+    def set_plan(self, plan: RunPlan) -> None:
+        """Follow ``plan``; the config records its length (config.json, checkpoints)."""
+        self.plan = plan
+        self.config = replace(self.config, train_steps=plan.total_steps,
+                              epochs=plan.epochs(self.steps_per_epoch))
 
     def schedule_steps(self, fraction: float | None, epochs: float | None) -> int | None:
         """A schedule's length in steps: a fraction of the run, or epochs (None: none)."""
@@ -157,15 +176,21 @@ class Loop:
 
     def lr_at(self, step: int) -> float:
         """The learning rate of global step ``step`` (0-based)."""
-        c = self.config
-        return c.lr * lr_factor(step, self.total_steps, self.warmup_steps, c.schedule,
-                                c.final_lr)
+        c, plan = self.config, self.run_plan()
+        return c.lr * lr_at_progress(plan.at(step), plan.warmup, c.schedule, c.final_lr)
+
+    def bias_trains_at(self, step: int) -> bool:
+        """Whether a fixed whitening stem's bias still trains at global step ``step``."""
+        plan = self.run_plan()
+        return plan.whiten_bias is None or plan.at(step) < plan.whiten_bias
 
     def checkpoint(self, position: Position, metrics: dict | None,
                    with_training: bool = True) -> dict:
         """best.pt holds weights and metrics; last.pt also the optimiser and RNG states."""
         training: dict[str, Any] = {"config": self.config.to_dict(),
                                     "position": vars(position).copy()}
+        if self.plan is not None:  # a budget's decisions, which a resumed run continues
+            training["plan"] = self.plan.to_dict()
         if with_training:
             if self.lookahead is not None:
                 training["lookahead"] = self.lookahead.state_dict()
