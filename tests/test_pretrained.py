@@ -269,3 +269,36 @@ def test_shipped_weights_measure_what_their_record_says(entry, jpeg_archive):
     data = load_cifar10(jpeg_archive, download=False, progress=False)
     result = evaluate(pretrained.weights_path(entry["name"]), data, write=False)
     assert abs(result["test_top1"] - entry["record"]["test_acc"]) <= 0.0005
+
+
+# --- the tool that makes them
+
+
+def test_ship_weights_writes_a_checked_half_precision_entry(tmp_path):
+    import ship_weights
+    from synthetic_data import TINY, easy_data, write_image_tree
+
+    from cifar_inception.recipes import build_config
+    from cifar_inception.training import train
+
+    tree = tmp_path / "tree"
+    write_image_tree(easy_data(n_train=200, n_test=40), tree)
+    config = build_config(TINY, "default", epochs=3, batch_size=32, lr=0.1, val_size=40,
+                          data_dir=str(tree), out_dir=str(tmp_path / "runs"), name="run",
+                          num_threads=1, test=False)
+    run = train(config, log=lambda line: None).run_dir
+    out = tmp_path / "weights"
+    assert ship_weights.main([str(run), "--name", "tiny.synthetic", "--tag", "synthetic",
+                              "--default", "--data-dir", str(tree), "--data-label",
+                              "generated", "--out", str(out), "--threads", "1"]) == 0
+    entry = json.loads((out / pretrained.MANIFEST).read_text())["weights"][0]
+    assert entry["sha256"] == sha256_of(out / "tiny.synthetic.pt")
+    record = entry["record"]
+    assert record["precision"] == "float16"  # this easy task loses nothing in half precision
+    assert record["epochs"] == 3 and record["data"] == "generated" and record["threads"] == 1
+    assert record["command"].startswith("cifar-inception ")
+    shipped = load_checkpoint(out / "tiny.synthetic.pt")
+    assert "training" not in shipped  # no optimiser state
+    assert shipped["metrics"]["test_top1"] == record["test_acc"] > 0.25  # chance: 0.1
+    assert all(v.dtype == torch.float16 for v in shipped["state_dict"].values()
+               if v.is_floating_point())
