@@ -106,7 +106,7 @@ __all__ = [
     "MAX_BATCH_BYTES", "MAX_IMAGE_BYTES", "META_FILE", "SPECS", "SPLITS", "TEST_BATCH",
     "TRAIN_BATCHES", "Dataset", "DatasetSpec", "cache_dir", "channel_stats", "dataset_names",
     "download_cifar10", "download_dataset", "extract_official_archive", "get_spec",
-    "load_cifar10", "load_dataset", "one_hot", "read_capped", "resolve_data_dir",
+    "load_cifar10", "load_dataset", "one_hot", "trained_dataset", "read_capped", "resolve_data_dir",
     "split_train_val",
 ]
 
@@ -168,6 +168,15 @@ def load_dataset(spec_or_name: DatasetSpec | str | None = None,
         archive = download_dataset(spec, root, progress=progress)
         source = Source("batches", extract_official_archive(archive, root, spec))
     return _load_source(source, wanted, progress=progress)
+
+
+def trained_dataset(ckpt: dict) -> str:
+    """The name of the dataset a checkpoint was trained on (one without a name: CIFAR-10)."""
+    name = ckpt.get("data", {}).get("dataset") or CIFAR10_SPEC.name
+    if not isinstance(name, str):
+        raise DataError(f"the checkpoint names its dataset {name!r:.80}, not a dataset name")
+    get_spec(name)  # an unknown name fails here, naming the choices
+    return name
 
 
 def load_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = True,
