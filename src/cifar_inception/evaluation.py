@@ -118,6 +118,14 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor,
     return {**metrics, "per_class": per_class, "confusion": confusion.tolist()}
 
 
+def accuracy_line(metrics: dict) -> str:
+    """'top-1 93.10% - top-5 99.80%', without top-5 where there are 5 classes or fewer."""
+    line = f"top-1 {100 * metrics['test_top1']:.2f}%"
+    if metrics.get("test_top5") is not None:
+        line += f" - top-5 {100 * metrics['test_top5']:.2f}%"
+    return line
+
+
 def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str],
                   count: int = 10) -> list[tuple[str, str, int]]:
     """The ``count`` largest off-diagonal cells: (true class, predicted class, images)."""

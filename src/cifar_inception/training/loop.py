@@ -44,7 +44,7 @@ from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CifarInceptionError, TrainingError
-from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities
+from cifar_inception.evaluation import EVAL_FILE, accuracy_line, evaluate, log_probabilities
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
@@ -277,10 +277,7 @@ def _final_test(loop: Loop, data: Any, best_epoch: int | None,
                     tta_views=config.tta_views)
     emit(f"test ({BEST}, epoch {best_epoch}"
          f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
-         f"loss {test['test_loss']:.4f} - "
-         f"top-1 {100 * test['test_top1']:.2f}% - "
-         + (f"top-5 {100 * test['test_top5']:.2f}% " if "test_top5" in test else "") +
-         f"({loop.run_dir / EVAL_FILE})")
+         f"loss {test['test_loss']:.4f} - {accuracy_line(test)} ({loop.run_dir / EVAL_FILE})")
     return test
 
 
