@@ -151,13 +151,13 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 ])
 def test_unpickler_refuses_everything_but_array_rebuilding(payload):
     with pytest.raises(DataError):
-        batches._safe_unpickle(payload, "batch")
+        batches.safe_unpickle(payload, "batch")
 
 
 def test_unpickler_reads_both_pickle_styles():
     array = np.arange(24, dtype=np.uint8).reshape(2, 12)
     for style in ("py2", "py3"):
-        loaded = batches._safe_unpickle(pickle_batch({"data": array}, style), "x")
+        loaded = batches.safe_unpickle(pickle_batch({"data": array}, style), "x")
         key = b"data" if style == "py2" else "data"
         np.testing.assert_array_equal(loaded[key], array)
 

@@ -11,6 +11,7 @@ import os
 import socket
 import tarfile
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -89,8 +90,12 @@ def serve(monkeypatch, server, name, md5_of=None):
     """Point downloads at ``name`` on the local server, expecting the MD5 of ``md5_of``."""
     monkeypatch.setenv(data.ENV_URL, f"{server.url}/{name}")
     if md5_of is not None:
-        for module in (data, download):  # where it is looked up, and where it is shown
-            monkeypatch.setattr(module, "CIFAR10_MD5", hashlib.md5(md5_of).hexdigest())
+        spec = replace(data.CIFAR10_SPEC, md5=hashlib.md5(md5_of).hexdigest())
+        # where the spec is looked up: by load_cifar10, by name, and by download_cifar10
+        monkeypatch.setattr(data, "CIFAR10_SPEC", spec)
+        monkeypatch.setitem(data.SPECS, "cifar10", spec)
+        monkeypatch.setattr(download, "CIFAR10", spec)
+        monkeypatch.setattr(data, "CIFAR10_MD5", spec.md5)  # where it is shown
 
 
 def user_folder(tmp_path) -> Path:

@@ -302,13 +302,13 @@ def test_decoding_in_worker_processes_keeps_order(tmp_path, monkeypatch):
     monkeypatch.setattr(trees, "_DECODE_CHUNK", 7)
     monkeypatch.setattr(trees, "_worker_count", lambda: 2)
     started = []
-    original = trees._ImageDecoder._start_pool_if_useful
+    original = trees.ImageDecoder._start_pool_if_useful
 
     def spy(self, first_chunk):
         original(self, first_chunk)
         started.append(self.executor is not None)
 
-    monkeypatch.setattr(trees._ImageDecoder, "_start_pool_if_useful", spy)
+    monkeypatch.setattr(trees.ImageDecoder, "_start_pool_if_useful", spy)
     files, expected = image_tree_files(train_per_class=6, test_per_class=3)
     loaded = load_cifar10(pack(files, tmp_path / "t.tar.gz"), progress=False)
     assert started == [True]

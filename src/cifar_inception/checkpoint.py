@@ -68,7 +68,7 @@ _OPTION_TYPES = (bool, int, float, str, type(None))
 def make_checkpoint(*, model_name: str, model_options: dict, num_classes: int,
                     classes: list[str], mean: list[float], std: list[float],
                     state_dict: dict, training: dict | None = None,
-                    metrics: dict | None = None) -> dict:
+                    metrics: dict | None = None, dataset: str | None = None) -> dict:
     ckpt = {
         "format": FORMAT,
         "model": {"name": model_name, "options": dict(model_options), "num_classes": num_classes},
@@ -76,6 +76,8 @@ def make_checkpoint(*, model_name: str, model_options: dict, num_classes: int,
                  "std": [float(v) for v in std]},
         "state_dict": {k: v.detach().to("cpu") for k, v in state_dict.items()},
     }
+    if dataset is not None:  # what evaluation loads again (older checkpoints: CIFAR-10)
+        ckpt["data"]["dataset"] = dataset
     if training is not None:
         ckpt["training"] = training
     if metrics is not None:

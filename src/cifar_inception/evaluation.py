@@ -42,6 +42,8 @@ VIEWS_BY_COUNT = {1: ((False, 0, 0),), 2: ((False, 0, 0), (True, 0, 0)), 6: TTA_
 TTA_VIEW_COUNTS = (2, 6)
 
 
+TOP_K = 5  # the top-k accuracy reported beside top-1, where there are more classes
+
 def views_for(tta: bool, tta_views: int = len(TTA_VIEWS)) -> tuple[tuple[bool, int, int], ...]:
     """The (mirror, dy, dx) views a test classifies: one without ``tta``, else ``tta_views``."""
     if not tta:
@@ -91,10 +93,13 @@ def log_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: Sequen
 
 def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor,
                            classes: Sequence[str]) -> dict[str, Any]:
-    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows = true class)."""
+    """Loss, top-1, top-5, per-class accuracy and the confusion matrix (rows = true class).
+
+    Top-5 is given only where there are more than 5 classes: with 5 or fewer it is 100%.
+    """
     labels = labels.to(torch.long).cpu()
     num_classes = len(classes)
-    k = min(5, num_classes)
+    k = min(TOP_K, num_classes)
     top = log_probs.topk(k, dim=1).indices
     predicted = top[:, 0]
     confusion = torch.bincount(labels * num_classes + predicted,
@@ -104,13 +109,30 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor,
         name: (float(confusion[i, i]) / float(per_class_total[i]) if per_class_total[i] else None)
         for i, name in enumerate(classes)
     }
-    return {
+    metrics = {
         "test_loss": float(F.nll_loss(log_probs, labels)),
         "test_top1": float((predicted == labels).float().mean()),
-        "test_top5": float((top == labels[:, None]).any(1).float().mean()),
-        "per_class": per_class,
-        "confusion": confusion.tolist(),
     }
+    if num_classes > TOP_K:
+        metrics["test_top5"] = float((top == labels[:, None]).any(1).float().mean())
+    return {**metrics, "per_class": per_class, "confusion": confusion.tolist()}
+
+
+def accuracy_line(metrics: dict) -> str:
+    """'top-1 93.10% - top-5 99.80%', without top-5 where there are 5 classes or fewer."""
+    line = f"top-1 {100 * metrics['test_top1']:.2f}%"
+    if metrics.get("test_top5") is not None:
+        line += f" - top-5 {100 * metrics['test_top5']:.2f}%"
+    return line
+
+
+def most_confused(confusion: Sequence[Sequence[int]], classes: Sequence[str],
+                  count: int = 10) -> list[tuple[str, str, int]]:
+    """The ``count`` largest off-diagonal cells: (true class, predicted class, images)."""
+    cells = [(n, classes[i], classes[j]) for i, row in enumerate(confusion)
+             for j, n in enumerate(row) if i != j and n > 0]
+    cells.sort(key=lambda cell: -cell[0])
+    return [(true, predicted, n) for n, true, predicted in cells[:count]]
 
 
 def _check_classes(ckpt: dict, classes: Sequence[str], where: str) -> None:
@@ -146,9 +168,10 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
     ckpt = load_checkpoint(path)
     check_run_matches(ckpt, path)
     if data is None:
-        from cifar_inception.data import load_cifar10
+        from cifar_inception.data import load_dataset, trained_dataset
 
-        data = load_cifar10(data_dir or run.recorded_data_dir(ckpt), download=download)
+        data = load_dataset(trained_dataset(ckpt), data_dir or run.recorded_data_dir(ckpt),
+                            download=download)
     _check_classes(ckpt, data.classes, str(path))
     torch_device = pick_device(device)
     model = model_from_checkpoint(ckpt, where=str(path)).to(torch_device)

@@ -113,6 +113,7 @@ def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
         "options": ckpt["model"]["options"],
         "num_classes": ckpt["model"]["num_classes"],
         "classes": ckpt["data"]["classes"],
+        "dataset": ckpt["data"].get("dataset", "cifar10"),
         "mean": ckpt["data"]["mean"],
         "std": ckpt["data"]["std"],
         "params": sum(p.numel() for p in model.parameters()),
@@ -165,7 +166,8 @@ def _to_onnx(wrapper, example, metadata: dict, opset: int) -> tuple[bytes, Calla
             dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
         )
     proto = program.model_proto
-    proto.doc_string = (f"cifar-inception {metadata['model']} on CIFAR-10. "
+    proto.doc_string = (f"cifar-inception {metadata['model']} on {metadata['dataset']} "
+                        f"({metadata['num_classes']} classes). "
                         f"Input {INPUT_DOC}. Outputs {OUTPUT_DOC}.")
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

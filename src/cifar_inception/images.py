@@ -158,31 +158,32 @@ def _scale_to_grey(image: Image.Image, chunk: int = 1 << 20) -> Image.Image:
     return Image.fromarray(grey, mode="L")
 
 
-def to_cifar_array(image: Image.Image) -> np.ndarray:
-    """RGB, resized to 32x32 with Pillow's antialiased bicubic filter, as uint8 (32, 32, 3).
+def to_cifar_array(image: Image.Image, size: int = 32) -> np.ndarray:
+    """RGB, resized to ``size`` x ``size`` with Pillow's antialiased bicubic filter, as uint8
+    (size, size, 3).
 
-    The whole image is squeezed to 32x32 (no crop), as CIFAR-10's own images were made
-    from whole photos; an image already 32x32 is left exactly as it is.
+    The whole image is squeezed to the square (no crop), as CIFAR-10's own images were made
+    from whole photos; an image already that size is left exactly as it is.
     """
     if image.mode in _WIDE_GREY:
         image = _scale_to_grey(image)
     if image.mode == "L":
         # Greyscale is resized while it is one channel: the same pixels as resizing its RGB
         # copy (each channel is resampled alike), without a full-size RGB copy in memory.
-        return np.asarray(to_rgb(_to_32x32(image)), dtype=np.uint8)
-    return np.asarray(_to_32x32(to_rgb(image)), dtype=np.uint8)
+        return np.asarray(to_rgb(_to_square(image, size)), dtype=np.uint8)
+    return np.asarray(_to_square(to_rgb(image), size), dtype=np.uint8)
 
 
-def _to_32x32(image: Image.Image) -> Image.Image:
-    if image.size == (32, 32):
+def _to_square(image: Image.Image, size: int) -> Image.Image:
+    if image.size == (size, size):
         return image
-    return image.resize((32, 32), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 def load_cifar_array(source: str | os.PathLike | bytes, *, name: str | None = None,
-                     max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Open, convert and resize one image: the common path of predict and serve."""
-    return to_cifar_array(open_image(source, name=name, max_pixels=max_pixels))
+                     max_pixels: int = MAX_PIXELS, size: int = 32) -> np.ndarray:
+    """Open, convert and resize one image: the common path of predict, serve and image trees."""
+    return to_cifar_array(open_image(source, name=name, max_pixels=max_pixels), size)
 
 
 def find_images(paths: list[str | os.PathLike]) -> list[Path]:

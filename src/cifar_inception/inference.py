@@ -97,7 +97,8 @@ def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarra
 
 
 def classifier_info(model_name: str, *, options: Any, num_classes: int, params: int | None,
-                    metrics: Any, fmt: str, source: str) -> dict[str, Any]:
+                    metrics: Any, fmt: str, source: str,
+                    dataset: str | None = None) -> dict[str, Any]:
     """The ``info`` of a classifier: what ``predict --json`` prints and ``serve`` describes.
 
     Options and metrics come from the file and may hold NaN or tensors: made JSON-safe here,
@@ -106,6 +107,7 @@ def classifier_info(model_name: str, *, options: Any, num_classes: int, params: 
         "model": model_name,
         "options": json_safe(options),
         "num_classes": num_classes,
+        "dataset": dataset if isinstance(dataset, str) else None,
         "params": params,
         "metrics": json_safe(metrics),
         "format": fmt,
@@ -156,6 +158,7 @@ class TorchClassifier:
             self.model_name,
             options=dict(checkpoint["model"]["options"]),
             num_classes=checkpoint["model"]["num_classes"],
+            dataset=checkpoint["data"].get("dataset", "cifar10"),
             params=sum(p.numel() for p in model.parameters()),
             metrics=dict(checkpoint.get("metrics") or {}),
             fmt="pytorch",
@@ -265,6 +268,7 @@ class OnnxClassifier:
             self.model_name,
             options=meta.get("options", {}),
             num_classes=len(self.classes),
+            dataset=meta.get("dataset"),
             params=meta.get("params"),
             metrics=meta.get("metrics", {}),
             fmt="onnx",

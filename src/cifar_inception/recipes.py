@@ -51,6 +51,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from cifar_inception.data.specs import dataset_names
 from cifar_inception.options import (
     DEVICE_HELP,
     ConfigError,
@@ -121,6 +122,10 @@ class TrainConfig:
         "#sha256=HEX; the model's options must be theirs", group="model",
         metavar="NAME|PATH|URL")
     # data (--data-dir and --no-download are shared with the other commands)
+    dataset: str | None = option(
+        None, "the dataset (default: cifar10, or the classes of an image-folder tree given "
+        "as --data-dir, its folder names)", group="data",
+        choices=dataset_names(), metavar="NAME")
     data_dir: str | None = option(None, group="data", cli=False, runtime=True)
     download: bool = option(True, group="data", cli=False, runtime=True)
     val_size: int = option(5000, "training images held out for validation (0: none)",

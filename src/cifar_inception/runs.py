@@ -321,7 +321,9 @@ def is_evaluation(record: dict) -> bool:
     accuracies per class and a confusion matrix of counts (as far as it has them)."""
     per_class = record.get("per_class", {})
     confusion = record.get("confusion", [])
-    return (all(_is_number(record.get(key)) for key in ("test_loss", "test_top1", "test_top5"))
+    top5 = record.get("test_top5")  # absent where there are 5 classes or fewer
+    return (all(_is_number(record.get(key)) for key in ("test_loss", "test_top1"))
+            and (top5 is None or _is_number(top5))
             and _is_count(record.get("num_images", 0))
             and isinstance(per_class, dict)
             and all(v is None or _is_number(v) for v in per_class.values())

@@ -32,9 +32,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         default=None,
         help=(
-            "where CIFAR-10 is or goes: a folder (holding cifar-10-batches-py/, "
-            "cifar-10-python.tar.gz, or train/ and test/ class folders), the official "
-            "cifar-10-python.tar.gz itself, or an image-folder tree as .zip/.tar/.tar.gz. "
+            "where the data is or goes: a folder (holding cifar-10-batches-py/, "
+            "cifar-10-python.tar.gz, cifar-100-python/, or train/ and test/ class folders), "
+            "an official archive itself, or an image-folder tree as .zip/.tar/.tar.gz (any "
+            "class folders: they are the classes). "
             "Default: $CIFAR_INCEPTION_DATA, else the user cache folder; downloaded there "
             "on first use"
         ),

@@ -20,6 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     add_data_args(parser)
+    from cifar_inception.data.specs import dataset_names
+
+    parser.add_argument("--dataset", choices=dataset_names(), default=None, metavar="NAME",
+                        help="the dataset: " + ", ".join(dataset_names()) + " (default: "
+                             "cifar10, or the classes of an image-folder tree)")
     parser.add_argument("--grid", metavar="FILE.png", default=None,
                         help="also write a figure of 10 random training images per class, "
                              "one labelled row per class")
@@ -31,9 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar_inception.data import channel_stats, load_cifar10, split_train_val
+    from cifar_inception.data import channel_stats, load_dataset, split_train_val
 
-    data = load_cifar10(args.data_dir, download=not args.no_download,
+    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download,
                         progress=sys.stderr.isatty())
     train_x, train_y, _, val_y = split_train_val(data.train_images, data.train_labels,
                                                  val_size=args.val_size, seed=args.seed)

@@ -45,8 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_args(parser)
 
 
+# Up to this many classes the whole confusion matrix is printed; beyond, the pairs most
+# confused (a 100x100 matrix is unreadable in a terminal).
+MAX_MATRIX_CLASSES = 20
+
+
 def format_table(result: dict) -> str:
-    """Headline metrics, per-class accuracy, and the confusion matrix, as plain text."""
+    """Headline metrics, per-class accuracy, and the confusion matrix (or, for many classes,
+    the pairs most confused), as plain text."""
     classes = list(result["per_class"])
     views = f", {result.get('views', 6)} test-time views" if result["tta"] else ""
     lines = [
@@ -54,19 +60,31 @@ def format_table(result: dict) -> str:
         f"images      {result['num_images']} (test set){views}",
         f"loss        {result['test_loss']:.4f} (cross-entropy)",
         f"top-1       {100 * result['test_top1']:6.2f}%",
-        f"top-5       {100 * result['test_top5']:6.2f}%",
+        *([f"top-5       {100 * result['test_top5']:6.2f}%"] if "test_top5" in result else []),
         "",
         f"{'class':<12}{'accuracy':>9}",
     ]
     for name, accuracy in result["per_class"].items():
         shown = "-" if accuracy is None else f"{100 * accuracy:.2f}%"
         lines.append(f"{name:<12}{shown:>9}")
+    if len(classes) > MAX_MATRIX_CLASSES:
+        return "\n".join(lines + _most_confused_lines(result["confusion"], classes))
     width = max(5, *(len(str(v)) for row in result["confusion"] for v in row)) + 1
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
               " " * 12 + "".join(f"{name[:width - 1]:>{width}}" for name in classes)]
     for name, row in zip(classes, result["confusion"]):
         lines.append(f"{name:<12}" + "".join(f"{v:>{width}}" for v in row))
     return "\n".join(lines)
+
+
+def _most_confused_lines(confusion: list[list[int]], classes: list[str]) -> list[str]:
+    from cifar_inception.evaluation import most_confused
+
+    lines = ["", f"most confused pairs ({len(classes)} classes; the full matrix is in the "
+                 "JSON output)", f"{'true class':<20}{'predicted':<20}{'images':>7}"]
+    lines += [f"{true:<20}{predicted:<20}{n:>7}"
+              for true, predicted, n in most_confused(confusion, classes)]
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,17 +16,20 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cifar_inception.data.common import _one_line
+from cifar_inception.data.common import one_line
 from cifar_inception.errors import DataError
+
+__all__ = ["STREAM_ERRORS", "FileEntry", "archive_error", "archive_files", "archive_type",
+           "extract_member", "read_capped", "tar_members"]
 
 _ARCHIVE_SUFFIXES = {".zip": "zip", ".tar": "tar", ".tgz": "tar", ".tar.gz": "tar",
                      ".tar.bz2": "tar", ".tar.xz": "tar"}
 # What a truncated or corrupt tar, gzip or zip stream raises while it is read.
-_STREAM_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError,
+STREAM_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError,
                   RuntimeError, NotImplementedError, ValueError)
 
 # (path parts, size in bytes as listed, a function returning the content given a byte limit)
-_FileEntry = tuple[tuple[str, ...], int, Callable[[int], bytes]]
+FileEntry = tuple[tuple[str, ...], int, Callable[[int], bytes]]
 _READ_CHUNK = 1 << 16
 
 
@@ -42,11 +45,12 @@ def read_capped(handle: io.BufferedIOBase, limit: int, label: str) -> bytes:
         parts.append(chunk)
         total += len(chunk)
         if total > limit:
-            raise DataError(f"{label}: more than {limit:,} bytes, too large for CIFAR-10")
+            raise DataError(f"{label}: more than {limit:,} bytes, too large for a small-image "
+                            "dataset")
     return b"".join(parts)
 
 
-def _archive_type(path: Path) -> str | None:
+def archive_type(path: Path) -> str | None:
     name = path.name.lower()
     for suffix, kind in _ARCHIVE_SUFFIXES.items():
         if name.endswith(suffix):
@@ -54,22 +58,22 @@ def _archive_type(path: Path) -> str | None:
     return None
 
 
-def _archive_files(path: Path) -> Iterator[_FileEntry]:
+def archive_files(path: Path) -> Iterator[FileEntry]:
     """Regular files of a zip or tar, in archive order; read each before asking for the next."""
-    if _archive_type(path) == "zip":
+    if archive_type(path) == "zip":
         return _zip_files(path)
     return _tar_files(path)
 
 
-def _tar_files(path: Path) -> Iterator[_FileEntry]:
+def _tar_files(path: Path) -> Iterator[FileEntry]:
     label = str(path)
-    for tar, member, parts in _tar_members(path, label):
+    for tar, member, parts in tar_members(path, label):
         if member.isreg():
             yield parts, member.size, functools.partial(_read_tar_member, tar, member,
                                                         f"{label}: {member.name}")
 
 
-def _tar_members(path: Path,
+def tar_members(path: Path,
                  label: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo, tuple[str, ...]]]:
     """One forward pass over a tar's members, each checked before anyone may read or write it.
 
@@ -89,8 +93,8 @@ def _tar_members(path: Path,
             _check_tar_end(stream, tar, label)
     except DataError:
         raise
-    except _STREAM_ERRORS as exc:
-        raise _archive_error(label, exc) from None
+    except STREAM_ERRORS as exc:
+        raise archive_error(label, exc) from None
 
 
 def _member_parts(name: str, label: str) -> tuple[str, ...]:
@@ -111,7 +115,7 @@ def _refuse_special_member(member: tarfile.TarInfo, label: str) -> None:
                     "plain files)")
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
+def extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> None:
     # The member walk already refuses what the "data" filter refuses; the filter is a second
     # line of defence where this Python has it.
     if hasattr(tarfile, "data_filter"):
@@ -175,10 +179,10 @@ def _check_tar_end(stream: _TarStream, tar: tarfile.TarFile, label: str) -> None
         pass
 
 
-def _archive_error(label: str, exc: BaseException) -> DataError:
+def archive_error(label: str, exc: BaseException) -> DataError:
     if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError)):
         return DataError(f"{label}: cannot read ({exc.strerror or exc})")
-    return DataError(f"{label}: truncated or corrupt archive ({_one_line(exc)})")
+    return DataError(f"{label}: truncated or corrupt archive ({one_line(exc)})")
 
 
 def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, label: str,
@@ -186,22 +190,22 @@ def _read_tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, label: str,
     try:
         handle = tar.extractfile(member)
         data = read_capped(handle, limit, label) if handle is not None else b""
-    except _STREAM_ERRORS as exc:
-        raise DataError(f"{label}: truncated or corrupt archive ({_one_line(exc)})") from None
+    except STREAM_ERRORS as exc:
+        raise DataError(f"{label}: truncated or corrupt archive ({one_line(exc)})") from None
     if len(data) != member.size:
         raise DataError(f"{label}: truncated archive (the member is cut short)")
     return data
 
 
-def _zip_files(path: Path) -> Iterator[_FileEntry]:
+def _zip_files(path: Path) -> Iterator[FileEntry]:
     label = str(path)
     try:
         archive = zipfile.ZipFile(path)
     except (PermissionError, FileNotFoundError, IsADirectoryError) as exc:
-        raise _archive_error(label, exc) from None
+        raise archive_error(label, exc) from None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise DataError(f"{label}: not a zip file, or a truncated one "
-                        f"({_one_line(exc)})") from None
+                        f"({one_line(exc)})") from None
     with archive:
         for info in archive.infolist():
             name = info.filename.replace("\\", "/")
@@ -220,5 +224,5 @@ def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, label: str
     try:
         with archive.open(info) as handle:
             return read_capped(handle, limit, label)
-    except _STREAM_ERRORS as exc:
-        raise DataError(f"{label}: corrupt or truncated member ({_one_line(exc)})") from None
+    except STREAM_ERRORS as exc:
+        raise DataError(f"{label}: corrupt or truncated member ({one_line(exc)})") from None

@@ -1,26 +1,18 @@
-"""CIFAR-10's names, files, sizes and limits, and the small helpers the data modules share."""
+"""Where data goes, the limits on what a source may make us read, and small shared helpers.
+
+What makes each dataset what it is lives in :mod:`~cifar_inception.data.specs`.
+"""
 
 from __future__ import annotations
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-           "dog", "frog", "horse", "ship", "truck")
-
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE_NAME = "cifar-10-python.tar.gz"
-BATCHES_DIR = "cifar-10-batches-py"
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
-META_FILE = "batches.meta"
-BATCH_FILES = (*TRAIN_BATCHES, TEST_BATCH, META_FILE)
+__all__ = ["APP_NAME", "ENV_CACHE", "ENV_DATA", "MAX_BATCH_BYTES", "MAX_IMAGE_BYTES",
+           "MAX_SOURCE_BYTES", "SPLITS", "one_line", "progress_bar"]
 
 ENV_DATA = "CIFAR_INCEPTION_DATA"
 ENV_CACHE = "CIFAR_INCEPTION_CACHE"
-ENV_URL = "CIFAR_INCEPTION_URL"  # a mirror of the official archive (its MD5 is still checked)
 
 APP_NAME = "cifar-inception"
 SPLITS = ("train", "test")
-IMAGE_SIZE = 32
 
 # Bounds on what a source may make us read into memory. An official batch is 31 MB; a 32x32
 # image file is a few kilobytes even with generous metadata.
@@ -32,7 +24,7 @@ MAX_IMAGE_BYTES = 4 << 20
 MAX_SOURCE_BYTES = 256 << 20
 
 
-def _progress_bar(enabled: bool, **options):  # noqa: ANN202
+def progress_bar(enabled: bool, **options):  # noqa: ANN202
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -40,5 +32,5 @@ def _progress_bar(enabled: bool, **options):  # noqa: ANN202
     return tqdm(leave=False, disable=None, **options)  # None: drawn only on a terminal
 
 
-def _one_line(exc: object) -> str:
+def one_line(exc: object) -> str:
     return " ".join(str(exc).split())[:300]

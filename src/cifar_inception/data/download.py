@@ -11,38 +11,41 @@ import tempfile
 from pathlib import Path
 
 from cifar_inception.data.archives import (
-    _STREAM_ERRORS,
-    _archive_error,
-    _extract_member,
-    _tar_members,
+    STREAM_ERRORS,
+    archive_error,
+    extract_member,
+    tar_members,
 )
-from cifar_inception.data.batches import _check_batches_folder, _has_all_batches
-from cifar_inception.data.common import (
-    ARCHIVE_NAME,
-    BATCHES_DIR,
-    CIFAR10_MD5,
-    CIFAR10_URL,
-    ENV_URL,
-    MAX_BATCH_BYTES,
-    _one_line,
-    _progress_bar,
-)
+from cifar_inception.data.batches import check_batches_folder, has_all_batches
+from cifar_inception.data.common import MAX_BATCH_BYTES, one_line, progress_bar
+from cifar_inception.data.specs import CIFAR10, DatasetSpec
 from cifar_inception.errors import DataError
+
+__all__ = ["download_cifar10", "download_dataset", "extract_official_archive", "fetch_file"]
+
+
+def download_dataset(spec: DatasetSpec, folder: str | os.PathLike, *, url: str | None = None,
+                     md5: str | None = None, progress: bool = True) -> Path:
+    """Download ``spec``'s official archive into ``folder`` and return its path.
+
+    The file arrives under a temporary name and is renamed only once its MD5 matches; a
+    mismatching or broken download is removed. ``url`` defaults to the spec's mirror
+    variable (``$CIFAR_INCEPTION_URL`` for CIFAR-10), else the data set's home page.
+    """
+    if spec.url is None:
+        raise DataError(f"{spec.title} has nothing to download; pass --data-dir PATH")
+    mirror = os.environ.get(spec.url_env) if spec.url_env else None
+    return fetch_file(
+        url or mirror or spec.url, folder, name=spec.archive_name,
+        known_hash=f"md5:{md5 or spec.md5}", what=spec.title, progress=progress,
+        advice=f"without internet, fetch {spec.archive_name} (or an image-folder copy) "
+               "elsewhere and pass --data-dir PATH")
 
 
 def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
                      md5: str | None = None, progress: bool = True) -> Path:
-    """Download the official archive into ``folder`` and return its path.
-
-    The file arrives under a temporary name and is renamed only once its MD5 matches; a
-    mismatching or broken download is removed. ``url`` defaults to ``$CIFAR_INCEPTION_URL``,
-    else the data set's home page.
-    """
-    return fetch_file(
-        url or os.environ.get(ENV_URL) or CIFAR10_URL, folder, name=ARCHIVE_NAME,
-        known_hash=f"md5:{md5 or CIFAR10_MD5}", what="CIFAR-10", progress=progress,
-        advice=f"without internet, fetch {ARCHIVE_NAME} (or an image-folder copy) elsewhere "
-               "and pass --data-dir PATH")
+    """Download the official CIFAR-10 archive into ``folder`` (see :func:`download_dataset`)."""
+    return download_dataset(CIFAR10, folder, url=url, md5=md5, progress=progress)
 
 
 def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: str, what: str,
@@ -78,7 +81,7 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
                 f"the file downloaded from {url} failed the {kind.upper()} check (expected "
                 f"{expected}{', got ' + got.group(1) if got else ''}) and was removed; try "
                 f"again, or {advice}") from None
-        raise DataError(f"cannot download {url}: {_one_line(exc)}") from None
+        raise DataError(f"cannot download {url}: {one_line(exc)}") from None
     except requests.exceptions.HTTPError as exc:
         raise DataError(f"cannot download {url}: the server answered "
                         f"{exc.response.status_code if exc.response is not None else exc}; "
@@ -90,7 +93,7 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
         raise DataError(f"cannot download {what} from {url}: network unreachable "
                         f"({_root_cause(exc)}); {advice}") from None
     except requests.exceptions.RequestException as exc:
-        raise DataError(f"cannot download {url}: {_one_line(exc)}; {advice}") from None
+        raise DataError(f"cannot download {url}: {one_line(exc)}; {advice}") from None
     except OSError as exc:  # after requests' errors, which are OSErrors too: saving failed
         raise DataError(f"cannot save the download in {folder}: {exc.strerror or exc}") from None
     finally:
@@ -100,38 +103,39 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
     return Path(path)
 
 
-def extract_official_archive(archive: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """Extract ``cifar-10-batches-py/`` from the official archive into ``folder``, safely.
+def extract_official_archive(archive: str | os.PathLike, folder: str | os.PathLike,
+                             spec: DatasetSpec = CIFAR10) -> Path:
+    """Extract ``spec``'s batches folder from its official archive into ``folder``, safely.
 
     Every member is checked before it is written: absolute names, ``..``, links and devices
     are refused. Extraction goes to a temporary folder that is renamed into place at the end.
     """
     archive, folder = Path(archive), Path(folder)
-    target = folder / BATCHES_DIR
+    target = folder / spec.batches_dir
     label = str(archive)
     try:
-        scratch = Path(tempfile.mkdtemp(prefix=".cifar-10-extract-", dir=folder))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{spec.name}-extract-", dir=folder))
     except OSError as exc:
         raise DataError(f"cannot extract {label} into {folder}: {exc.strerror or exc}") from None
     try:
         try:
-            with contextlib.closing(_tar_members(archive, label)) as members:
+            with contextlib.closing(tar_members(archive, label)) as members:
                 for tar, member, parts in members:
-                    if not parts or parts[0] != BATCHES_DIR:
+                    if not parts or parts[0] != spec.batches_dir:
                         continue  # not part of the data set: left out
                     if member.isreg() and member.size > MAX_BATCH_BYTES:
                         raise DataError(f"{label}: {member.name} is {member.size:,} bytes, too "
-                                        "large for a CIFAR-10 batch")
-                    _extract_member(tar, member, scratch)
+                                        f"large for a {spec.title} batch")
+                    extract_member(tar, member, scratch)
         except DataError:
             raise
-        except _STREAM_ERRORS as exc:  # while a member was written out
-            raise _archive_error(label, exc) from None
-        _check_batches_folder(scratch / BATCHES_DIR, label)
+        except STREAM_ERRORS as exc:  # while a member was written out
+            raise archive_error(label, exc) from None
+        check_batches_folder(scratch / spec.batches_dir, label, spec)
         try:
-            (scratch / BATCHES_DIR).rename(target)
+            (scratch / spec.batches_dir).rename(target)
         except OSError as exc:
-            if not _has_all_batches(target):  # else another process got there first
+            if not has_all_batches(target, spec):  # else another process got there first
                 raise DataError(f"cannot create {target}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # our own scratch folder only
@@ -158,7 +162,7 @@ class _DownloadBar:
 
     @total.setter
     def total(self, value: int) -> None:
-        self.bar = _progress_bar(True, total=value or None, unit="B", unit_scale=True,
+        self.bar = progress_bar(True, total=value or None, unit="B", unit_scale=True,
                                  unit_divisor=1024, **self.options)
 
     def update(self, count: int) -> None:

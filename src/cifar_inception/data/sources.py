@@ -1,4 +1,8 @@
-"""Finding CIFAR-10 in a folder or file, checksumming it (remembered), and decoding it to arrays."""
+"""Finding a dataset in a folder or file, checksumming it (remembered), and decoding it to arrays.
+
+What a source may hold is a :class:`Wanted`: the official batches of one dataset spec, or an
+image-folder tree read as another.
+"""
 
 from __future__ import annotations
 
@@ -13,54 +17,81 @@ from pathlib import Path
 
 import numpy as np
 
-from cifar_inception.data.archives import _archive_files, _archive_type, _FileEntry, read_capped
-from cifar_inception.data.batches import _check_batches_folder, _parse_batches
+from cifar_inception.data.archives import FileEntry, archive_files, archive_type, read_capped
+from cifar_inception.data.batches import check_batches_folder, parse_batches
 from cifar_inception.data.cache import cache_dir
 from cifar_inception.data.common import (
-    ARCHIVE_NAME,
-    BATCH_FILES,
-    BATCHES_DIR,
     ENV_DATA,
     MAX_BATCH_BYTES,
     MAX_IMAGE_BYTES,
     MAX_SOURCE_BYTES,
     SPLITS,
 )
-from cifar_inception.data.trees import _ImageDecoder, _TreeLayout
+from cifar_inception.data.specs import DatasetSpec
+from cifar_inception.data.trees import ImageDecoder, TreeLayout
 from cifar_inception.errors import DataError
 from cifar_inception.fileio import atomic_write_json
+
+__all__ = ["Decoded", "Source", "Wanted", "decode_source", "find_source", "source_checksum"]
 
 # ---------------------------------------------------------------------------------------------
 # Finding the source
 
 
 @dataclass(frozen=True)
-class _Source:
-    kind: str   # "batches" (a cifar-10-batches-py folder), "archive" (a file), "images" (a folder)
+class Source:
+    kind: str   # "batches" (an official batches folder), "archive" (a file), "images" (a folder)
     path: Path
 
 
-def _find_source(root: Path, explicit: bool) -> _Source | None:
+@dataclass(frozen=True)
+class Wanted:
+    """What a source may be: ``batches``' official files (None: never), or a tree read as
+    ``tree`` (whose classes, when it names none, are the folder names)."""
+
+    batches: DatasetSpec | None
+    tree: DatasetSpec
+
+    @property
+    def title(self) -> str:
+        return (self.batches or self.tree).title
+
+    def cache_key(self) -> str:
+        keys = [spec.cache_key() if spec else "" for spec in (self.batches, self.tree)]
+        return hashlib.sha256("/".join(keys).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    arrays: dict[str, np.ndarray]
+    layout: str                 # "batches" or "images"
+    classes: tuple[str, ...]
+
+
+def find_source(root: Path, explicit: bool, wanted: Wanted) -> Source | None:
     """What ``root`` holds, or None when it is a folder with nothing yet (download there)."""
     if root.is_file():
-        if _archive_type(root) is None:
+        if archive_type(root) is None:
             raise DataError(f"{root} is neither a folder nor a .zip, .tar or .tar.gz archive")
-        return _Source("archive", root)
+        return Source("archive", root)
     if not root.exists():
         if explicit:
             raise DataError(f"{root} does not exist (point --data-dir or ${ENV_DATA} at a "
-                            "CIFAR-10 copy, or at an existing folder to download it into)")
+                            f"{wanted.title} copy, or at an existing folder to download it "
+                            "into)")
         return None
     if not root.is_dir():
         raise DataError(f"{root} is neither a folder nor a file")
-    for folder in (root / BATCHES_DIR, root):
-        if any((folder / name).exists() for name in BATCH_FILES):
-            _check_batches_folder(folder, str(folder))
-            return _Source("batches", folder)
-    if (root / ARCHIVE_NAME).is_file():
-        return _Source("archive", root / ARCHIVE_NAME)
+    spec = wanted.batches
+    if spec is not None:
+        for folder in (root / spec.batches_dir, root):
+            if any((folder / name).exists() for name in spec.batch_files):
+                check_batches_folder(folder, str(folder), spec)
+                return Source("batches", folder)
+        if (root / spec.archive_name).is_file():
+            return Source("archive", root / spec.archive_name)
     tree = _find_tree_root(root)
-    return _Source("images", tree) if tree is not None else None
+    return Source("images", tree) if tree is not None else None
 
 
 def _find_tree_root(root: Path) -> Path | None:
@@ -94,30 +125,52 @@ def _subfolders(folder: Path) -> Iterator[Path]:
 # Decoding: the official batches and image-folder trees, from one stream of files
 
 
-def _decode_source(source: _Source, *, progress: bool) -> tuple[dict[str, np.ndarray], str]:
+def decode_source(source: Source, wanted: Wanted, *, progress: bool) -> Decoded:
     label = str(source.path)
     if source.kind == "batches":
+        spec = wanted.batches
         budget = _ReadBudget(label)
         blobs = {name: budget.charge(_read_file(source.path / name, f"{label}: {name}",
                                                 MAX_BATCH_BYTES))
-                 for name in BATCH_FILES}
-        return _parse_batches(blobs, label), "batches"
+                 for name in spec.batch_files}
+        return _batches_decoded(blobs, label, spec)
     if source.kind == "images":
         files = ((tuple(rel.split("/")), size,
                   functools.partial(_read_file, path, f"{label}: {rel}"))
                  for rel, path, size, _ in _folder_tree_listing(source.path))
-        return _read_entries(files, label, progress=progress)
-    return _read_entries(_archive_files(source.path), label, progress=progress)
+        return _read_entries(files, label, wanted, progress=progress)
+    return _read_entries(archive_files(source.path), label, wanted, progress=progress)
 
 
-def _read_entries(files: Iterable[_FileEntry], label: str, *,
-                  progress: bool) -> tuple[dict[str, np.ndarray], str]:
+def _batches_decoded(blobs: dict[str, bytes], label: str, spec: DatasetSpec) -> Decoded:
+    arrays, classes = parse_batches(blobs, label, spec)
+    return Decoded(_resized(arrays, spec.image_size), "batches", classes)
+
+
+def _resized(arrays: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The official 32x32 images at another ``size``, resized as any other image is."""
+    from PIL import Image
+
+    from cifar_inception.images import to_cifar_array
+
+    for split in SPLITS:
+        images = arrays[f"{split}_images"]
+        if images.shape[1:3] != (size, size):
+            arrays[f"{split}_images"] = np.stack(
+                [to_cifar_array(Image.fromarray(image), size) for image in images]) \
+                if len(images) else np.empty((0, size, size, 3), dtype=np.uint8)
+    return arrays
+
+
+def _read_entries(files: Iterable[FileEntry], label: str, wanted: Wanted, *,
+                  progress: bool) -> Decoded:
     """Sort a stream of files into official batches or an image tree, decoding as they come."""
+    batch_files = wanted.batches.batch_files if wanted.batches is not None else ()
     batches: dict[str, bytes] = {}
-    layout = _TreeLayout(label)
+    layout = TreeLayout(label, wanted.tree)
     budget = _ReadBudget(label)
     seen: set[tuple[str, ...]] = set()
-    with _ImageDecoder(label, progress=progress) as decoder:
+    with ImageDecoder(label, wanted.tree, progress=progress) as decoder:
         for parts, size, read in files:
             if not parts:
                 continue
@@ -125,30 +178,31 @@ def _read_entries(files: Iterable[_FileEntry], label: str, *,
                 raise DataError(f"{label}: holds {'/'.join(parts)!r} twice; refusing an "
                                 "archive with duplicate members")
             seen.add(parts)
-            if len(parts) <= 2 and parts[-1] in BATCH_FILES:
+            if len(parts) <= 2 and parts[-1] in batch_files:
                 if size > MAX_BATCH_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
-                                    "for a CIFAR-10 batch")
+                                    f"for a {wanted.batches.title} batch")
                 budget.check(size)
                 batches[parts[-1]] = budget.charge(read(MAX_BATCH_BYTES))
                 continue
             if layout.add(parts) and layout.healthy:
                 if size > MAX_IMAGE_BYTES:
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
-                                    "for a 32x32 image")
+                                    "for a small image")
                 budget.check(size)
                 decoder.add("/".join(parts), budget.charge(read(MAX_IMAGE_BYTES)))
         if batches:
+            spec = wanted.batches
             if layout.count:
-                raise DataError(f"{label}: holds both CIFAR-10 batch files and image folders; "
-                                "use one or the other")
-            missing = [name for name in BATCH_FILES if name not in batches]
+                raise DataError(f"{label}: holds both {spec.title} batch files and image "
+                                "folders; use one or the other")
+            missing = [name for name in spec.batch_files if name not in batches]
             if missing:
-                raise DataError(f"{label}: incomplete CIFAR-10 batches, missing "
+                raise DataError(f"{label}: incomplete {spec.title} batches, missing "
                                 f"{', '.join(missing)}")
-            return _parse_batches(batches, label), "batches"
-        layout.check()
-        return layout.assemble(decoder.finish()), "images"
+            return _batches_decoded(batches, label, spec)
+        classes = layout.check()
+        return Decoded(layout.assemble(decoder.finish(), classes), "images", classes)
 
 
 class _ReadBudget:
@@ -164,7 +218,7 @@ class _ReadBudget:
     def check(self, size: int) -> None:
         if self.total + size > self.limit:
             raise DataError(f"{self.label}: its files total more than {self.limit:,} bytes, "
-                            "far more than CIFAR-10's 60,000 small images take")
+                            "far more than a dataset of small images takes")
 
     def charge(self, data: bytes) -> bytes:
         self.check(len(data))
@@ -204,11 +258,12 @@ _CHECKSUM = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_MEMO_BYTES = 1 << 20  # 200 remembered sources take about 60 KB
 
 
-def _source_checksum(source: _Source) -> str:
+def source_checksum(source: Source, wanted: Wanted) -> str:
     if source.kind == "archive":
         stats = [("", source.path, _stat(source.path))]
     elif source.kind == "batches":
-        stats = [(name, source.path / name, _stat(source.path / name)) for name in BATCH_FILES]
+        stats = [(name, source.path / name, _stat(source.path / name))
+                 for name in wanted.batches.batch_files]
     else:
         stats = [(rel, path, st) for rel, path, _, st in _folder_tree_listing(source.path)]
     fingerprint = hashlib.sha256(json.dumps(

@@ -87,24 +87,33 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path:
     return save_figure(figure, path)
 
 
+# Beyond this many classes the cells are too small for counts: colour alone shows them, and
+# the figure stops growing (a 100-class matrix at the 10-class cell size is 60 inches wide).
+MAX_COUNTED_CLASSES = 20
+
+
 def plot_confusion_matrix(confusion: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:
     """Counts in each cell; colour is the fraction of the true class (so rows compare)."""
     confusion = np.asarray(confusion, dtype=np.int64)
     totals = confusion.sum(axis=1, keepdims=True)
     fractions = confusion / np.maximum(totals, 1)
     n = len(classes)
-    figure = new_figure(1.0 + 0.62 * n, 0.6 + 0.58 * n)
+    counted = n <= MAX_COUNTED_CLASSES
+    cell = 0.6 if counted else max(0.14, 12.0 / n)
+    figure = new_figure(1.0 + (cell + 0.02) * n, 0.6 + cell * n)
     ax = figure.subplots()
     image = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    for true in range(n):
+    for true in range(n if counted else 0):
         for pred in range(n):
             count = confusion[true, pred]
             if count == 0:
                 continue
             colour = "white" if fractions[true, pred] > 0.55 else "#222222"
             ax.text(pred, true, str(count), ha="center", va="center", fontsize=8, color=colour)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), classes)
+    labels_size = 10 if counted else 5
+    ax.set_xticks(range(n), classes, rotation=45 if counted else 90, ha="right",
+                  rotation_mode="anchor", fontsize=labels_size)
+    ax.set_yticks(range(n), classes, fontsize=labels_size)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"Confusion matrix ({int(confusion.sum()):,} test images)", fontsize=12)

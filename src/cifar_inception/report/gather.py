@@ -93,7 +93,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
         load_trained_model,
         resolve_checkpoint,
     )
-    from cifar_inception.data import load_cifar10
+    from cifar_inception.data import load_dataset, trained_dataset
     from cifar_inception.evaluation import classification_metrics
 
     run = Path(run)
@@ -109,7 +109,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     if data_dir is None:
         data_dir = recorded_data_dir(config, ckpt)
     classifier = TorchClassifier(model, ckpt, source=str(checkpoint), device=device)
-    data = load_cifar10(data_dir, download=download, progress=progress)
+    data = load_dataset(trained_dataset(ckpt), data_dir, download=download, progress=progress)
     if tuple(data.classes) != classifier.classes:
         raise CheckpointError(
             f"{checkpoint} was trained on classes {', '.join(classifier.classes)}; "

@@ -99,10 +99,11 @@ def metric_cards(data: RunData) -> str:
     images = f"{ev['num_images']:,} test images{tta}" if ev.get("num_images") else tta.strip()
     cards = [
         card("Test top-1", percent(ev.get("test_top1")), images),
-        card("Test top-5", percent(ev.get("test_top5"))),
         card("Test loss", "–" if ev.get("test_loss") is None else f"{ev['test_loss']:.4f}",
              "cross-entropy"),
     ]
+    if ev.get("test_top5") is not None:  # only where there are more than 5 classes
+        cards.insert(1, card("Test top-5", percent(ev["test_top5"])))
     if best is not None:
         sub = (f"validation accuracy {percent(best['val_acc'])}"
                if best.get("val_acc") is not None else "last epoch (no validation split)")

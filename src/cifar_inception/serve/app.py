@@ -135,6 +135,7 @@ def model_summary(classifier: Classifier) -> dict[str, Any]:
         "parameters": info.get("params"),
         "num_classes": len(classifier.classes),
         "classes": list(classifier.classes),
+        "dataset": info.get("dataset"),
         "test_top1": metrics.get("test_top1"),
         "metrics": metrics,
     }

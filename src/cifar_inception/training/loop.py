@@ -44,7 +44,7 @@ from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CifarInceptionError, TrainingError
-from cifar_inception.evaluation import EVAL_FILE, evaluate, log_probabilities
+from cifar_inception.evaluation import EVAL_FILE, accuracy_line, evaluate, log_probabilities
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
@@ -89,7 +89,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
           started_at: float | None = None) -> TrainResult:
     """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
 
-    ``data``: a loaded ``CIFAR10`` (default: ``load_cifar10(config.data_dir)``).
+    ``data``: a loaded ``Dataset`` (default: ``load_dataset(config.dataset, config.data_dir)``).
     ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
     run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
     print; only rank 0 logs under torchrun). ``epoch_end(row, model, mean, std)``: called on
@@ -111,9 +111,9 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     if config.processes is not None and config.processes > 1 and not under_launcher():
         check_model(config)  # what can fail at once fails here, as one line
         if data is None:
-            from cifar_inception.data import load_cifar10
+            from cifar_inception.data import load_dataset
 
-            data = load_cifar10(config.data_dir, download=config.download)
+            data = load_dataset(config.dataset, config.data_dir, download=config.download)
         return train_in_processes(config, data, resume, log, config.processes, started_at)
     ctx = distributed.context_from_environment()
     device = distributed.device_for(ctx, pick_device(config.device))
@@ -168,10 +168,10 @@ def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
         held.enter_context(locked(resume_target(resume).folder))
     ckpt, position = _resume_state(config, resume)
     if data is None:
-        from cifar_inception.data import load_cifar10
+        from cifar_inception.data import load_dataset
 
         with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
-            data = load_cifar10(config.data_dir, download=config.download,
+            data = load_dataset(config.dataset, config.data_dir, download=config.download,
                                 progress=ctx.is_main)
     loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
     run_started = time.perf_counter() if started is None else started
@@ -277,9 +277,7 @@ def _final_test(loop: Loop, data: Any, best_epoch: int | None,
                     tta_views=config.tta_views)
     emit(f"test ({BEST}, epoch {best_epoch}"
          f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
-         f"loss {test['test_loss']:.4f} - "
-         f"top-1 {100 * test['test_top1']:.2f}% - top-5 {100 * test['test_top5']:.2f}% "
-         f"({loop.run_dir / EVAL_FILE})")
+         f"loss {test['test_loss']:.4f} - {accuracy_line(test)} ({loop.run_dir / EVAL_FILE})")
     return test
 
 

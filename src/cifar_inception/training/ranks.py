@@ -58,16 +58,17 @@ def train_in_processes(config: TrainConfig, data: Any, resume: str | os.PathLike
 def _write_data(data: Any, path: Path) -> dict:
     np.savez(path, **{name: getattr(data, name) for name in DATA_ARRAYS})
     return {"arrays": str(path), "classes": list(data.classes), "source": data.source,
-            "checksum": data.checksum}
+            "checksum": data.checksum, "name": getattr(data, "name", "cifar10")}
 
 
 def read_data(job: dict) -> Any:
     """The data set the parent passed on, or None (the ranks then load ``data_dir``)."""
     if job["data"] is None:
         return None
-    from cifar_inception.data import CIFAR10
+    from cifar_inception.data import Dataset
 
     with np.load(job["data"]["arrays"]) as arrays:
         loaded = {name: arrays[name] for name in DATA_ARRAYS}
-    return CIFAR10(**loaded, classes=tuple(job["data"]["classes"]),
-                   source=job["data"]["source"], checksum=job["data"]["checksum"])
+    return Dataset(**loaded, classes=tuple(job["data"]["classes"]),
+                   source=job["data"]["source"], checksum=job["data"]["checksum"],
+                   name=job["data"].get("name", "cifar10"))

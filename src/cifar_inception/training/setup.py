@@ -99,7 +99,8 @@ def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> Device
         train_x, train_y = train_x[pick], train_y[pick]
     mean, std = channel_stats(train_x)
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    info = {"source": getattr(data, "source", None), "checksum": getattr(data, "checksum", None),
+    info = {"dataset": getattr(data, "name", "cifar10"),
+            "source": getattr(data, "source", None), "checksum": getattr(data, "checksum", None),
             "train_images": len(train_x), "val_images": len(val_x), "split_seed": SPLIT_SEED,
             "mean": list(mean), "std": list(std)}
 
@@ -203,7 +204,8 @@ class Loop:
         return make_checkpoint(
             model_name=self.config.model, model_options=self.config.model_options,
             num_classes=len(p.classes), classes=list(p.classes), mean=list(p.mean),
-            std=list(p.std), state_dict=self.model.state_dict(), training=training,
+            std=list(p.std), dataset=p.info.get("dataset"),
+            state_dict=self.model.state_dict(), training=training,
             metrics=metrics)
 
 

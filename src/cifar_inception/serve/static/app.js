@@ -1,5 +1,6 @@
 // The demo page: send each chosen, dropped or pasted image to POST /api/predict on its own
-// (so one bad file spoils only its own card) and draw the 32x32 input beside the top-5 bars.
+// (so one bad file spoils only its own card) and draw the 32x32 input beside the top bars
+// (up to 5, fewer where the model has fewer classes).
 "use strict";
 
 const state = { maxUploadBytes: null, previews: [] };
@@ -31,6 +32,7 @@ async function loadModel() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const model = await response.json();
     const parts = [model.model];
+    if (model.dataset) parts.push(`${model.dataset}, ${model.num_classes} classes`);
     if (model.parameters) parts.push(`${model.parameters.toLocaleString("en")} parameters`);
     parts.push(model.test_top1 == null
       ? "test accuracy not measured"
