@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 import tarfile
 import threading
 from dataclasses import replace
@@ -132,6 +133,7 @@ def test_download_verify_extract_and_load(tmp_path, monkeypatch, server, archive
 
 def test_download_with_a_progress_bar(tmp_path, monkeypatch, server, archives, capsys):
     serve(monkeypatch, server, "good.tar.gz", md5_of=archives["good"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is drawn on a terminal
     data.download_cifar10(tmp_path, progress=True)
     assert "cifar-10-python.tar.gz" in capsys.readouterr().err
 
