@@ -169,22 +169,18 @@ class Machine:
         self.lrs: list[float] = []
         self.epoch_steps: list[int] = []
         self.steps_since_validation = 0
-        real_optimise, real_validate, real_evaluate, real_log_probabilities = (
-            loop_mod.optimise, loop_mod.validation_metrics, loop_mod.evaluate,
+        real_step, real_validate, real_evaluate, real_log_probabilities = (
+            loop_mod.train_step, loop_mod.validation_metrics, loop_mod.evaluate,
             budgeting.log_probabilities)
 
-        def optimise(net, optimizer, *args, **kwargs):
+        def probe_step(*args, **kwargs):
             self.now += self.step_s(self.now - self.started)
-            return real_optimise(net, optimizer, *args, **kwargs)
+            return real_step(*args, **kwargs)
 
-        def probe_optimise(*args, **kwargs):
-            self.now += self.step_s(self.now - self.started)
-            return real_optimise(*args, **kwargs)
-
-        def training_step(net, optimizer, *args, **kwargs):
-            self.lrs.append(optimizer.param_groups[0]["lr"])
+        def training_step(*args, **kwargs):
+            self.lrs.append(kwargs["lr"])
             self.steps_since_validation += 1
-            return optimise(net, optimizer, *args, **kwargs)
+            return probe_step(*args, **kwargs)
 
         def validate(model, prepared, *args, **kwargs):
             self.now += IMAGE_S * prepared.val_x.shape[0]
@@ -200,8 +196,8 @@ class Machine:
             self.now += IMAGE_S * images.shape[0]
             return real_log_probabilities(net, images, *args, **kwargs)
 
-        monkeypatch.setattr(loop_mod, "optimise", training_step)
-        monkeypatch.setattr(budgeting, "optimise", probe_optimise)
+        monkeypatch.setattr(loop_mod, "train_step", training_step)
+        monkeypatch.setattr(budgeting, "train_step", probe_step)
         monkeypatch.setattr(loop_mod, "validation_metrics", validate)
         monkeypatch.setattr(loop_mod, "evaluate", evaluate)
         monkeypatch.setattr(budgeting, "log_probabilities", probe_evaluation)

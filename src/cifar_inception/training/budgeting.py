@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from cifar_inception import distributed
-from cifar_inception.augment import normalize
 from cifar_inception.budget import (
     EPOCH_FIXED_S,
     RANK_PROBE_STEPS,
@@ -45,13 +44,14 @@ from cifar_inception.fileio import atomic_write_json
 from cifar_inception.models.registry import model_options
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
-from cifar_inception.training.optim import Lookahead, build_optimizer, optimise
+from cifar_inception.training.optim import Lookahead, build_optimizer
 from cifar_inception.training.setup import (
     Loop,
     autocast_for,
     seeded_generator,
     uses_channels_last,
 )
+from cifar_inception.training.step import train_step
 
 
 def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
@@ -163,17 +163,14 @@ def measure_rates(loop: Loop) -> Rates:
     optimizer = build_optimizer(config, model)
     lookahead = (Lookahead(model, config.lookahead_steps, config.lookahead_decay)
                  if config.lookahead else None)
-    autocast, channels_last = autocast_for(config, device), uses_channels_last(config, device)
-    batch = distributed.per_rank_batch(config.batch_size, loop.ctx)
-    images, targets = data.train_x[:batch], data.train_y[:batch]
+    probe = replace(loop, model=model, net=net, optimizer=optimizer, lookahead=lookahead)
+    images, labels = data.train_x[:config.batch_size], data.train_y[:config.batch_size]
     calls = 0
 
     def step() -> None:
         nonlocal calls
-        augmented = loop.policy(images, generator=seeded_generator(device, "probe"))
-        x = normalize(augmented, data.mean, data.std, channels_last=channels_last)
-        optimise(net, optimizer, x, targets, loop.aux_weights, config.label_smoothing,
-                 autocast)
+        train_step(probe, images, labels, lr=config.lr,
+                   generator=seeded_generator(device, "probe"))
         calls += 1
         if lookahead is not None:
             lookahead.after_step(calls, 1 << 30)
@@ -202,7 +199,7 @@ def measure_rates(loop: Loop) -> Rates:
         return run
 
     per_image = 1.0 / sample.shape[0]
-    val_s = time_per_call(evaluate_sample(True, channels_last), min_seconds=0.5,
+    val_s = time_per_call(evaluate_sample(True, uses_channels_last(config, device)), min_seconds=0.5,
                           min_calls=1) * per_image
     # The final test evaluates best.pt as evaluate() does: fp32, in its layout.
     test_s = time_per_call(evaluate_sample(False, test_in_channels_last(device)),

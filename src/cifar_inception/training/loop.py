@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from cifar_inception import distributed
-from cifar_inception.augment import alternating_flips, normalize
+from cifar_inception.augment import alternating_flips
 from cifar_inception.budget import TTA_SHARE, RunPlan, epochs_for
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
@@ -63,7 +63,6 @@ from cifar_inception.training.budgeting import (
     settle_threads,
     widen_for_budget,
 )
-from cifar_inception.training.optim import optimise
 from cifar_inception.training.ranks import train_in_processes
 from cifar_inception.training.record import _open_run_dir
 from cifar_inception.training.result import TrainResult
@@ -80,6 +79,7 @@ from cifar_inception.training.setup import (
     seeded_generator,
     uses_channels_last,
 )
+from cifar_inception.training.step import train_step
 
 
 def train(config: TrainConfig | None = None, data: Any = None, *,
@@ -330,10 +330,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
         else [0.0, 0.0, 0.0]
     sums = torch.tensor(carried, dtype=torch.float64, device=device)
-    cutout_fill = [round(m * 255) for m in data.mean]  # normalises to about zero
     check_every = 10 if loop.cuda else 1  # a check syncs CUDA; the CPU pays nothing
-    autocast = autocast_for(config, device)
-    channels_last = uses_channels_last(config, device)
     flips = None
     if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
         flips = alternating_flips(n_train, epoch,
@@ -347,24 +344,15 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     step = position.step
     while step < loop.steps_in_epoch(epoch):  # a budget's plan may move the epoch's end
         lr = loop.lr_at(first + step)
-        for group in loop.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        # The whole global batch is augmented alike on every rank; each keeps its share.
-        with record_function("data"):
-            if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
-                order = _more_order(order, n_train, device, config.seed, epoch)
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images = loop.policy(data.train_x[index], fill=cutout_fill,
-                                 flip_mask=None if flips is None else flips[index],
-                                 generator=seeded_generator(device, config.seed, "augment",
-                                                            epoch, step))
-            images = distributed.shard(images, ctx)
-            targets = distributed.shard(data.train_y[index], ctx)
-            x = normalize(images, data.mean, data.std, channels_last=channels_last)
+        if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
+            order = _more_order(order, n_train, device, config.seed, epoch)
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
         frozen = (stem_bias if stem_bias is not None and not loop.bias_trains_at(first + step)
                   else None)
-        loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
-                                config.label_smoothing, autocast, frozen=frozen)
+        loss, logits, targets = train_step(
+            loop, data.train_x[index], data.train_y[index], lr=lr,
+            generator=seeded_generator(device, config.seed, "augment", epoch, step),
+            flip_mask=None if flips is None else flips[index], frozen=frozen)
         sums += torch.stack([loss.detach().double() * per_rank,
                              (logits.argmax(1) == targets).sum().double(),
                              torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
