@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from synthetic_data import TINY, easy_data
 
 from cifar_inception.budget import (
     TARGET,
-    Plan,
     TTA_SHARE,
     BudgetError,
+    Plan,
     Rates,
     affordable_views,
     plan,
@@ -23,10 +24,10 @@ from cifar_inception.budget import (
 )
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
-from cifar_inception.training import Loop, budgeting, lr_factor, train
+from cifar_inception.training import budgeting, train
 from cifar_inception.training.budgeting import widen_for_budget
-
-from synthetic_data import TINY, easy_data
+from cifar_inception.training.optim import lr_factor
+from cifar_inception.training.setup import Loop
 
 
 def test_plan_takes_the_most_steps_whose_validations_and_test_fit():

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from synthetic_data import TINY, easy_data
 
 import cifar_inception.training.budgeting as budgeting
 import cifar_inception.training.loop as loop_mod
@@ -26,11 +27,9 @@ from cifar_inception.budget import (
 )
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.recipes import build_config
-from cifar_inception.training import lr_factor, resume_config, train
+from cifar_inception.training import resume_config, train
 from cifar_inception.training.budgeting import ThreadWatch, settle_threads
-from cifar_inception.training.optim import lr_at_progress
-
-from synthetic_data import TINY, easy_data
+from cifar_inception.training.optim import lr_at_progress, lr_factor
 
 BUDGET = 60.0
 STEPS_PER_EPOCH = 500 // 32  # 600 images, 100 held out, batches of 32

@@ -50,7 +50,7 @@ def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
     return config.num_threads or max(1, usable_cores() // ctx.world_size)
 
 
-def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
+def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
     """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
     threads = _threads_for(config, ctx)
     torch.set_num_threads(threads)
@@ -207,7 +207,7 @@ class Loop:
             metrics=metrics)
 
 
-def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
+def build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
                 device: torch.device, ckpt: dict | None) -> Loop:
     """Model, optimiser and the rest, fresh or restored from ``ckpt``."""
     steps_per_epoch = prepared.train_x.shape[0] // config.batch_size  # drop the last partial
@@ -272,7 +272,7 @@ def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
     return config.whiten_init and timed and hasattr(model, "stem_conv")
 
 
-def _fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
+def fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
     """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
     return loop.model.stem_conv().bias if _stem_is_fixed(loop.config, loop.model) else None
 
