@@ -41,7 +41,7 @@ from cifar_inception.evaluation import (
     test_in_channels_last,
 )
 from cifar_inception.fileio import atomic_write_json
-from cifar_inception.models.registry import model_options
+from cifar_inception.models.registry import can_widen
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
 from cifar_inception.training.optim import Lookahead, build_optimizer
@@ -121,8 +121,7 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig
     config). A width the caller set (``--width``) is kept as it is, and a model without a
     width option (or whose default width is not 1) is left alone."""
     config, wanted = loop.config, loop.config.widen_for_epochs
-    if (wanted is None or "width" in config.model_options
-            or model_options(config.model).get("width") != 1.0):  # set, or none to widen
+    if wanted is None or "width" in config.model_options or not can_widen(config.model):
         return loop, budget_plan
     width, bought = 1.0, _epochs_bought(loop, budget_plan)
     if bought < wanted:
