@@ -350,10 +350,11 @@ def test_every_registered_model_follows_the_model_rules(name):
 
     from cifar_inception.models import hooks
     from cifar_inception.models.registry import can_widen, get_builder, model_info
-    from cifar_inception.recipes import RECIPES
+    from cifar_inception.recipes import RECIPES, default_recipe_name
 
     info = model_info(name)
     assert info.recipe in RECIPES and info.input_size >= 8
+    assert info.recipe == default_recipe_name(name, cuda=False)
     parameters = inspect.signature(get_builder(name)).parameters
     assert "num_classes" in parameters and model_purpose(name)
     assert all(p.default is not p.empty for p in parameters.values() if p.kind != p.VAR_KEYWORD)

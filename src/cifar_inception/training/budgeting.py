@@ -20,6 +20,7 @@ from cifar_inception.budget import (
     EPOCH_FIXED_S,
     RANK_PROBE_STEPS,
     TARGET,
+    TTA_SHARE,
     BudgetError,
     Pace,
     Plan,
@@ -374,3 +375,12 @@ class ThreadWatch:
             return self.cores
         fewer = fewer_threads(self.cores)
         return fewer[0] if fewer else None
+
+
+def fewer_views_line(asked: int, kept: int) -> str:
+    if kept:
+        return (f"test-time augmentation with {kept} views (the image and its mirror): "
+                f"{asked} views of the test set would take over {TTA_SHARE:.0%} of the budget "
+                "on this machine")
+    return (f"test-time augmentation off: even its fewest views of the test set would take "
+            f"over {TTA_SHARE:.0%} of the budget on this machine")

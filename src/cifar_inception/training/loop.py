@@ -23,11 +23,9 @@ stops the run before anything of the bad epoch is written.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,7 @@ from torch.profiler import record_function
 
 from cifar_inception import distributed
 from cifar_inception.augment import alternating_flips
-from cifar_inception.budget import TTA_SHARE, RunPlan, epochs_for
+from cifar_inception.budget import RunPlan, epochs_for
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
@@ -59,6 +57,7 @@ from cifar_inception.runs import (
 )
 from cifar_inception.training.budgeting import (
     FollowBudget,
+    fewer_views_line,
     plan_budget,
     settle_threads,
     widen_for_budget,
@@ -74,11 +73,18 @@ from cifar_inception.training.setup import (
     check_model,
     fit_cpu,
     fixed_stem_bias,
+    more_order,
     prepare_data,
     seeded_generator,
     uses_channels_last,
 )
 from cifar_inception.training.step import train_step
+from cifar_inception.training.stopping import (
+    StopRequest,
+    diverged_message,
+    interrupts_raise,
+    stop_message,
+)
 
 
 def train(config: TrainConfig | None = None, data: Any = None, *,
@@ -214,7 +220,7 @@ def _fit_budget(run: Run, ctx: DistContext, device: torch.device
         test_images, run.started, emit)
     config = loop.config
     if config.tta and budget_plan.tta_views < config.tta_views:
-        emit(_fewer_views_line(config.tta_views, budget_plan.tta_views))
+        emit(fewer_views_line(config.tta_views, budget_plan.tta_views))
     loop.config = replace(config, train_steps=budget_plan.train_steps,
                           epochs=budget_plan.epochs, tta=budget_plan.tta_views > 0,
                           tta_views=budget_plan.tta_views or config.tta_views)
@@ -234,7 +240,7 @@ def run_epochs(run: Run) -> None:
             config = loop.config
             if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
                 run.status = "paused"
-                run.message = _stop_message(f"paused after epoch {epoch} of {config.epochs}",
+                run.message = stop_message(f"paused after epoch {epoch} of {config.epochs}",
                                             loop.run_dir, saved=False)
                 emit(run.message)
                 return
@@ -250,7 +256,7 @@ def run_epochs(run: Run) -> None:
                 if ctx.is_main:
                     save_checkpoint(loop.run_dir / LAST, loop.checkpoint(run.position, None))
                 run.status = "interrupted"
-                run.message = _stop_message(
+                run.message = stop_message(
                     f"interrupted at epoch {epoch + 1}, step {result.stopped_at} of "
                     f"{loop.steps_in_epoch(epoch)}", loop.run_dir, saved=True)
                 return
@@ -259,7 +265,7 @@ def run_epochs(run: Run) -> None:
             # since a signal reaches each at its own moment and they must all stop here.
             if distributed.any_rank(stop.requested, ctx, loop.device):
                 run.status = "interrupted"
-                run.message = _stop_message(f"interrupted after epoch {epoch + 1}",
+                run.message = stop_message(f"interrupted after epoch {epoch + 1}",
                                             loop.run_dir, saved=True)
                 return
 
@@ -295,7 +301,7 @@ def finish(run: Run) -> TrainResult:
                 test = _final_test(loop, run.data, position.best_epoch, run.emit)
         except KeyboardInterrupt:  # eval.json is written atomically: none, or a whole one
             run.status = "interrupted"
-            run.message = _stop_message(f"interrupted during the test of {BEST}",
+            run.message = stop_message(f"interrupted during the test of {BEST}",
                                         loop.run_dir, saved=False)
     return TrainResult(loop.run_dir, run.status, position.epoch, history, best, test,
                        run.message)
@@ -323,15 +329,6 @@ def _recorded_plan(ckpt: dict, config: TrainConfig) -> RunPlan | None:
     if saved is None or saved.get("total_steps") != config.train_steps:
         return None
     return RunPlan.from_dict(saved)
-
-
-def _fewer_views_line(asked: int, kept: int) -> str:
-    if kept:
-        return (f"test-time augmentation with {kept} views (the image and its mirror): "
-                f"{asked} views of the test set would take over {TTA_SHARE:.0%} of the budget "
-                "on this machine")
-    return (f"test-time augmentation off: even its fewest views of the test set would take "
-            f"over {TTA_SHARE:.0%} of the budget on this machine")
 
 
 @dataclass(frozen=True)
@@ -378,7 +375,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     while step < loop.steps_in_epoch(epoch):  # a budget's plan may move the epoch's end
         lr = loop.lr_at(first + step)
         if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
-            order = _more_order(order, n_train, device, config.seed, epoch)
+            order = more_order(order, n_train, device, config.seed, epoch)
         index = order[step * config.batch_size:(step + 1) * config.batch_size]
         frozen = (stem_bias if stem_bias is not None and not loop.bias_trains_at(first + step)
                   else None)
@@ -401,7 +398,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
                 ctx, op="max").tolist()
             if diverged:
                 bar.close()
-                raise TrainingError(_diverged_message(loop.run_dir, epoch, step - 1, lr))
+                raise TrainingError(diverged_message(loop.run_dir, epoch, step - 1, lr))
             if follow is not None:
                 follow.after_step(loop, first + step, epoch, elapsed)
         if loop.lookahead is not None:  # after the plan is settled: the last step ends on it
@@ -420,15 +417,6 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     bar.close()
     loss_sum, correct, seen = distributed.all_reduce(sums, ctx).tolist()
     return EpochResult(loss_sum, correct, seen, lr, stopped_at)
-
-
-def _more_order(order: torch.Tensor, n_train: int, device: torch.device, seed: int,
-                epoch: int) -> torch.Tensor:
-    """The epoch's order followed by another permutation, for the steps of a sliver folded
-    into the epoch (each drawn from its own generator: the epoch's own order is unchanged)."""
-    more = torch.randperm(n_train, device=device, generator=seeded_generator(
-        device, seed, "order", epoch, "folded", order.numel() // n_train))
-    return torch.cat([order, more])
 
 
 @torch.no_grad()
@@ -489,57 +477,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second one stops now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals reach only the main thread; nothing to install
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-@contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the block (SIGTERM would otherwise end
-    the process with no word), for work that is dropped whole when stopped: the test."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _stop_message(stopped: str, run_dir: Path | None, *, saved: bool) -> str:
-    """How the run stopped, the last.pt it saved (``saved``), and the command that continues it."""
-    if run_dir is None:  # a rank other than 0 under torchrun: rank 0 saves and says where
-        return f"{stopped}; rank 0 saved the run"
-    kept = f"; saved {run_dir / LAST}" if saved else ""
-    return f"{stopped}{kept}; continue with: cifar-inception train --resume {run_dir}"
-
-
 def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
     """A tqdm bar where it is drawn, stderr, is a terminal; a silent stand-in elsewhere."""
     from tqdm import tqdm
@@ -547,14 +484,6 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContex
     return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
                 unit="step", leave=False, disable=None if ctx.is_main else True,
                 dynamic_ncols=True)
-
-
-def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) -> str:
-    last = run_dir / LAST if run_dir is not None else None
-    kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
-            else "no checkpoint was written")
-    return (f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}), "
-            f"learning rate {lr:.3g}; stopped, {kept}. Try a lower --lr")
 
 
 def format_epoch_line(row: dict, epochs: int) -> str:

@@ -39,6 +39,15 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def more_order(order: torch.Tensor, n_train: int, device: torch.device, seed: int,
+                epoch: int) -> torch.Tensor:
+    """The epoch's order followed by another permutation, for the steps of a sliver folded
+    into the epoch (each drawn from its own generator: the epoch's own order is unchanged)."""
+    more = torch.randperm(n_train, device=device, generator=seeded_generator(
+        device, seed, "order", epoch, "folded", order.numel() // n_train))
+    return torch.cat([order, more])
+
+
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(derived_seed(*parts))
