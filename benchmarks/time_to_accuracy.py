@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from _common import (
     describe,
     environment,
@@ -49,9 +48,11 @@ from _common import (
     run_script,
     write_json,
 )
+
 from cifar_inception.evaluation import classification_metrics, log_probabilities
 from cifar_inception.recipes import TrainConfig, build_config, get_recipe
-from cifar_inception.training import autocast_for, train, uses_channels_last
+from cifar_inception.training import train
+from cifar_inception.training.setup import autocast_for, uses_channels_last
 
 DEFAULT_CHECKPOINTS = {"cpu": (120.0, 300.0, 600.0), "cuda": (2.0, 3.0, 5.0, 10.0)}
 DEFAULT_TARGETS = (0.90, 0.92, 0.94)

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from synthetic_data import TINY, easy_data
 
 from cifar_inception.budget import (
     TARGET,
-    Plan,
     TTA_SHARE,
     BudgetError,
+    Plan,
     Rates,
     affordable_views,
     plan,
@@ -23,10 +24,10 @@ from cifar_inception.budget import (
 )
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
-from cifar_inception.training import Loop, budgeting, lr_factor, train
+from cifar_inception.training import budgeting, train
 from cifar_inception.training.budgeting import widen_for_budget
-
-from synthetic_data import TINY, easy_data
+from cifar_inception.training.optim import lr_factor
+from cifar_inception.training.setup import Loop
 
 
 def test_plan_takes_the_most_steps_whose_validations_and_test_fit():
@@ -267,3 +268,30 @@ def test_every_rank_plans_from_the_slowest_rank_s_rates(monkeypatch):
                            prepared=SimpleNamespace(val_x=torch.empty(100, 1)),
                            steps_per_epoch=20)
     assert budgeting.plan_budget(loop, 0, time.perf_counter()).rates == theirs
+
+
+def test_the_probe_and_the_loop_take_the_one_training_step(tmp_path, monkeypatch):
+    """The budget's probe measures the step the loop takes: both go through train_step (the
+    probe on a copy of the model), so per-step work added there is measured as well."""
+    import cifar_inception.training.loop as loop_mod
+    import cifar_inception.training.step as step_mod
+    from cifar_inception import distributed
+
+    assert loop_mod.train_step is budgeting.train_step is step_mod.train_step
+    stepped = []
+    real_optimise = step_mod.optimise
+    monkeypatch.setattr(step_mod, "optimise",
+                        lambda net, *args, **kwargs: stepped.append(net)
+                        or real_optimise(net, *args, **kwargs))
+    config = build_config(TINY, "default", epochs=1, batch_size=32, val_size=32,
+                          out_dir=str(tmp_path / "runs"), name="run", test=False,
+                          num_threads=1)
+    run = loop_mod.prepare(config, easy_data(n_train=128, n_test=16), None,
+                           distributed.context_from_environment(), torch.device("cpu"),
+                           lambda _: None)
+    budgeting.measure_rates(run.loop)
+    probed = len(stepped)
+    loop_mod.run_epochs(run)
+    assert probed > 0 and len(stepped) - probed == run.loop.total_steps
+    assert run.loop.net not in stepped[:probed]  # the probe steps a copy of the model
+    assert all(net is run.loop.net for net in stepped[probed:])

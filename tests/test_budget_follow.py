@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from synthetic_data import TINY, easy_data
 
 import cifar_inception.training.budgeting as budgeting
 import cifar_inception.training.loop as loop_mod
@@ -26,11 +27,9 @@ from cifar_inception.budget import (
 )
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.recipes import build_config
-from cifar_inception.training import lr_factor, resume_config, train
+from cifar_inception.training import resume_config, train
 from cifar_inception.training.budgeting import ThreadWatch, settle_threads
-from cifar_inception.training.optim import lr_at_progress
-
-from synthetic_data import TINY, easy_data
+from cifar_inception.training.optim import lr_at_progress, lr_factor
 
 BUDGET = 60.0
 STEPS_PER_EPOCH = 500 // 32  # 600 images, 100 held out, batches of 32
@@ -169,22 +168,18 @@ class Machine:
         self.lrs: list[float] = []
         self.epoch_steps: list[int] = []
         self.steps_since_validation = 0
-        real_optimise, real_validate, real_evaluate, real_log_probabilities = (
-            loop_mod.optimise, loop_mod.validation_metrics, loop_mod.evaluate,
+        real_step, real_validate, real_evaluate, real_log_probabilities = (
+            loop_mod.train_step, loop_mod.validation_metrics, loop_mod.evaluate,
             budgeting.log_probabilities)
 
-        def optimise(net, optimizer, *args, **kwargs):
+        def probe_step(*args, **kwargs):
             self.now += self.step_s(self.now - self.started)
-            return real_optimise(net, optimizer, *args, **kwargs)
+            return real_step(*args, **kwargs)
 
-        def probe_optimise(*args, **kwargs):
-            self.now += self.step_s(self.now - self.started)
-            return real_optimise(*args, **kwargs)
-
-        def training_step(net, optimizer, *args, **kwargs):
-            self.lrs.append(optimizer.param_groups[0]["lr"])
+        def training_step(*args, **kwargs):
+            self.lrs.append(kwargs["lr"])
             self.steps_since_validation += 1
-            return optimise(net, optimizer, *args, **kwargs)
+            return probe_step(*args, **kwargs)
 
         def validate(model, prepared, *args, **kwargs):
             self.now += IMAGE_S * prepared.val_x.shape[0]
@@ -200,8 +195,8 @@ class Machine:
             self.now += IMAGE_S * images.shape[0]
             return real_log_probabilities(net, images, *args, **kwargs)
 
-        monkeypatch.setattr(loop_mod, "optimise", training_step)
-        monkeypatch.setattr(budgeting, "optimise", probe_optimise)
+        monkeypatch.setattr(loop_mod, "train_step", training_step)
+        monkeypatch.setattr(budgeting, "train_step", probe_step)
         monkeypatch.setattr(loop_mod, "validation_metrics", validate)
         monkeypatch.setattr(loop_mod, "evaluate", evaluate)
         monkeypatch.setattr(budgeting, "log_probabilities", probe_evaluation)

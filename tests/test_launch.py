@@ -1,4 +1,4 @@
-"""Training in several processes that train() starts itself (--processes)."""
+"""Training in several processes that train_in_processes() starts (--processes)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from cifar_inception.errors import TrainingError
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import build_config
-from cifar_inception.training import resume_config, train
+from cifar_inception.training import resume_config, train, train_in_processes
 
 TESTS = Path(__file__).resolve().parent
 
@@ -51,7 +51,7 @@ def config_for(tmp_path, **overrides):
 def test_two_processes_train_one_run(tmp_path):
     assert not under_launcher()
     lines = []
-    result = train(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lines.append)
+    result = train_in_processes(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lines.append)
     assert result.status == "completed" and len(result.history) == 2
     assert result.test is not None and 0 <= result.test["test_top1"] <= 1
     record = json.loads((result.run_dir / "config.json").read_text())
@@ -64,7 +64,7 @@ def test_a_failing_rank_is_one_error_with_its_message(tmp_path):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the run folder would go")
     with pytest.raises(TrainingError, match="runs") as raised:
-        train(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lambda _: None)
+        train_in_processes(config_for(tmp_path), easy_data(n_train=200, n_test=40), log=lambda _: None)
     assert "\n" not in str(raised.value)
 
 
@@ -88,7 +88,7 @@ def test_ctrl_c_stops_every_process_and_the_run_resumes(tmp_path):
     assert job.returncode == 130, err
     assert "interrupted" in err and "--resume" in err
     run = tmp_path / "runs" / "run"
-    result = train(resume_config(run, epochs=len(json.loads(
+    result = train_in_processes(resume_config(run, epochs=len(json.loads(
         "[" + ",".join(metrics.read_text().splitlines()) + "]")) + 1), resume=run,
         log=lambda _: None)
     assert result.status == "completed"
@@ -101,7 +101,7 @@ def test_a_budget_split_into_processes_ends_in_step(tmp_path):
     planned one step more would wait forever for the others)."""
     config = config_for(tmp_path, budget=20.0, dist_timeout=60.0, test=False)
     started = time.perf_counter()
-    result = train(config, easy_data(n_train=400, n_test=20), log=lambda _: None)
+    result = train_in_processes(config, easy_data(n_train=400, n_test=20), log=lambda _: None)
     assert result.status == "completed"
     assert time.perf_counter() - started < 60
     recorded = json.loads((result.run_dir / "config.json").read_text())["config"]

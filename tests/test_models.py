@@ -6,13 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from model_names import project_models
 
 import cifar_inception
 from cifar_inception.errors import ModelError
 from cifar_inception.models import InceptionOutputs, create_model, list_models
 from cifar_inception.models.blocks import scale_width
 from cifar_inception.models.registry import model_options, model_purpose, parse_options
-from model_names import project_models
 
 # The report's parameter totals (its Keras tables), and the issue's figure for fix_3x3.
 REPORT_PARAMS = {
@@ -338,3 +338,35 @@ def test_torch_compile_matches_eager():
         # the input check survives compilation
         with pytest.raises(ModelError, match=r"\(N, 3, 32, 32\)"):
             compiled(torch.zeros(2, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name", project_models())
+def test_every_registered_model_follows_the_model_rules(name):
+    """The rules of cifar_inception.models.hooks, for every registered model: a builder of
+    num_classes and defaulted options with a purpose line, known metadata, a width that
+    defaults to 1 where there is one, the logits in eval mode, and one auxiliary output per
+    default auxiliary weight in train mode."""
+    import inspect
+
+    from cifar_inception.models import hooks
+    from cifar_inception.models.registry import can_widen, get_builder, model_info
+    from cifar_inception.recipes import RECIPES, default_recipe_name
+
+    info = model_info(name)
+    assert info.recipe in RECIPES and info.input_size >= 8
+    assert info.recipe == default_recipe_name(name, cuda=False)
+    parameters = inspect.signature(get_builder(name)).parameters
+    assert "num_classes" in parameters and model_purpose(name)
+    assert all(p.default is not p.empty for p in parameters.values() if p.kind != p.VAR_KEYWORD)
+    assert can_widen(name) == ("width" in model_options(name))
+    with torch.device("meta"):  # shapes without memory: seed-naive has 232M parameters
+        model = create_model(name, num_classes=7)
+        x = torch.zeros(2, 3, info.input_size, info.input_size)
+        assert model.eval()(x).shape == (2, 7)
+        output = model.train()(x)
+    aux = output.aux_logits if isinstance(output, InceptionOutputs) else ()
+    assert len(aux) == len(hooks.default_aux_weights(model))
+    assert all(a.shape == (2, 7) for a in aux)
+    assert all(w >= 0 for w in hooks.default_aux_weights(model))
+    stem = hooks.stem_conv(model)
+    assert stem is None or isinstance(stem, nn.Conv2d)

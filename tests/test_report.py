@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from small_model import SMALL as TINY
+from small_model import save_small_checkpoint
 
 from cifar_inception import report
 from cifar_inception.cli import main
 from cifar_inception.errors import CifarInceptionError
-from small_model import SMALL as TINY
-from small_model import save_small_checkpoint
+from cifar_inception.report import figures as report_figures
+from cifar_inception.report import page as report_page
+from cifar_inception.runs import best_epoch
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
            "dog", "frog", "horse", "ship", "truck")
@@ -264,18 +267,18 @@ def test_cli_report_user_errors(tmp_path, data_tree, target, capsys):
 
 
 def test_best_epoch():
-    assert report.best_epoch(METRICS)["epoch"] == 3
+    assert best_epoch(METRICS)["epoch"] == 3
     no_val = [dict(row, val_acc=None, val_loss=None) for row in METRICS]
-    assert report.best_epoch(no_val)["epoch"] == 4
-    assert report.best_epoch([]) is None
+    assert best_epoch(no_val)["epoch"] == 4
+    assert best_epoch([]) is None
 
 
 def test_most_confident_mistakes():
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.05, 0.95], [0.7, 0.3]])
     labels = np.array([0, 0, 1, 0, 1])
     # Wrong: 1 (0.8 sure), 2 (0.6), 3 (0.95), 4 (0.7); most confident first.
-    assert report.most_confident_mistakes(probs, labels, 3).tolist() == [3, 1, 4]
-    assert report.most_confident_mistakes(probs[:1], labels[:1], 5).tolist() == []
+    assert report_figures.most_confident_mistakes(probs, labels, 3).tolist() == [3, 1, 4]
+    assert report_figures.most_confident_mistakes(probs[:1], labels[:1], 5).tolist() == []
 
 
 def test_per_class_rows_from_confusion():
@@ -284,7 +287,7 @@ def test_per_class_rows_from_confusion():
                           metrics=[], evaluation={"confusion": confusion.tolist()},
                           evaluation_source="eval.json",
                           model_info={"model": "m"})
-    a, b, c = report.per_class_rows(data)
+    a, b, c = report_page.per_class_rows(data)
     assert a["accuracy"] == pytest.approx(0.8) and a["precision"] == pytest.approx(8 / 9)
     assert b["confused"] == ("c", 4) and b["correct"] == 5 and b["total"] == 10
     assert c["confused"] is None and c["precision"] == pytest.approx(10 / 14)
@@ -292,8 +295,8 @@ def test_per_class_rows_from_confusion():
 
 def test_curves_without_validation_and_single_epoch(tmp_path):
     no_val = [dict(row, val_acc=None, val_loss=None) for row in METRICS]
-    check_png(report.plot_training_curves(no_val, tmp_path / "a.png"))
-    check_png(report.plot_training_curves(METRICS[:1], tmp_path / "b.png"))
+    check_png(report_figures.plot_training_curves(no_val, tmp_path / "a.png"))
+    check_png(report_figures.plot_training_curves(METRICS[:1], tmp_path / "b.png"))
 
 
 def test_misclassified_grid_when_nothing_is_wrong(tmp_path):
@@ -301,18 +304,18 @@ def test_misclassified_grid_when_nothing_is_wrong(tmp_path):
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(6) % 3
     probs = np.eye(3)[labels] * 0.9 + 0.1 / 3
-    path = report.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png")
+    path = report_figures.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png")
     check_png(path, min_size=(100, 20))
 
 
 def test_confusion_figure_large_counts(tmp_path):
-    check_png(report.plot_confusion_matrix(make_confusion() * 100, CLASSES, tmp_path / "c.png"))
+    check_png(report_figures.plot_confusion_matrix(make_confusion() * 100, CLASSES, tmp_path / "c.png"))
 
 
 def test_format_duration():
-    assert report.format_duration(42) == "42s"
-    assert report.format_duration(630) == "10m 30s"
-    assert report.format_duration(3 * 3600 + 5 * 60) == "3h 05m"
+    assert report_page.format_duration(42) == "42s"
+    assert report_page.format_duration(630) == "10m 30s"
+    assert report_page.format_duration(3 * 3600 + 5 * 60) == "3h 05m"
 
 
 @pytest.mark.parametrize("count", ["1000000", "0", "201"])
@@ -332,7 +335,7 @@ def test_misclassified_figure_shows_at_most_what_exists(tmp_path):
     labels = np.array([0, 1, 2, 0])
     probs = np.eye(3)[[1, 1, 2, 2]]  # two mistakes
     images = np.zeros((4, 32, 32, 3), np.uint8)
-    assert len(report.most_confident_mistakes(probs, labels, report.MAX_MISCLASSIFIED)) == 2
+    assert len(report_figures.most_confident_mistakes(probs, labels, report_figures.MAX_MISCLASSIFIED)) == 2
     with pytest.raises(CifarInceptionError, match="must be from 1 to 200"):
-        report.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png",
+        report_figures.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png",
                                   count=10**6)

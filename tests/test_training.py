@@ -14,20 +14,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import cifar_inception.training as train_mod
 import cifar_inception.training.optim as optim_mod
+import cifar_inception.training.setup as setup_mod
 from cifar_inception.augment import normalize
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.cli import main
+from cifar_inception.errors import TrainingError
 from cifar_inception.models import InceptionOutputs, create_model, list_models
 from cifar_inception.recipes import CPU10_MODEL_OPTIONS, build_config
-from cifar_inception.training import (
-    TrainingError,
+from cifar_inception.training import resume_config, train
+from cifar_inception.training.optim import (
     build_optimizer,
     lr_factor,
     resolve_aux_weights,
-    resume_config,
-    train,
     training_loss,
 )
 
@@ -113,12 +112,12 @@ def test_training_loss_adds_weighted_aux_losses():
 def test_models_that_learn_from_the_data_get_the_training_images(tmp_path, data):
     """inception-cpu whitens its stem from the data: train sets it before the first step."""
     config = build_config("inception-cpu", val_size=60, model_options={"width": 0.25})
-    prepared = train_mod.prepare_data(config, data, torch.device("cpu"))
+    prepared = setup_mod.prepare_data(config, data, torch.device("cpu"))
     model = create_model("inception-cpu", width=0.25)
     untouched = model.stem_conv().weight.clone()
-    train_mod.init_from_data(model, prepared)
+    setup_mod.init_from_data(model, prepared)
     expected = create_model("inception-cpu", width=0.25)
-    expected.init_from_data(normalize(prepared.train_x[:train_mod.INIT_IMAGES],
+    expected.init_from_data(normalize(prepared.train_x[:setup_mod.INIT_IMAGES],
                                         prepared.mean, prepared.std))
     assert not torch.equal(model.stem_conv().weight, untouched)
     assert torch.equal(model.stem_conv().weight, expected.stem_conv().weight)
@@ -265,7 +264,7 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, data, monkeypatch)
     straight = train(tiny_config(tmp_path / "a", model_options=options), data, log=quiet)
 
     calls = {"n": 0}
-    real_loss = train_mod.training_loss
+    real_loss = optim_mod.training_loss
 
     def loss_then_ctrl_c(*args, **kwargs):
         calls["n"] += 1
@@ -309,7 +308,7 @@ def test_existing_run_name_is_refused(tmp_path, data):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, monkeypatch):
     calls = {"n": 0}
-    real_loss = train_mod.training_loss
+    real_loss = optim_mod.training_loss
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
@@ -499,7 +498,7 @@ def test_norm_bias_learning_rate_multiplier():
 def test_lookahead_resets_to_the_average_and_ends_on_it():
     model = torch.nn.Linear(2, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
-    lookahead = train_mod.Lookahead(model, every=2, decay=0.5)
+    lookahead = optim_mod.Lookahead(model, every=2, decay=0.5)
     with torch.no_grad():
         model.weight.fill_(1.0)
     lookahead.after_step(1, 4)                # not a multiple of 2: nothing happens
@@ -519,11 +518,11 @@ def test_whitening_stem_is_frozen_and_its_bias_trains_only_as_long_as_asked(tmp_
     always = train(speed_config(tmp_path / "b", epochs=2, whiten_bias_epochs=2.0), data,
                    log=quiet)
     model = create_model("inception-cpu", width=0.25)
-    prepared = train_mod.prepare_data(speed_config(tmp_path), data, torch.device("cpu"))
+    prepared = setup_mod.prepare_data(speed_config(tmp_path), data, torch.device("cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the runs: a covariance's float sums follow the threads
     try:
-        train_mod.init_from_data(model, prepared)
+        setup_mod.init_from_data(model, prepared)
     finally:
         torch.set_num_threads(threads)
     for run in (never, always):  # the weights stay exactly the whitening

@@ -79,7 +79,12 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
 
         from cifar_inception.serve import create_app
-        from cifar_inception.serve.server import is_loopback, open_listener, run_server, url_of
+        from cifar_inception.serve.server import (
+            is_loopback,
+            open_listener,
+            run_server,
+            url_of,
+        )
 
     max_upload_bytes = max(1, int(args.max_upload_mb * 1024 * 1024))
     source = model_source(args.model, args.weights, default=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from cifar_inception.cli.common import add_command, add_data_args
 
@@ -86,6 +87,20 @@ def print_recipes() -> None:
             print(f"    {model}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
 
 
+def launch(config: Any, resume: str | None = None) -> Any:
+    """Train in this process, or, with --processes N, as N processes that this one starts
+    and waits for (as torchrun would start them)."""
+    from cifar_inception.training import (
+        splits_into_processes,
+        train,
+        train_in_processes,
+    )
+
+    if splits_into_processes(config):
+        return train_in_processes(config, resume=resume)
+    return train(config, resume=resume)
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.list_recipes:
         print_recipes()
@@ -94,7 +109,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from cifar_inception.errors import CifarInceptionError
     from cifar_inception.recipes import build_config, get_recipe
-    from cifar_inception.training import resume_config, train
+    from cifar_inception.training import resume_config
 
     overrides = collect_overrides(args)
     if args.resume:
@@ -102,7 +117,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise CifarInceptionError("--resume continues a run with its own model and "
                                       "recipe; give no MODEL or --recipe with it")
         config = resume_config(args.resume, **overrides)
-        result = train(config, resume=args.resume)
+        result = launch(config, resume=args.resume)
     else:
         device = overrides.get("device", "auto")
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -111,7 +126,7 @@ def run_train(args: argparse.Namespace) -> int:
             found = "a CUDA GPU" if cuda else "no GPU"
             print(f"no model or recipe given; found {found}, so recipe '{config.recipe}': "
                   f"{get_recipe(config.recipe).description}", flush=True)
-        result = train(config)
+        result = launch(config)
     if result.status == "interrupted":
         print(f"cifar-inception: {result.message}", file=sys.stderr)
         return 130

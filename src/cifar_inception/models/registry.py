@@ -1,27 +1,56 @@
-"""A model registry in the manner of timm: ``register_model``, ``create_model``, ``list_models``."""
+"""A model registry in the manner of timm: ``register_model``, ``create_model``, ``list_models``,
+and each model's :class:`ModelInfo` beside it (as timm keeps ``default_cfgs``).
+
+What training may use of a model, and the rules a new one follows, are in
+:mod:`cifar_inception.models.hooks`; ``tests/test_models.py`` checks them for every
+registered model."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch.nn as nn
 
 from cifar_inception.errors import ModelError
 
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the rest of the package knows of a model without building it."""
+
+    recipe: str = "default"  # the recipe ``cifar-inception train MODEL`` uses
+    input_size: int = 32     # the image side the model is built for
+
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_INFO: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator: make a builder ``fn(num_classes=10, **options)`` available under ``name``."""
+def register_model(name: str, *, recipe: str = "default", input_size: int = 32
+                   ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a builder ``fn(num_classes=10, **options)`` available under ``name``,
+    trained by ``recipe`` unless another is named, on images of ``input_size`` pixels."""
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = builder
+        _INFO[name] = ModelInfo(recipe, input_size)
         return builder
 
     return decorator
+
+
+def model_info(name: str) -> ModelInfo:
+    get_builder(name)  # an unknown name is one line
+    return _INFO[name]
+
+
+def can_widen(name: str) -> bool:
+    """Whether a budget may widen the model: it has a ``width`` option whose default is 1."""
+    return model_options(name).get("width") == 1.0
 
 
 def list_models() -> list[str]:

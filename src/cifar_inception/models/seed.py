@@ -67,7 +67,7 @@ class NaiveInception(Branches):
         )
 
 
-@register_model("seed-naive")
+@register_model("seed-naive", recipe="seed")
 def seed_naive(num_classes: int = 10) -> InceptionNet:
     """The report's naive Inception module, as built: a baseline whose weights are one dense layer.
 
@@ -132,7 +132,7 @@ GOOGLENET_WIDTHS = {
 }
 
 
-@register_model("seed-googlenet")
+@register_model("seed-googlenet", recipe="seed")
 def seed_googlenet(num_classes: int = 10, *, fix_3x3: bool = False,
                    aux_logits: bool = True) -> InceptionNet:
     """The report's GoogLeNet, as built, its 1x1 "3x3" quirk included (fix_3x3=True repairs it).
@@ -236,7 +236,7 @@ def report_module_c(in_channels: int, width: int) -> Branches:
     )
 
 
-@register_model("seed-inception-v2")
+@register_model("seed-inception-v2", recipe="seed")
 def seed_inception_v2(num_classes: int = 10, *, aux_logits: bool = True) -> InceptionNet:
     """The report's "Inception v2", as built: v3-style modules, all at 15x15, so slow and large.
 

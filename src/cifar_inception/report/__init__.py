@@ -18,56 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_inception.fileio import atomic_write_text
-from cifar_inception.report.figures import (
-    FIGURE_DPI,
-    MAX_MISCLASSIFIED,
-    TRAIN_COLOUR,
-    VAL_COLOUR,
-    WRONG_COLOUR,
-    check_misclassified_count,
-    draw_figures,
-    most_confident_mistakes,
-    new_figure,
-    plot_confusion_matrix,
-    plot_misclassified,
-    plot_training_curves,
-    save_figure,
-)
-from cifar_inception.report.gather import RunData, gather, predict_test_set, saved_evaluation
-from cifar_inception.report.page import (
-    CSS,
-    card,
-    config_groups,
-    config_table,
-    config_value,
-    esc,
-    figure_section,
-    flatten,
-    format_duration,
-    image_tag,
-    metric_cards,
-    model_line,
-    per_class_rows,
-    per_class_table,
-    percent,
-    render_html,
-)
-from cifar_inception.runs import best_epoch, recorded_data_dir
-from cifar_inception.runs import read_json_object as read_json
+from cifar_inception.report.figures import check_misclassified_count, draw_figures
+from cifar_inception.report.gather import RunData, gather
+from cifar_inception.report.page import render_html
 
-# What this module offered before it became a package: still importable from here.
-__all__ = [
-    "Report", "build_report",
-    "RunData", "gather", "predict_test_set", "saved_evaluation",
-    "read_json", "best_epoch", "recorded_data_dir",
-    "FIGURE_DPI", "TRAIN_COLOUR", "VAL_COLOUR", "WRONG_COLOUR", "new_figure", "save_figure",
-    "plot_training_curves", "plot_confusion_matrix", "most_confident_mistakes",
-    "plot_misclassified", "draw_figures", "MAX_MISCLASSIFIED",
-    "check_misclassified_count",
-    "CSS", "esc", "percent", "image_tag", "card", "format_duration", "metric_cards",
-    "per_class_rows", "per_class_table", "flatten", "config_groups", "config_value",
-    "config_table", "figure_section", "model_line", "render_html",
-]
+__all__ = ["Report", "RunData", "build_report", "gather"]
 
 
 @dataclass

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from cifar_inception import distributed
-from cifar_inception.augment import normalize
 from cifar_inception.budget import (
     EPOCH_FIXED_S,
     RANK_PROBE_STEPS,
     TARGET,
+    TTA_SHARE,
     BudgetError,
     Pace,
     Plan,
@@ -42,16 +42,17 @@ from cifar_inception.evaluation import (
     test_in_channels_last,
 )
 from cifar_inception.fileio import atomic_write_json
-from cifar_inception.models.registry import model_options
+from cifar_inception.models.registry import can_widen
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
-from cifar_inception.training.optim import Lookahead, build_optimizer, optimise
+from cifar_inception.training.optim import Lookahead, build_optimizer
 from cifar_inception.training.setup import (
     Loop,
     autocast_for,
     seeded_generator,
     uses_channels_last,
 )
+from cifar_inception.training.step import train_step
 
 
 def plan_budget(loop: Loop, test_images: int, started: float) -> Plan:
@@ -121,8 +122,7 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig
     config). A width the caller set (``--width``) is kept as it is, and a model without a
     width option (or whose default width is not 1) is left alone."""
     config, wanted = loop.config, loop.config.widen_for_epochs
-    if (wanted is None or "width" in config.model_options
-            or model_options(config.model).get("width") != 1.0):  # set, or none to widen
+    if wanted is None or "width" in config.model_options or not can_widen(config.model):
         return loop, budget_plan
     width, bought = 1.0, _epochs_bought(loop, budget_plan)
     if bought < wanted:
@@ -163,17 +163,14 @@ def measure_rates(loop: Loop) -> Rates:
     optimizer = build_optimizer(config, model)
     lookahead = (Lookahead(model, config.lookahead_steps, config.lookahead_decay)
                  if config.lookahead else None)
-    autocast, channels_last = autocast_for(config, device), uses_channels_last(config, device)
-    batch = distributed.per_rank_batch(config.batch_size, loop.ctx)
-    images, targets = data.train_x[:batch], data.train_y[:batch]
+    probe = replace(loop, model=model, net=net, optimizer=optimizer, lookahead=lookahead)
+    images, labels = data.train_x[:config.batch_size], data.train_y[:config.batch_size]
     calls = 0
 
     def step() -> None:
         nonlocal calls
-        augmented = loop.policy(images, generator=seeded_generator(device, "probe"))
-        x = normalize(augmented, data.mean, data.std, channels_last=channels_last)
-        optimise(net, optimizer, x, targets, loop.aux_weights, config.label_smoothing,
-                 autocast)
+        train_step(probe, images, labels, lr=config.lr,
+                   generator=seeded_generator(device, "probe"))
         calls += 1
         if lookahead is not None:
             lookahead.after_step(calls, 1 << 30)
@@ -202,7 +199,7 @@ def measure_rates(loop: Loop) -> Rates:
         return run
 
     per_image = 1.0 / sample.shape[0]
-    val_s = time_per_call(evaluate_sample(True, channels_last), min_seconds=0.5,
+    val_s = time_per_call(evaluate_sample(True, uses_channels_last(config, device)), min_seconds=0.5,
                           min_calls=1) * per_image
     # The final test evaluates best.pt as evaluate() does: fp32, in its layout.
     test_s = time_per_call(evaluate_sample(False, test_in_channels_last(device)),
@@ -378,3 +375,12 @@ class ThreadWatch:
             return self.cores
         fewer = fewer_threads(self.cores)
         return fewer[0] if fewer else None
+
+
+def fewer_views_line(asked: int, kept: int) -> str:
+    if kept:
+        return (f"test-time augmentation with {kept} views (the image and its mirror): "
+                f"{asked} views of the test set would take over {TTA_SHARE:.0%} of the budget "
+                "on this machine")
+    return (f"test-time augmentation off: even its fewest views of the test set would take "
+            f"over {TTA_SHARE:.0%} of the budget on this machine")

@@ -23,11 +23,9 @@ stops the run before anything of the bad epoch is written.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,8 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from cifar_inception import distributed
-from cifar_inception.augment import alternating_flips, normalize
-from cifar_inception.budget import TTA_SHARE, RunPlan, epochs_for
+from cifar_inception.augment import alternating_flips
+from cifar_inception.budget import RunPlan, epochs_for
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
@@ -59,26 +57,33 @@ from cifar_inception.runs import (
 )
 from cifar_inception.training.budgeting import (
     FollowBudget,
+    fewer_views_line,
     plan_budget,
     settle_threads,
     widen_for_budget,
 )
-from cifar_inception.training.optim import optimise
-from cifar_inception.training.ranks import train_in_processes
-from cifar_inception.training.record import _open_run_dir
+from cifar_inception.training.record import open_run_dir
 from cifar_inception.training.result import TrainResult
-from cifar_inception.training.resume import Position, _resume_state, resume_config
+from cifar_inception.training.resume import Position, resume_config, resume_state
 from cifar_inception.training.setup import (
     DeviceData,
     Loop,
-    _build_loop,
-    _fit_cpu,
-    _fixed_stem_bias,
     autocast_for,
+    build_loop,
     check_model,
+    fit_cpu,
+    fixed_stem_bias,
+    more_order,
     prepare_data,
     seeded_generator,
     uses_channels_last,
+)
+from cifar_inception.training.step import train_step
+from cifar_inception.training.stopping import (
+    StopRequest,
+    diverged_message,
+    interrupts_raise,
+    stop_message,
 )
 
 
@@ -87,7 +92,9 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
           log: Callable[[str], None] | None = None,
           epoch_end: Callable[..., None] | None = None,
           started_at: float | None = None) -> TrainResult:
-    """Train ``config.model`` on CIFAR-10 and return where the run is and how it went.
+    """Train ``config.model`` in this process (one rank of a run, under torchrun or
+    :func:`~cifar_inception.training.ranks.train_in_processes`) and return where the run is
+    and how it went: :func:`prepare`, :func:`run_epochs`, :func:`finish`.
 
     ``data``: a loaded ``Dataset`` (default: ``load_dataset(config.dataset, config.data_dir)``).
     ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
@@ -100,21 +107,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     """
     started_at = time.time() if started_at is None else started_at
     started = time.perf_counter() - (time.time() - started_at)  # a --budget counts from here
-    if config is None:
-        if resume is None:
-            raise TrainingError("give a configuration or a run to resume")
-        config = resume_config(resume)
-    validate(config)
-    if config.data_dir is not None:  # recorded absolute, so evaluation finds it from anywhere
-        config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
-    config = _with_processes(config, epoch_end)
-    if config.processes is not None and config.processes > 1 and not under_launcher():
-        check_model(config)  # what can fail at once fails here, as one line
-        if data is None:
-            from cifar_inception.data import load_dataset
-
-            data = load_dataset(config.dataset, config.data_dir, download=config.download)
-        return train_in_processes(config, data, resume, log, config.processes, started_at)
+    config = _checked(config, resume)
     ctx = distributed.context_from_environment()
     device = distributed.device_for(ctx, pick_device(config.device))
     emit = (log or (lambda line: print(line, flush=True))) if ctx.is_main else (lambda _: None)
@@ -122,10 +115,13 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     held = ExitStack()  # the run folder's lock, from before it is read to the end of the run
     try:
         if device.type == "cpu":
-            config, line = _fit_cpu(config, ctx)
+            config, line = fit_cpu(config, ctx)
             emit(line)
         distributed.init(ctx, device, config.dist_timeout)
-        result = _train(config, data, resume, ctx, device, emit, epoch_end, started, held)
+        run = prepare(config, data, resume, ctx, device, emit, started, held)
+        run.epoch_end = epoch_end
+        run_epochs(run)
+        result = finish(run)
         # Every rank waits for the others before leaving the group: a rank that closed its
         # connections while another still held them open made gloo abort that one at exit
         # ("terminate called without an active exception").
@@ -145,127 +141,170 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
         torch.set_num_threads(threads_before)
 
 
-def _with_processes(config: TrainConfig, epoch_end: Callable[..., None] | None
-                    ) -> TrainConfig:
-    """``--processes`` where it applies: on a CPU, outside torchrun, and not where
-    ``epoch_end`` must see the model after each epoch (it then trains in one process)."""
-    if under_launcher() or pick_device(config.device).type != "cpu":
-        return config
-    if epoch_end is not None or config.processes is None:
-        return replace(config, processes=1)
+def _checked(config: TrainConfig | None, resume: str | os.PathLike | None) -> TrainConfig:
+    """The run's configuration, checked, its data folder made absolute (so that evaluation
+    finds it from anywhere) and, outside a launcher, one process where none was asked for."""
+    if config is None:
+        if resume is None:
+            raise TrainingError("give a configuration or a run to resume")
+        config = resume_config(resume)
+    validate(config)
+    if config.data_dir is not None:
+        config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
+    if config.processes is None and not under_launcher():
+        config = replace(config, processes=1)
     return config
 
 
-def _train(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
-           ctx: DistContext, device: torch.device, emit: Callable[[str], None],
-           epoch_end: Callable[..., None] | None = None,
-           started: float | None = None, held: ExitStack | None = None) -> TrainResult:
+@dataclass
+class Run:
+    """A run in progress: its :class:`Loop`, the data, where it stands and how it ends."""
+
+    loop: Loop
+    data: Any                           # the loaded data set (the final test reads it)
+    position: Position
+    resumed: bool
+    emit: Callable[[str], None]
+    started: float                      # time.perf_counter() when the run began
+    follow: FollowBudget | None = None  # a budget's plan, kept current as the run trains
+    epoch_end: Callable[..., None] | None = None
+    status: str = "completed"           # or "paused", "interrupted"
+    message: str = ""
+
+
+def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
+            ctx: DistContext, device: torch.device, emit: Callable[[str], None],
+            started: float | None = None, held: ExitStack | None = None) -> Run:
+    """Everything before the first step: the run folder locked, the checkpoint to continue
+    from, the data on the device, the model and optimiser, the run's length (a budget's
+    plan, the recorded one, or the config's), and the run folder with its config.json."""
     check_model(config)  # before the data is loaded: a typo should fail at once
     if resume is None and config.name:
         check_run_name(config.name)
     held = held if held is not None else ExitStack()
     if resume is not None and ctx.is_main:  # one process per run folder, before reading it
         held.enter_context(locked(resume_target(resume).folder))
-    ckpt, position = _resume_state(config, resume)
+    ckpt, position = resume_state(config, resume)
     if data is None:
         from cifar_inception.data import load_dataset
 
         with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
             data = load_dataset(config.dataset, config.data_dir, download=config.download,
                                 progress=ctx.is_main)
-    loop = _build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
-    run_started = time.perf_counter() if started is None else started
-    test_images = len(data.test_labels) if config.test else 0
-    follow = None  # a budget's plan kept current as the run trains
+    loop = build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+    run = Run(loop, data, position, ckpt is not None, emit,
+              time.perf_counter() if started is None else started)
     if config.budget is not None and ckpt is None:
-        budget_plan = plan_budget(loop, test_images, run_started)
-        budget_plan = settle_threads(loop, budget_plan, test_images, run_started, emit)
-        loop, budget_plan = widen_for_budget(
-            loop, budget_plan,
-            lambda wider: _build_loop(wider, loop.prepared, ctx, device, None),
-            test_images, run_started, emit)
-        config = loop.config
-        if config.tta and budget_plan.tta_views < config.tta_views:
-            emit(_fewer_views_line(config.tta_views, budget_plan.tta_views))
-        loop.config = replace(config, train_steps=budget_plan.train_steps,
-                              epochs=budget_plan.epochs, tta=budget_plan.tta_views > 0,
-                              tta_views=budget_plan.tta_views or config.tta_views)
-        loop.set_plan(loop.run_plan())  # its schedules fixed as fractions of this plan
-        config = loop.config
-        emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
-        follow = FollowBudget(loop, budget_plan, run_started, test_images, emit)
+        run.loop, run.follow = _fit_budget(run, ctx, device)
     elif ckpt is not None and _recorded_plan(ckpt, config) is not None:  # as it was decided
         loop.set_plan(_recorded_plan(ckpt, config))
-        config = loop.config
     elif config.train_steps is not None:  # the epochs that hold them, the last cut short
-        loop.config = config = replace(
-            config, epochs=epochs_for(config.train_steps, loop.steps_per_epoch))
+        loop.config = replace(config, epochs=epochs_for(config.train_steps,
+                                                        loop.steps_per_epoch))
     if ctx.is_main:
-        loop.run_dir = _open_run_dir(loop, resume, ckpt, position, held, emit)
-        emit(_start_line(loop, resumed=ckpt is not None))
+        run.loop.run_dir = open_run_dir(run.loop, resume, ckpt, position, held, emit)
+        emit(_start_line(run.loop, resumed=run.resumed))
+    return run
 
-    status, message = "completed", ""
+
+def _fit_budget(run: Run, ctx: DistContext, device: torch.device
+                ) -> tuple[Loop, FollowBudget]:
+    """Measure, plan (threads and width included) and fix the run's length to the budget;
+    the loop to train and what keeps its plan current."""
+    loop, emit = run.loop, run.emit
+    test_images = len(run.data.test_labels) if loop.config.test else 0
+    budget_plan = plan_budget(loop, test_images, run.started)
+    budget_plan = settle_threads(loop, budget_plan, test_images, run.started, emit)
+    loop, budget_plan = widen_for_budget(
+        loop, budget_plan, lambda wider: build_loop(wider, loop.prepared, ctx, device, None),
+        test_images, run.started, emit)
+    config = loop.config
+    if config.tta and budget_plan.tta_views < config.tta_views:
+        emit(fewer_views_line(config.tta_views, budget_plan.tta_views))
+    loop.config = replace(config, train_steps=budget_plan.train_steps,
+                          epochs=budget_plan.epochs, tta=budget_plan.tta_views > 0,
+                          tta_views=budget_plan.tta_views or config.tta_views)
+    loop.set_plan(loop.run_plan())  # its schedules fixed as fractions of this plan
+    emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
+    return loop, FollowBudget(loop, budget_plan, run.started, test_images, emit)
+
+
+def run_epochs(run: Run) -> None:
+    """Train epoch after epoch to the run's end (which a budget's re-plan may move), a pause
+    (``stop_after_epochs``), or a stop request; ``run.status`` says which."""
+    loop, ctx, emit = run.loop, run.loop.ctx, run.emit
     stop = StopRequest()
     with stop.installed():
-        epoch = position.epoch - 1
-        while (epoch := epoch + 1) < config.epochs:  # a budget's re-plan may change the end
+        epoch = run.position.epoch - 1
+        while (epoch := epoch + 1) < loop.config.epochs:
+            config = loop.config
             if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
-                status = "paused"
-                message = _stop_message(f"paused after epoch {epoch} of {config.epochs}",
-                                        loop.run_dir, saved=False)
-                emit(message)
-                break
-            started = time.perf_counter() - position.seconds
-            if follow is not None:
-                follow.start_epoch()
-            result = train_epoch(loop, epoch, position, stop, follow)
-            config = loop.config  # the budget's plan may have moved the end
+                run.status = "paused"
+                run.message = stop_message(f"paused after epoch {epoch} of {config.epochs}",
+                                            loop.run_dir, saved=False)
+                emit(run.message)
+                return
+            started = time.perf_counter() - run.position.seconds
+            if run.follow is not None:
+                run.follow.start_epoch()
+            result = train_epoch(loop, epoch, run.position, stop, run.follow)
             if result.stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
-                position = replace(position, epoch=epoch, step=result.stopped_at,
-                                   loss_sum=result.loss_sum, correct=result.correct,
-                                   seen=result.seen,
-                                   seconds=time.perf_counter() - started)
+                run.position = replace(run.position, epoch=epoch, step=result.stopped_at,
+                                       loss_sum=result.loss_sum, correct=result.correct,
+                                       seen=result.seen,
+                                       seconds=time.perf_counter() - started)
                 if ctx.is_main:
-                    save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, None))
-                status = "interrupted"
-                message = _stop_message(f"interrupted at epoch {epoch + 1}, step "
-                                        f"{result.stopped_at} of {loop.steps_in_epoch(epoch)}",
-                                        loop.run_dir, saved=True)
-                break
-            trained_s = time.perf_counter() - started
-            with record_function("validation"):
-                val_loss, val_acc = validation_metrics(loop.model, loop.prepared, config,
-                                                       device, ctx)
-            if follow is not None and epoch + 1 < config.epochs:
-                follow.after_epoch(loop, epoch + 1, time.perf_counter() - started - trained_s)
-                config = loop.config
-            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
-                   "train_loss": result.loss_sum / result.seen,
-                   "train_acc": result.correct / result.seen,
-                   "val_loss": val_loss, "val_acc": val_acc, "lr": result.lr}
-            position = _end_of_epoch(loop, position, row, emit)
-            if epoch_end is not None and ctx.is_main:
-                epoch_end(row, loop.model, loop.prepared.mean, loop.prepared.std)
+                    save_checkpoint(loop.run_dir / LAST, loop.checkpoint(run.position, None))
+                run.status = "interrupted"
+                run.message = stop_message(
+                    f"interrupted at epoch {epoch + 1}, step {result.stopped_at} of "
+                    f"{loop.steps_in_epoch(epoch)}", loop.run_dir, saved=True)
+                return
+            _end_epoch(run, epoch, result, started)
             # Ctrl-C during validation or saving: the epoch is complete. Asked of every rank,
             # since a signal reaches each at its own moment and they must all stop here.
-            if distributed.any_rank(stop.requested, ctx, device):
-                status = "interrupted"
-                message = _stop_message(f"interrupted after epoch {epoch + 1}", loop.run_dir,
-                                        saved=True)
-                break
+            if distributed.any_rank(stop.requested, ctx, loop.device):
+                run.status = "interrupted"
+                run.message = stop_message(f"interrupted after epoch {epoch + 1}",
+                                            loop.run_dir, saved=True)
+                return
 
+
+def _end_epoch(run: Run, epoch: int, result: EpochResult, started: float) -> None:
+    """Validate, let a budget plan again, then log and save the epoch."""
+    loop = run.loop
+    trained_s = time.perf_counter() - started
+    with record_function("validation"):
+        val_loss, val_acc = validation_metrics(loop.model, loop.prepared, loop.config,
+                                               loop.device, loop.ctx)
+    if run.follow is not None and epoch + 1 < loop.config.epochs:
+        run.follow.after_epoch(loop, epoch + 1, time.perf_counter() - started - trained_s)
+    row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
+           "train_loss": result.loss_sum / result.seen,
+           "train_acc": result.correct / result.seen,
+           "val_loss": val_loss, "val_acc": val_acc, "lr": result.lr}
+    run.position = _end_of_epoch(loop, run.position, row, run.emit)
+    if run.epoch_end is not None and loop.ctx.is_main:
+        run.epoch_end(row, loop.model, loop.prepared.mean, loop.prepared.std)
+
+
+def finish(run: Run) -> TrainResult:
+    """After the last epoch: the test of best.pt (on rank 0, when the run completed and
+    asks for it), and what the run returns."""
+    loop, ctx, position = run.loop, run.loop.ctx, run.position
     history = read_history(loop.run_dir) if ctx.is_main else []
     best = next((r for r in history if r["epoch"] == position.best_epoch), None)
     test = None
-    if status == "completed" and ctx.is_main and config.test:
+    if run.status == "completed" and ctx.is_main and loop.config.test:
         try:
             with interrupts_raise():
-                test = _final_test(loop, data, position.best_epoch, emit)
+                test = _final_test(loop, run.data, position.best_epoch, run.emit)
         except KeyboardInterrupt:  # eval.json is written atomically: none, or a whole one
-            status = "interrupted"
-            message = _stop_message(f"interrupted during the test of {BEST}", loop.run_dir,
-                                    saved=False)
-    return TrainResult(loop.run_dir, status, position.epoch, history, best, test, message)
+            run.status = "interrupted"
+            run.message = stop_message(f"interrupted during the test of {BEST}",
+                                        loop.run_dir, saved=False)
+    return TrainResult(loop.run_dir, run.status, position.epoch, history, best, test,
+                       run.message)
 
 
 def _final_test(loop: Loop, data: Any, best_epoch: int | None,
@@ -288,15 +327,6 @@ def _recorded_plan(ckpt: dict, config: TrainConfig) -> RunPlan | None:
     if saved is None or saved.get("total_steps") != config.train_steps:
         return None
     return RunPlan.from_dict(saved)
-
-
-def _fewer_views_line(asked: int, kept: int) -> str:
-    if kept:
-        return (f"test-time augmentation with {kept} views (the image and its mirror): "
-                f"{asked} views of the test set would take over {TTA_SHARE:.0%} of the budget "
-                "on this machine")
-    return (f"test-time augmentation off: even its fewest views of the test set would take "
-            f"over {TTA_SHARE:.0%} of the budget on this machine")
 
 
 @dataclass(frozen=True)
@@ -328,15 +358,12 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     carried = [position.loss_sum, position.correct, position.seen] if ctx.is_main \
         else [0.0, 0.0, 0.0]
     sums = torch.tensor(carried, dtype=torch.float64, device=device)
-    cutout_fill = [round(m * 255) for m in data.mean]  # normalises to about zero
     check_every = 10 if loop.cuda else 1  # a check syncs CUDA; the CPU pays nothing
-    autocast = autocast_for(config, device)
-    channels_last = uses_channels_last(config, device)
     flips = None
     if config.flip and config.flip_mode == "alternate":  # the same draw every epoch
         flips = alternating_flips(n_train, epoch,
                                   generator=seeded_generator(device, config.seed, "flips"))
-    stem_bias = _fixed_stem_bias(loop)
+    stem_bias = fixed_stem_bias(loop)
     first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
     loop.model.train()
     bar = _progress(loop.steps_in_epoch(epoch), position.step, epoch, config.epochs, ctx)
@@ -345,24 +372,15 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     step = position.step
     while step < loop.steps_in_epoch(epoch):  # a budget's plan may move the epoch's end
         lr = loop.lr_at(first + step)
-        for group in loop.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        # The whole global batch is augmented alike on every rank; each keeps its share.
-        with record_function("data"):
-            if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
-                order = _more_order(order, n_train, device, config.seed, epoch)
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images = loop.policy(data.train_x[index], fill=cutout_fill,
-                                 flip_mask=None if flips is None else flips[index],
-                                 generator=seeded_generator(device, config.seed, "augment",
-                                                            epoch, step))
-            images = distributed.shard(images, ctx)
-            targets = distributed.shard(data.train_y[index], ctx)
-            x = normalize(images, data.mean, data.std, channels_last=channels_last)
+        if (step + 1) * config.batch_size > order.numel():  # a sliver folded in
+            order = more_order(order, n_train, device, config.seed, epoch)
+        index = order[step * config.batch_size:(step + 1) * config.batch_size]
         frozen = (stem_bias if stem_bias is not None and not loop.bias_trains_at(first + step)
                   else None)
-        loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
-                                config.label_smoothing, autocast, frozen=frozen)
+        loss, logits, targets = train_step(
+            loop, data.train_x[index], data.train_y[index], lr=lr,
+            generator=seeded_generator(device, config.seed, "augment", epoch, step),
+            flip_mask=None if flips is None else flips[index], frozen=frozen)
         sums += torch.stack([loss.detach().double() * per_rank,
                              (logits.argmax(1) == targets).sum().double(),
                              torch.tensor(float(per_rank), dtype=torch.float64, device=device)])
@@ -378,7 +396,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
                 ctx, op="max").tolist()
             if diverged:
                 bar.close()
-                raise TrainingError(_diverged_message(loop.run_dir, epoch, step - 1, lr))
+                raise TrainingError(diverged_message(loop.run_dir, epoch, step - 1, lr))
             if follow is not None:
                 follow.after_step(loop, first + step, epoch, elapsed)
         if loop.lookahead is not None:  # after the plan is settled: the last step ends on it
@@ -397,15 +415,6 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     bar.close()
     loss_sum, correct, seen = distributed.all_reduce(sums, ctx).tolist()
     return EpochResult(loss_sum, correct, seen, lr, stopped_at)
-
-
-def _more_order(order: torch.Tensor, n_train: int, device: torch.device, seed: int,
-                epoch: int) -> torch.Tensor:
-    """The epoch's order followed by another permutation, for the steps of a sliver folded
-    into the epoch (each drawn from its own generator: the epoch's own order is unchanged)."""
-    more = torch.randperm(n_train, device=device, generator=seeded_generator(
-        device, seed, "order", epoch, "folded", order.numel() // n_train))
-    return torch.cat([order, more])
 
 
 @torch.no_grad()
@@ -466,57 +475,6 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step; a second one stops now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    @contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self  # signals reach only the main thread; nothing to install
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-
-@contextmanager
-def interrupts_raise() -> Iterator[None]:
-    """Ctrl-C and SIGTERM raise KeyboardInterrupt in the block (SIGTERM would otherwise end
-    the process with no word), for work that is dropped whole when stopped: the test."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def _stop_message(stopped: str, run_dir: Path | None, *, saved: bool) -> str:
-    """How the run stopped, the last.pt it saved (``saved``), and the command that continues it."""
-    if run_dir is None:  # a rank other than 0 under torchrun: rank 0 saves and says where
-        return f"{stopped}; rank 0 saved the run"
-    kept = f"; saved {run_dir / LAST}" if saved else ""
-    return f"{stopped}{kept}; continue with: cifar-inception train --resume {run_dir}"
-
-
 def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
     """A tqdm bar where it is drawn, stderr, is a terminal; a silent stand-in elsewhere."""
     from tqdm import tqdm
@@ -524,14 +482,6 @@ def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContex
     return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
                 unit="step", leave=False, disable=None if ctx.is_main else True,
                 dynamic_ncols=True)
-
-
-def _diverged_message(run_dir: Path | None, epoch: int, step: int, lr: float) -> str:
-    last = run_dir / LAST if run_dir is not None else None
-    kept = (f"the last good checkpoint is {last}" if last is not None and last.exists()
-            else "no checkpoint was written")
-    return (f"the loss became NaN or infinite in epoch {epoch + 1} (by step {step + 1}), "
-            f"learning rate {lr:.3g}; stopped, {kept}. Try a lower --lr")
 
 
 def format_epoch_line(row: dict, epochs: int) -> str:

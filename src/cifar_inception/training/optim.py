@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from cifar_inception.errors import TrainingError
+from cifar_inception.models.hooks import default_aux_weights
 from cifar_inception.recipes import TrainConfig
 
 
@@ -103,7 +104,7 @@ class Lookahead:
 
 def resolve_aux_weights(config: TrainConfig, model: nn.Module) -> tuple[float, ...]:
     """The configured auxiliary weights: the model's defaults, one value for all, or a list."""
-    defaults = tuple(float(w) for w in getattr(model, "default_aux_weights", ()))
+    defaults = default_aux_weights(model)
     weights = config.aux_weights
     if weights is None:
         return defaults

@@ -1,5 +1,7 @@
 """One run as several processes of this machine: what the parent hands the ranks, and back.
 
+The command line calls it from outside :func:`~cifar_inception.training.train` (as torchrun
+launches from outside): :func:`splits_into_processes` says when, and
 :func:`train_in_processes` writes the job (the configuration, where to resume, the data
 set when the caller passed one) to a scratch folder, runs the ranks
 (:func:`cifar_inception.launch.run_ranks`, each ``python -m
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,17 +22,37 @@ from typing import Any
 import numpy as np
 
 from cifar_inception.errors import TrainingError
-from cifar_inception.launch import RankFailed, run_ranks
-from cifar_inception.recipes import TrainConfig
+from cifar_inception.launch import RankFailed, run_ranks, under_launcher
+from cifar_inception.recipes import TrainConfig, validate
 from cifar_inception.training.result import TrainResult
 
 DATA_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-def train_in_processes(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
-                       log: Callable[[str], None] | None, processes: int,
-                       started_at: float) -> Any:
-    """``train(config, data, resume=resume)`` as ``processes`` ranks; rank 0's result."""
+def splits_into_processes(config: TrainConfig) -> bool:
+    """Whether ``config`` asks for several processes (``--processes``), outside a launcher
+    (in a rank, torchrun's or ours, nothing is launched again)."""
+    return config.processes is not None and config.processes > 1 and not under_launcher()
+
+
+def train_in_processes(config: TrainConfig, data: Any = None, *,
+                       resume: str | os.PathLike | None = None,
+                       log: Callable[[str], None] | None = None,
+                       started_at: float | None = None) -> TrainResult:
+    """``train(config, data, resume=resume)`` as ``config.processes`` ranks; rank 0's result.
+
+    What can fail at once (an unknown model or option, missing data) fails here, as one
+    line, before any process starts."""
+    from cifar_inception.training.setup import check_model
+
+    started_at = time.time() if started_at is None else started_at
+    validate(config)
+    check_model(config)
+    if data is None:
+        from cifar_inception.data import load_dataset
+
+        data = load_dataset(config.dataset, config.data_dir, download=config.download)
+    processes = config.processes
     with tempfile.TemporaryDirectory(prefix="cifar-inception-ranks-") as scratch:
         folder = Path(scratch)
         job = {"config": config.to_dict(), "resume": None if resume is None else str(resume),

@@ -33,7 +33,7 @@ from cifar_inception.training.resume import Position
 from cifar_inception.training.setup import DeviceData, Loop
 
 
-def _open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None,
+def open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None,
                   position: Position, held: ExitStack, emit: Callable[[str], None]) -> Path:
     """The run folder, locked and cleaned of a kill's leftovers, with its config.json: a new
     record for a new run (or one started again), the resume added to it otherwise."""

@@ -76,7 +76,7 @@ def _saved_config(run: str | os.PathLike) -> dict:
     return ckpt["training"]["config"]
 
 
-def _resume_state(config: TrainConfig, resume: str | os.PathLike | None
+def resume_state(config: TrainConfig, resume: str | os.PathLike | None
                   ) -> tuple[dict | None, Position]:
     """The checkpoint to continue from (checked against ``config`` and against the run's
     record) and its position. A run whose epochs are all done is continued only when its

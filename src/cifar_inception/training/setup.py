@@ -19,7 +19,7 @@ from cifar_inception.checkpoint import make_checkpoint
 from cifar_inception.devices import cpu_precision, reuse_freed_memory, usable_cores
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import TrainingError
-from cifar_inception.models import create_model
+from cifar_inception.models import create_model, hooks
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.training.optim import (
     Lookahead,
@@ -39,6 +39,15 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def more_order(order: torch.Tensor, n_train: int, device: torch.device, seed: int,
+                epoch: int) -> torch.Tensor:
+    """The epoch's order followed by another permutation, for the steps of a sliver folded
+    into the epoch (each drawn from its own generator: the epoch's own order is unchanged)."""
+    more = torch.randperm(n_train, device=device, generator=seeded_generator(
+        device, seed, "order", epoch, "folded", order.numel() // n_train))
+    return torch.cat([order, more])
+
+
 def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(derived_seed(*parts))
@@ -50,7 +59,7 @@ def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
     return config.num_threads or max(1, usable_cores() // ctx.world_size)
 
 
-def _fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
+def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
     """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
     threads = _threads_for(config, ctx)
     torch.set_num_threads(threads)
@@ -209,7 +218,7 @@ class Loop:
             metrics=metrics)
 
 
-def _build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
+def build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
                 device: torch.device, ckpt: dict | None) -> Loop:
     """Model, optimiser and the rest, fresh or restored from ``ckpt``."""
     steps_per_epoch = prepared.train_x.shape[0] // config.batch_size  # drop the last partial
@@ -254,7 +263,7 @@ def build_model(config: TrainConfig, num_classes: int, device: torch.device,
     if uses_channels_last(config, device):
         model = model.to(memory_format=torch.channels_last)
     if _stem_is_fixed(config, model):
-        model.stem_conv().weight.requires_grad_(False)  # the whitening stays as set
+        hooks.stem_conv(model).weight.requires_grad_(False)  # the whitening stays as set
     return model
 
 
@@ -271,12 +280,13 @@ def autocast_for(config: TrainConfig, device: torch.device) -> Any:
 def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
     """A whitening stem set from the data whose weights stay (a bias training time given)."""
     timed = config.whiten_bias_epochs is not None or config.whiten_bias_fraction is not None
-    return config.whiten_init and timed and hasattr(model, "stem_conv")
+    return config.whiten_init and timed and hooks.stem_conv(model) is not None
 
 
-def _fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
+def fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
     """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
-    return loop.model.stem_conv().bias if _stem_is_fixed(loop.config, loop.model) else None
+    return hooks.stem_conv(loop.model).bias if _stem_is_fixed(loop.config, loop.model) \
+        else None
 
 
 def start_weights(config: TrainConfig) -> tuple[dict, str]:
@@ -310,6 +320,6 @@ def load_start_weights(model: nn.Module, config: TrainConfig, prepared: DeviceDa
 def init_from_data(model: nn.Module, prepared: DeviceData) -> None:
     """Models that set layers from the data (e.g. a whitening stem) see the first training
     images once, before the first step (a resumed run has its weights already)."""
-    if hasattr(model, "init_from_data"):
+    if isinstance(model, hooks.DataInitialised):
         images = prepared.train_x[:INIT_IMAGES]
-        model.init_from_data(normalize(images, prepared.mean, prepared.std))
+        hooks.init_from_data(model, normalize(images, prepared.mean, prepared.std))
