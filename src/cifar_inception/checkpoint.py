@@ -133,7 +133,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint safely (weights only) and check that it is one of ours.
 
     The tensors are memory-mapped, not read, until :func:`check_tensor_bytes` has bounded
-    what the checkpoint holds besides its weights.
+    what the checkpoint holds besides its weights; then they are read into memory.
     """
     path = resolve_checkpoint(path)
     check_archive(path)
@@ -154,8 +154,30 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-inception checkpoint (no '{FORMAT}' marker)")
     check_tensor_bytes(ckpt, where=str(path))
+    read_into_memory(ckpt)
     check_structure(ckpt, where=str(path))
     return ckpt
+
+
+def read_into_memory(obj: Any) -> None:
+    """Replace every memory-mapped tensor inside nested dicts and lists by an in-memory copy,
+    once its size is known to be bounded: a mapping kept open would crash the process (SIGBUS)
+    when the file is later rewritten in place, as ``torch.save(ckpt, same_path)`` does. Walked
+    without recursion, as :func:`tensor_bytes` is."""
+    pending, seen = [obj], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        keys = item.keys() if isinstance(item, dict) else \
+            range(len(item)) if isinstance(item, list) else ()
+        for key in keys:
+            value = item[key]
+            if isinstance(value, torch.Tensor):
+                item[key] = value.clone()
+            elif isinstance(value, (dict, list)):
+                pending.append(value)
 
 
 def tensor_bytes(obj: Any) -> int:
