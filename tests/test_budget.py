@@ -27,6 +27,7 @@ from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
 from cifar_inception.training import budgeting, train
 from cifar_inception.training.budgeting import widen_for_budget
 from cifar_inception.training.optim import lr_factor
+from cifar_inception.training.plan import Surroundings, plan_run
 from cifar_inception.training.setup import Loop
 
 
@@ -105,8 +106,9 @@ def test_an_absurd_budget_is_one_line_before_any_data_is_read(budget, capsys):
 
 
 def loop_for(config, steps_per_epoch):
-    """A Loop that only knows its length (enough for the schedules)."""
-    return Loop(config, None, None, None, None, None, None, (), None, steps_per_epoch)
+    """A Loop that only knows its plan (enough for the schedules)."""
+    plan = plan_run(config, steps_per_epoch, Surroundings(False, None, None, 1))
+    return Loop(config, plan, None, None, None, None, None, None, (), None)
 
 
 def test_schedules_are_fractions_of_the_run_whatever_its_length():
@@ -167,10 +169,15 @@ def test_a_budget_run_ends_within_its_budget(tmp_path):
 
 
 class FakeLoop:
-    """What widen_for_budget reads of a loop: its config and the steps of an epoch."""
+    """What widen_for_budget reads of a loop: its config, the model's options and the steps
+    of an epoch; ``build`` makes one of other model options."""
 
-    def __init__(self, config):
+    def __init__(self, config, model_options=None):
         self.config, self.steps_per_epoch = config, 100
+        self.model_options = config.model_options if model_options is None else model_options
+
+    def build(self, model_options):
+        return FakeLoop(self.config, model_options)
 
 
 def fake_plans(monkeypatch, epochs_at_width_1: float):
@@ -179,7 +186,7 @@ def fake_plans(monkeypatch, epochs_at_width_1: float):
     measured = []
 
     def plan_budget(loop, test_images, started):
-        width = loop.config.model_options.get("width", 1.0)
+        width = loop.model_options.get("width", 1.0)
         measured.append(width)
         steps = round(100 * epochs_at_width_1 / width ** 2)
         return Plan(steps, math.ceil(steps / 100), 1.0, Rates(0.1, 0.0, 0.0))
@@ -193,8 +200,8 @@ def widen(config, monkeypatch, epochs_at_width_1):
     loop = FakeLoop(config)
     first = budgeting.plan_budget(loop, 0, 0.0)
     lines = []
-    loop, chosen = widen_for_budget(loop, first, FakeLoop, 0, 0.0, lines.append)
-    return loop.config.model_options.get("width", 1.0), chosen, measured[1:], lines
+    loop, chosen = widen_for_budget(loop, first, loop.build, 0, 0.0, lines.append)
+    return loop.model_options.get("width", 1.0), chosen, measured[1:], lines
 
 
 def test_widening_keeps_the_widest_model_that_still_gets_its_epochs(monkeypatch):
@@ -237,15 +244,15 @@ def test_a_width_whose_measurement_spends_the_budget_is_not_taken(monkeypatch):
     faked = budgeting.plan_budget
 
     def spent_at_width_2(loop, test_images, started):
-        if loop.config.model_options.get("width") == 2.0:
+        if loop.model_options.get("width") == 2.0:
             raise BudgetError("spent")
         return faked(loop, test_images, started)
 
     monkeypatch.setattr(budgeting, "plan_budget", spent_at_width_2)
     lines = []
-    loop, _ = widen_for_budget(FakeLoop(config), faked(FakeLoop(config), 0, 0.0), FakeLoop, 0,
-                               0.0, lines.append)
-    assert loop.config.model_options["width"] == 1.5 and "spent" in lines[0]
+    loop = FakeLoop(config)
+    loop, _ = widen_for_budget(loop, faked(loop, 0, 0.0), loop.build, 0, 0.0, lines.append)
+    assert loop.model_options["width"] == 1.5 and "spent" in lines[0]
 
 
 def test_every_rank_plans_from_the_slowest_rank_s_rates(monkeypatch):

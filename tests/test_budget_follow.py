@@ -246,7 +246,7 @@ def test_a_budget_run_ends_in_time_with_well_shaped_schedules(tmp_path, data, mo
     assert BUDGET * 0.9 <= spent <= BUDGET, lines  # in fake seconds: none of the machine's
     assert_well_shaped(machine, config, lines)
     assert len(machine.lrs) == load_checkpoint(result.run_dir / "last.pt")[
-        "training"]["config"]["train_steps"]
+        "training"]["plan"]["total_steps"]
 
 
 def test_a_resumed_run_follows_the_recorded_plan(tmp_path, data, monkeypatch):

@@ -104,12 +104,13 @@ def test_a_budget_split_into_processes_ends_in_step(tmp_path):
     result = train_in_processes(config, easy_data(n_train=400, n_test=20), log=lambda _: None)
     assert result.status == "completed"
     assert time.perf_counter() - started < 60
-    recorded = json.loads((result.run_dir / "config.json").read_text())["config"]
-    assert recorded["budget"] == 20.0 and len(result.history) == recorded["epochs"]
+    record = json.loads((result.run_dir / "config.json").read_text())
+    recorded, plan = record["config"], record["plan"]
+    assert recorded["budget"] == 20.0 and len(result.history) == plan["epochs"]
 
 
 def test_one_process_unless_more_are_asked_for(tmp_path):
     config = config_for(tmp_path, processes=None, epochs=1, test=False)
     result = train(config, easy_data(n_train=200, n_test=40), log=lambda _: None)
     record = json.loads((result.run_dir / "config.json").read_text())
-    assert record["config"]["processes"] == 1 and record["hardware"]["world_size"] == 1
+    assert record["plan"]["processes"] == 1 and record["hardware"]["world_size"] == 1

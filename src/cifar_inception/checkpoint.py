@@ -42,6 +42,7 @@ from cifar_inception.runs import (
     LAST,
     RunFolder,
     read_json_object,
+    recorded_plan,
     recorded_settings,
 )
 
@@ -357,15 +358,17 @@ def check_run_matches(ckpt: dict, checkpoint: str | os.PathLike) -> None:
     from cifar_inception.recipes import RUNTIME_FIELDS  # settings a resume may change
 
     config_path = RunFolder.holding(checkpoint).config
-    settings = _run_settings(config_path)
-    if settings is None:
+    record = _run_record(config_path)
+    if record is None:
         return
+    settings = recorded_settings(record)
     recorded, found = {}, {"model": ckpt["model"]["name"],
                            "model_options": ckpt["model"]["options"]}
     if isinstance(settings.get("model"), str):
         recorded["model"] = settings["model"]
-    if isinstance(settings.get("model_options"), dict):
-        recorded["model_options"] = settings["model_options"]
+    options = (recorded_plan(record) or settings).get("model_options")  # a widened model's
+    if isinstance(options, dict):
+        recorded["model_options"] = options
     trained = ckpt.get("training", {}).get("config")
     if isinstance(trained, dict):
         for key in (settings.keys() & trained.keys()) - set(RUNTIME_FIELDS):
@@ -378,14 +381,15 @@ def check_run_matches(ckpt: dict, checkpoint: str | os.PathLike) -> None:
                 f"but {config_path} says {value!r}")
 
 
-def _run_settings(config_path: Path) -> dict | None:
-    """The training settings config.json records, or None without one."""
+def _run_record(config_path: Path) -> dict | None:
+    """The config.json beside a checkpoint (its training settings a dict), or None without
+    one."""
     if not config_path.is_file():
         return None
-    settings = recorded_settings(read_json_object(config_path, CheckpointError))
-    if settings is None:
+    record = read_json_object(config_path, CheckpointError)
+    if recorded_settings(record) is None:
         raise CheckpointError(f"{config_path}: not a run configuration")
-    return settings
+    return record
 
 
 def load_trained_model(path: str | os.PathLike) -> tuple[torch.nn.Module, dict]:

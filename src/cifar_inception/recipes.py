@@ -107,9 +107,11 @@ def _budget_problem(seconds: Any) -> str | None:
             f"({MAX_BUDGET_S:.0f} s), not {seconds!r}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """Every option of a training run. Learning rate and batch size are global (all ranks)."""
+    """Every option of a training run, as asked for: a run never changes it (what the run
+    decides is its plan, :class:`~cifar_inception.training.plan.TrainPlan`). Learning rate
+    and batch size are global (all ranks)."""
 
     # what to train (the positional MODEL, --width and --option)
     model: str = option("googlenet", "registered model name", group="model", cli=False)

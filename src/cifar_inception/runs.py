@@ -279,12 +279,21 @@ def recorded_settings(record: dict) -> dict | None:
     return settings if isinstance(settings, dict) else None
 
 
+def recorded_plan(record: dict) -> dict | None:
+    """What the run decided, as a config.json (or a checkpoint's training state) records it:
+    its "plan" entry; None without one."""
+    plan = record.get("plan")
+    return plan if isinstance(plan, dict) else None
+
+
 def recorded_data_dir(record: dict | None, ckpt: dict | None = None) -> str | None:
     """The data folder the run was trained on: config.json's (``record``), else the
-    checkpoint's. config.json comes first: a resume may move the data (``data_dir`` is a
-    runtime setting), and config.json follows it while an older best.pt does not."""
-    trained = (ckpt or {}).get("training", {}).get("config")
-    for settings in (recorded_settings(record or {}), trained):
+    checkpoint's; each its plan's (absolute), else its config's. config.json comes first: a
+    resume may move the data (``data_dir`` is a runtime setting), and config.json follows
+    it while an older best.pt does not."""
+    training = (ckpt or {}).get("training", {})
+    for settings in (recorded_plan(record or {}), recorded_settings(record or {}),
+                     recorded_plan(training), training.get("config")):
         if isinstance(settings, dict) and settings.get("data_dir"):
             data_dir = settings["data_dir"]
             if not isinstance(data_dir, str):

@@ -9,7 +9,6 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -41,11 +40,10 @@ from cifar_inception.evaluation import (
     log_probabilities,
     test_in_channels_last,
 )
-from cifar_inception.fileio import atomic_write_json
 from cifar_inception.models.registry import can_widen
-from cifar_inception.recipes import TrainConfig
-from cifar_inception.runs import BEST, CONFIG_FILE, LAST, read_record
+from cifar_inception.runs import BEST, LAST
 from cifar_inception.training.optim import Lookahead, build_optimizer
+from cifar_inception.training.record import record_plan
 from cifar_inception.training.setup import (
     Loop,
     autocast_for,
@@ -110,7 +108,7 @@ WIDTH_STEP = 0.5
 MOST_WIDENING = 3.0
 
 
-def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig], Loop],
+def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[dict], Loop],
                      test_images: int, started: float, emit: Callable[[str], None]
                      ) -> tuple[Loop, Plan]:
     """With ``widen_for_epochs``: the widest model that the budget still trains for that
@@ -118,8 +116,8 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig
 
     A longer budget buys more epochs of the same network, and a small network stops
     gaining long before a large one does; so the epochs a budget buys beyond
-    ``widen_for_epochs`` go into width instead (``build`` makes the loop of a wider
-    config). A width the caller set (``--width``) is kept as it is, and a model without a
+    ``widen_for_epochs`` go into width instead (``build`` makes the loop of the model
+    with the options it is given). A width the caller set (``--width``) is kept as it is, and a model without a
     width option (or whose default width is not 1) is left alone."""
     config, wanted = loop.config, loop.config.widen_for_epochs
     if wanted is None or "width" in config.model_options or not can_widen(config.model):
@@ -131,9 +129,7 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[TrainConfig
         return loop, budget_plan
     refused = ""
     while width + WIDTH_STEP <= MOST_WIDENING:
-        wider = replace(config, model_options={**config.model_options,
-                                               "width": width + WIDTH_STEP})
-        candidate = build(wider)
+        candidate = build({**config.model_options, "width": width + WIDTH_STEP})
         try:
             candidate_plan = plan_budget(candidate, test_images, started)
         except BudgetError:  # the measurements spent what was left: keep the last width
@@ -192,7 +188,7 @@ def measure_rates(loop: Loop) -> Rates:
                        else torch.contiguous_format)
 
         def run() -> None:
-            with autocast_for(config, device) if bf16 else nullcontext():
+            with autocast_for(bf16 and loop.bf16, device):
                 log_probabilities(net, sample, data.mean, data.std,
                                   batch_size=config.eval_batch_size, device=device,
                                   channels_last=in_channels_last)
@@ -285,7 +281,7 @@ class FollowBudget:
 
     def after_epoch(self, loop: Loop, epochs_done: int, validation_s: float) -> None:
         """Plan again after an epoch's validation (its checkpoints still to be written), and
-        record the run's length in its config.json."""
+        record the plan in the run's config.json."""
         elapsed, validation_s = distributed.all_reduce(torch.tensor(
             [time.perf_counter() - self.run_started, validation_s], dtype=torch.float64,
             device=loop.device), loop.ctx, op="max").tolist()  # the same on every rank
@@ -299,11 +295,7 @@ class FollowBudget:
             self.emit(f"budget re-planned after epoch {epochs_done} (measured "
                       f"{loop.config.batch_size / self.pace.step_s:,.0f} training images/s): "
                       f"{total / loop.steps_per_epoch:.2f} epochs, {total} steps in all")
-        if loop.run_dir is not None:
-            record = read_record(loop.run_dir, self.emit)
-            if record is not None and record.get("config") != loop.config.to_dict():
-                record["config"] = loop.config.to_dict()
-                atomic_write_json(loop.run_dir / CONFIG_FILE, record)
+        record_plan(loop, self.emit)
 
     def _fitting(self, elapsed: float, done: int, owed_s: float) -> int:
         seconds = self.budget_s * TARGET - elapsed - self.test_s - owed_s

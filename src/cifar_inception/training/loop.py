@@ -37,12 +37,16 @@ from torch.profiler import record_function
 
 from cifar_inception import distributed
 from cifar_inception.augment import alternating_flips
-from cifar_inception.budget import RunPlan, epochs_for
 from cifar_inception.checkpoint import save_checkpoint
 from cifar_inception.devices import pick_device
 from cifar_inception.distributed import DistContext
 from cifar_inception.errors import CifarInceptionError, TrainingError
-from cifar_inception.evaluation import EVAL_FILE, accuracy_line, evaluate, log_probabilities
+from cifar_inception.evaluation import (
+    EVAL_FILE,
+    accuracy_line,
+    evaluate,
+    log_probabilities,
+)
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import TrainConfig, validate
@@ -62,9 +66,20 @@ from cifar_inception.training.budgeting import (
     settle_threads,
     widen_for_budget,
 )
+from cifar_inception.training.plan import (
+    Surroundings,
+    TrainPlan,
+    plan_run,
+    resumed_plan,
+)
 from cifar_inception.training.record import open_run_dir
 from cifar_inception.training.result import TrainResult
-from cifar_inception.training.resume import Position, resume_config, resume_state
+from cifar_inception.training.resume import (
+    Position,
+    check_not_done,
+    resume_config,
+    resume_state,
+)
 from cifar_inception.training.setup import (
     DeviceData,
     Loop,
@@ -76,6 +91,7 @@ from cifar_inception.training.setup import (
     more_order,
     prepare_data,
     seeded_generator,
+    steps_per_epoch,
     uses_channels_last,
 )
 from cifar_inception.training.step import train_step
@@ -114,11 +130,9 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     threads_before = torch.get_num_threads()
     held = ExitStack()  # the run folder's lock, from before it is read to the end of the run
     try:
-        if device.type == "cpu":
-            config, line = fit_cpu(config, ctx)
-            emit(line)
+        surroundings = _surroundings(config, ctx, device, emit)
         distributed.init(ctx, device, config.dist_timeout)
-        run = prepare(config, data, resume, ctx, device, emit, started, held)
+        run = prepare(config, data, resume, ctx, device, emit, started, held, surroundings)
         run.epoch_end = epoch_end
         run_epochs(run)
         result = finish(run)
@@ -142,18 +156,28 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
 
 
 def _checked(config: TrainConfig | None, resume: str | os.PathLike | None) -> TrainConfig:
-    """The run's configuration, checked, its data folder made absolute (so that evaluation
-    finds it from anywhere) and, outside a launcher, one process where none was asked for."""
+    """The run's configuration (the run's own when resuming without one), checked."""
     if config is None:
         if resume is None:
             raise TrainingError("give a configuration or a run to resume")
         config = resume_config(resume)
     validate(config)
-    if config.data_dir is not None:
-        config = replace(config, data_dir=str(Path(config.data_dir).expanduser().resolve()))
-    if config.processes is None and not under_launcher():
-        config = replace(config, processes=1)
     return config
+
+
+def _surroundings(config: TrainConfig, ctx: DistContext, device: torch.device,
+                  emit: Callable[[str], None]) -> Surroundings:
+    """What this invocation decides before the data: threads and precision (set, on a CPU),
+    the data folder made absolute (so that evaluation finds it from anywhere) and, outside
+    a launcher, one process where none was asked for."""
+    threads, bf16 = None, config.amp
+    if device.type == "cpu":
+        threads, bf16, line = fit_cpu(config, ctx)
+        emit(line)
+    data_dir = (None if config.data_dir is None
+                else str(Path(config.data_dir).expanduser().resolve()))
+    processes = 1 if config.processes is None and not under_launcher() else config.processes
+    return Surroundings(bf16, threads, data_dir, processes)
 
 
 @dataclass
@@ -174,10 +198,13 @@ class Run:
 
 def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
             ctx: DistContext, device: torch.device, emit: Callable[[str], None],
-            started: float | None = None, held: ExitStack | None = None) -> Run:
+            started: float | None = None, held: ExitStack | None = None,
+            surroundings: Surroundings | None = None) -> Run:
     """Everything before the first step: the run folder locked, the checkpoint to continue
-    from, the data on the device, the model and optimiser, the run's length (a budget's
-    plan, the recorded one, or the config's), and the run folder with its config.json."""
+    from, the data on the device, the run's plan (a budget's, the recorded one, or the
+    config's), the model and optimiser, and the run folder with its config.json."""
+    surroundings = surroundings or Surroundings(config.amp, None, config.data_dir,
+                                                config.processes)
     check_model(config)  # before the data is loaded: a typo should fail at once
     if resume is None and config.name:
         check_run_name(config.name)
@@ -189,42 +216,54 @@ def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
         from cifar_inception.data import load_dataset
 
         with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
-            data = load_dataset(config.dataset, config.data_dir, download=config.download,
-                                progress=ctx.is_main)
-    loop = build_loop(config, prepare_data(config, data, device), ctx, device, ckpt)
+            data = load_dataset(config.dataset, surroundings.data_dir,
+                                download=config.download, progress=ctx.is_main)
+    prepared = prepare_data(config, data, device)
+    plan = _first_plan(config, ckpt, steps_per_epoch(config, prepared, ctx), surroundings)
+    if ckpt is not None:
+        check_not_done(config, plan.epochs, position, resume)
+    loop = build_loop(config, plan, prepared, ctx, device, ckpt)
     run = Run(loop, data, position, ckpt is not None, emit,
               time.perf_counter() if started is None else started)
     if config.budget is not None and ckpt is None:
         run.loop, run.follow = _fit_budget(run, ctx, device)
-    elif ckpt is not None and _recorded_plan(ckpt, config) is not None:  # as it was decided
-        loop.set_plan(_recorded_plan(ckpt, config))
-    elif config.train_steps is not None:  # the epochs that hold them, the last cut short
-        loop.config = replace(config, epochs=epochs_for(config.train_steps,
-                                                        loop.steps_per_epoch))
     if ctx.is_main:
         run.loop.run_dir = open_run_dir(run.loop, resume, ckpt, position, held, emit)
         emit(_start_line(run.loop, resumed=run.resumed))
     return run
 
 
+def _first_plan(config: TrainConfig, ckpt: dict | None, steps: int,
+                surroundings: Surroundings) -> TrainPlan:
+    """A new run's plan from its config (a budget's comes once measured), or the one a
+    resumed run recorded."""
+    if ckpt is None:
+        return plan_run(config, steps, surroundings)
+    training = ckpt["training"]
+    return resumed_plan(config, training["config"], training.get("plan"), steps,
+                        surroundings)
+
+
 def _fit_budget(run: Run, ctx: DistContext, device: torch.device
                 ) -> tuple[Loop, FollowBudget]:
-    """Measure, plan (threads and width included) and fix the run's length to the budget;
+    """Measure, then plan (threads and width included) the run's length to the budget;
     the loop to train and what keeps its plan current."""
-    loop, emit = run.loop, run.emit
-    test_images = len(run.data.test_labels) if loop.config.test else 0
+    loop, emit, config = run.loop, run.emit, run.loop.config
+    test_images = len(run.data.test_labels) if config.test else 0
     budget_plan = plan_budget(loop, test_images, run.started)
     budget_plan = settle_threads(loop, budget_plan, test_images, run.started, emit)
-    loop, budget_plan = widen_for_budget(
-        loop, budget_plan, lambda wider: build_loop(wider, loop.prepared, ctx, device, None),
-        test_images, run.started, emit)
-    config = loop.config
+
+    def build_wider(options: dict) -> Loop:
+        wider = replace(loop.plan, model_options=options)  # measured before it is planned
+        return build_loop(config, wider, loop.prepared, ctx, device, None)
+
+    loop, budget_plan = widen_for_budget(loop, budget_plan, build_wider, test_images,
+                                         run.started, emit)
     if config.tta and budget_plan.tta_views < config.tta_views:
         emit(fewer_views_line(config.tta_views, budget_plan.tta_views))
-    loop.config = replace(config, train_steps=budget_plan.train_steps,
-                          epochs=budget_plan.epochs, tta=budget_plan.tta_views > 0,
-                          tta_views=budget_plan.tta_views or config.tta_views)
-    loop.set_plan(loop.run_plan())  # its schedules fixed as fractions of this plan
+    loop.plan = plan_run(config, loop.steps_per_epoch, loop.plan.surroundings,
+                         measured_steps=budget_plan.train_steps,
+                         tta_views=budget_plan.tta_views, model_options=loop.plan.model_options)
     emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
     return loop, FollowBudget(loop, budget_plan, run.started, test_images, emit)
 
@@ -236,11 +275,11 @@ def run_epochs(run: Run) -> None:
     stop = StopRequest()
     with stop.installed():
         epoch = run.position.epoch - 1
-        while (epoch := epoch + 1) < loop.config.epochs:
+        while (epoch := epoch + 1) < loop.plan.epochs:
             config = loop.config
             if config.stop_after_epochs is not None and epoch >= config.stop_after_epochs:
                 run.status = "paused"
-                run.message = stop_message(f"paused after epoch {epoch} of {config.epochs}",
+                run.message = stop_message(f"paused after epoch {epoch} of {loop.plan.epochs}",
                                             loop.run_dir, saved=False)
                 emit(run.message)
                 return
@@ -276,8 +315,8 @@ def _end_epoch(run: Run, epoch: int, result: EpochResult, started: float) -> Non
     trained_s = time.perf_counter() - started
     with record_function("validation"):
         val_loss, val_acc = validation_metrics(loop.model, loop.prepared, loop.config,
-                                               loop.device, loop.ctx)
-    if run.follow is not None and epoch + 1 < loop.config.epochs:
+                                               loop.device, loop.ctx, bf16=loop.bf16)
+    if run.follow is not None and epoch + 1 < loop.plan.epochs:
         run.follow.after_epoch(loop, epoch + 1, time.perf_counter() - started - trained_s)
     row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - started, 3),
            "train_loss": result.loss_sum / result.seen,
@@ -309,24 +348,16 @@ def finish(run: Run) -> TrainResult:
 
 def _final_test(loop: Loop, data: Any, best_epoch: int | None,
                 emit: Callable[[str], None]) -> dict:
-    """Evaluate best.pt on the test set, writing eval.json, and log the result."""
-    config = loop.config
+    """Evaluate best.pt on the test set, writing eval.json, and log the result (the test-time
+    views as planned: a budget may take fewer, or none)."""
+    views = loop.plan.tta_views
     test = evaluate(loop.run_dir / BEST, data, device=str(loop.device),
-                    batch_size=config.eval_batch_size, tta=config.tta,
-                    tta_views=config.tta_views)
+                    batch_size=loop.config.eval_batch_size, tta=views > 0,
+                    tta_views=views or loop.config.tta_views)
     emit(f"test ({BEST}, epoch {best_epoch}"
-         f"{f', {config.tta_views} test-time views' if config.tta else ''}): "
+         f"{f', {views} test-time views' if views else ''}): "
          f"loss {test['test_loss']:.4f} - {accuracy_line(test)} ({loop.run_dir / EVAL_FILE})")
     return test
-
-
-def _recorded_plan(ckpt: dict, config: TrainConfig) -> RunPlan | None:
-    """The budget's plan that ``ckpt`` recorded, while the run keeps its length (more
-    --epochs replace it)."""
-    saved = ckpt["training"].get("plan")
-    if saved is None or saved.get("total_steps") != config.train_steps:
-        return None
-    return RunPlan.from_dict(saved)
 
 
 @dataclass(frozen=True)
@@ -366,7 +397,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     stem_bias = fixed_stem_bias(loop)
     first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
     loop.model.train()
-    bar = _progress(loop.steps_in_epoch(epoch), position.step, epoch, config.epochs, ctx)
+    bar = _progress(loop.steps_in_epoch(epoch), position.step, epoch, loop.plan.epochs, ctx)
     lr, stopped_at = loop.lr_at(first + position.step), None
     clock_zero = follow.run_started if follow is not None else time.perf_counter()
     step = position.step
@@ -419,7 +450,8 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
 
 @torch.no_grad()
 def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConfig,
-                       device: torch.device, ctx: DistContext) -> tuple[float | None, float | None]:
+                       device: torch.device, ctx: DistContext, *, bf16: bool
+                       ) -> tuple[float | None, float | None]:
     """Validation loss (plain cross-entropy of the main head) and accuracy, over all ranks."""
     if prepared.val_x.shape[0] == 0:
         return None, None
@@ -427,7 +459,7 @@ def validation_metrics(model: nn.Module, prepared: DeviceData, config: TrainConf
     model.eval()
     images = prepared.val_x[ctx.rank::ctx.world_size]
     labels = prepared.val_y[ctx.rank::ctx.world_size]
-    with autocast_for(config, device):  # as in training: bf16 when the run uses it
+    with autocast_for(bf16, device):  # as in training: bf16 when the run uses it
         log_probs = log_probabilities(model, images, prepared.mean, prepared.std,
                                       batch_size=config.eval_batch_size, device=device,
                                       channels_last=uses_channels_last(config, device))
@@ -449,7 +481,7 @@ def _end_of_epoch(loop: Loop, position: Position, row: dict,
                         best_score=score if improved else position.best_score,
                         best_epoch=row["epoch"] if improved else position.best_epoch)
     if loop.ctx.is_main:
-        emit(format_epoch_line(row, loop.config.epochs))
+        emit(format_epoch_line(row, loop.plan.epochs))
         append_jsonl(loop.run_dir / METRICS_FILE, row)
         if improved:
             save_checkpoint(loop.run_dir / BEST,
@@ -466,7 +498,7 @@ def _start_line(loop: Loop, *, resumed: bool) -> str:
     processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
     return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
             f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
-            f"{p.val_x.shape[0]} validation images, {_count(c.epochs, 'epoch')} of "
+            f"{p.val_x.shape[0]} validation images, {_count(loop.plan.epochs, 'epoch')} of "
             f"{loop.steps_per_epoch} steps ({loop.total_steps} in all), batch {c.batch_size}; "
             f"run folder {loop.run_dir}")
 

@@ -50,16 +50,31 @@ def open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None
         record = run_record(loop.config, loop.prepared, loop.model, loop.aux_weights,
                             loop.device, loop.ctx)
     if ckpt is not None:
-        record["config"] = loop.config.to_dict()
         record.setdefault("resumed", []).append(
             {"at_epoch": position.epoch, "at_step": position.step, "command": list(sys.argv),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
              "hardware": hardware_info(loop.device, loop.ctx)})
         truncate_history(run_dir, position.epoch, emit)
-        if position.epoch < loop.config.epochs:  # best.pt may change: its test is to redo
+        if position.epoch < loop.plan.epochs:  # best.pt may change: its test is to redo
             (run_dir / EVAL_FILE).unlink(missing_ok=True)
-    atomic_write_json(run_dir / CONFIG_FILE, record)
+    write_record(run_dir, record, loop)
     return run_dir
+
+
+def write_record(run_dir: Path, record: dict, loop: Loop) -> None:
+    """config.json, the one place it is written: the record with what was asked for
+    (``config``) and what the run decided (``plan``, which a budget's re-plan changes)."""
+    record.update(config=loop.config.to_dict(), plan=loop.plan.to_dict())
+    atomic_write_json(run_dir / CONFIG_FILE, record)
+
+
+def record_plan(loop: Loop, emit: Callable[[str], None]) -> None:
+    """Bring config.json's plan up to date after a re-plan (rank 0)."""
+    if loop.run_dir is None:
+        return
+    record = read_record(loop.run_dir, emit)
+    if record is not None and record.get("plan") != loop.plan.to_dict():
+        write_record(loop.run_dir, record, loop)
 
 
 def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
@@ -67,7 +82,6 @@ def run_record(config: TrainConfig, prepared: DeviceData, model: nn.Module,
     """config.json: everything needed to repeat the run."""
     recipe = get_recipe(config.recipe) if config.recipe else None
     return {
-        "config": config.to_dict(),
         "recipe": {"name": recipe.name, "description": recipe.description} if recipe else None,
         "versions": {"cifar_inception": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},

@@ -45,8 +45,6 @@ def resume_config(run: str | os.PathLike, **overrides: Any) -> TrainConfig:
     saved = TrainConfig.from_dict(_saved_config(run))
     values = saved.to_dict()
     values["stop_after_epochs"] = None  # a pause applies to the invocation that asked for it
-    if "epochs" in overrides and "train_steps" not in overrides:
-        values["train_steps"] = None  # more epochs replace a budget's plan: whole epochs
     for key, value in overrides.items():
         if key not in values:
             raise TrainingError(f"unknown training option {key!r}")
@@ -79,8 +77,7 @@ def _saved_config(run: str | os.PathLike) -> dict:
 def resume_state(config: TrainConfig, resume: str | os.PathLike | None
                   ) -> tuple[dict | None, Position]:
     """The checkpoint to continue from (checked against ``config`` and against the run's
-    record) and its position. A run whose epochs are all done is continued only when its
-    test is still to do."""
+    record) and its position."""
     path = resume_target(resume).last if resume is not None else None
     if path is None:  # a new run, or one that died before its first last.pt: from the start
         return None, Position()
@@ -92,12 +89,18 @@ def resume_state(config: TrainConfig, resume: str | os.PathLike | None
                               f"not {config.model!r}")
     _check_resume_matches(config, ckpt["training"]["config"], path)
     _check_checkpoints_are_the_runs(path.parent, ckpt, path)
-    position = Position(**ckpt["training"]["position"])
-    if position.epoch >= config.epochs and not final_test_pending(config, path.parent):
+    return ckpt, Position(**ckpt["training"]["position"])
+
+
+def check_not_done(config: TrainConfig, epochs: int, position: Position,
+                   resume: str | os.PathLike) -> None:
+    """Refuse to continue a run whose ``epochs`` (as planned) are all done, unless its test
+    is still to do."""
+    folder = resume_target(resume).folder
+    if position.epoch >= epochs and not final_test_pending(config, folder):
         tested = " and tested" if config.test else ""
-        raise TrainingError(f"{path.parent}: all {config.epochs} epochs are done{tested}; "
+        raise TrainingError(f"{folder}: all {epochs} epochs are done{tested}; "
                             f"pass a larger --epochs to train further")
-    return ckpt, position
 
 
 def final_test_pending(config: TrainConfig, folder: Path) -> bool:

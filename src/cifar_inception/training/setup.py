@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from cifar_inception.training.optim import (
     lr_at_progress,
     resolve_aux_weights,
 )
+from cifar_inception.training.plan import TrainPlan
 from cifar_inception.training.resume import Position
 
 SPLIT_SEED = 0  # every run holds out the same validation images, so runs compare
@@ -59,8 +60,8 @@ def _threads_for(config: TrainConfig, ctx: DistContext) -> int:
     return config.num_threads or max(1, usable_cores() // ctx.world_size)
 
 
-def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
-    """Threads and precision for this CPU; the config with ``cpu_amp`` decided, and why."""
+def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[int, bool, str]:
+    """Threads and precision for this CPU, set: the threads, whether bf16, and why."""
     threads = _threads_for(config, ctx)
     torch.set_num_threads(threads)
     reuse_freed_memory()  # a step's large blocks are reused, not page-faulted in again
@@ -70,7 +71,7 @@ def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[TrainConfig, str]:
         else "the cores this process may use")
     line = (f"{precision.describe()}; {threads} thread{'s' if threads != 1 else ''} per "
             f"process ({how})")
-    return replace(config, cpu_amp=precision.bf16), line
+    return threads, precision.bf16, line
 
 
 def check_model(config: TrainConfig) -> None:
@@ -123,9 +124,11 @@ def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> Device
 
 @dataclass
 class Loop:
-    """What every step needs, fixed for the whole run."""
+    """What every step needs: the config as asked and the plan as decided (a budget's
+    re-plan replaces the plan; the config never changes)."""
 
     config: TrainConfig
+    plan: TrainPlan
     ctx: DistContext
     device: torch.device
     prepared: DeviceData
@@ -134,55 +137,48 @@ class Loop:
     optimizer: torch.optim.Optimizer
     aux_weights: tuple[float, ...]
     policy: AugmentPolicy
-    steps_per_epoch: int
     lookahead: Lookahead | None = None
     run_dir: Path | None = None     # rank 0 only
-    plan: RunPlan | None = None     # what a budget decided (None: the config's own length)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
     def total_steps(self) -> int:
-        """Optimiser steps of the whole run: the plan's, ``train_steps``, else every epoch's."""
-        if self.plan is not None:
-            return self.plan.total_steps
-        return self.config.train_steps or self.config.epochs * self.steps_per_epoch
+        """Optimiser steps of the whole run, as planned."""
+        return self.plan.total_steps
+
+    @property
+    def bf16(self) -> bool:
+        return self.plan.surroundings.bf16
 
     def steps_in_epoch(self, epoch: int) -> int:
-        """All of them, but in the last epoch of a run of ``train_steps`` (shorter, or
-        longer by a folded sliver)."""
+        """All of them, but in the last epoch (shorter, or longer by a folded sliver)."""
         return self.run_plan().steps_in(epoch, self.steps_per_epoch)
 
     def run_plan(self) -> RunPlan:
-        """The plan in force: a budget's, else one straight line from the config."""
-        if self.plan is not None:
-            return self.plan
-        total = self.total_steps
-        bias = self.whiten_bias_steps
-        return RunPlan(total, self.warmup_steps / total, None if bias is None else bias / total)
+        """The schedule in force."""
+        return self.plan.schedule
 
-    def set_plan(self, plan: RunPlan) -> None:
-        """Follow ``plan``; the config records its length (config.json, checkpoints)."""
-        self.plan = plan
-        self.config = replace(self.config, train_steps=plan.total_steps,
-                              epochs=plan.epochs(self.steps_per_epoch))
-
-    def schedule_steps(self, fraction: float | None, epochs: float | None) -> int | None:
-        """A schedule's length in steps: a fraction of the run, or epochs (None: none)."""
-        if fraction is not None:
-            return round(fraction * self.total_steps)
-        return None if epochs is None else round(epochs * self.steps_per_epoch)
+    def set_plan(self, schedule: RunPlan) -> None:
+        """Follow a budget's new ``schedule``: the plan changes, the config does not."""
+        self.plan = self.plan.replanned(schedule)
 
     @property
     def warmup_steps(self) -> int:
-        return self.schedule_steps(self.config.warmup_fraction, self.config.warmup_epochs)
+        """The warm-up's length in steps, as the run began."""
+        return round(self.run_plan().warmup * self.total_steps)
 
     @property
     def whiten_bias_steps(self) -> int | None:
-        return self.schedule_steps(self.config.whiten_bias_fraction,
-                                   self.config.whiten_bias_epochs)
+        """The steps a fixed whitening stem's bias trains, as the run began (None: all)."""
+        bias = self.run_plan().whiten_bias
+        return None if bias is None else round(bias * self.total_steps)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of global step ``step`` (0-based)."""
@@ -198,9 +194,8 @@ class Loop:
                    with_training: bool = True) -> dict:
         """best.pt holds weights and metrics; last.pt also the optimiser and RNG states."""
         training: dict[str, Any] = {"config": self.config.to_dict(),
+                                    "plan": self.plan.to_dict(),  # a resume continues it
                                     "position": vars(position).copy()}
-        if self.plan is not None:  # a budget's decisions, which a resumed run continues
-            training["plan"] = self.plan.to_dict()
         if with_training:
             if self.lookahead is not None:
                 training["lookahead"] = self.lookahead.state_dict()
@@ -211,22 +206,28 @@ class Loop:
                 world_size=self.ctx.world_size)
         p = self.prepared
         return make_checkpoint(
-            model_name=self.config.model, model_options=self.config.model_options,
+            model_name=self.config.model, model_options=self.plan.model_options,
             num_classes=len(p.classes), classes=list(p.classes), mean=list(p.mean),
             std=list(p.std), dataset=p.info.get("dataset"),
             state_dict=self.model.state_dict(), training=training,
             metrics=metrics)
 
 
-def build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
-                device: torch.device, ckpt: dict | None) -> Loop:
-    """Model, optimiser and the rest, fresh or restored from ``ckpt``."""
-    steps_per_epoch = prepared.train_x.shape[0] // config.batch_size  # drop the last partial
+def steps_per_epoch(config: TrainConfig, prepared: DeviceData, ctx: DistContext) -> int:
+    """Whole batches of the training split (the last partial one dropped)."""
+    steps = prepared.train_x.shape[0] // config.batch_size
     distributed.per_rank_batch(config.batch_size, ctx)  # refuses an uneven split early
-    if steps_per_epoch == 0:
+    if steps == 0:
         raise TrainingError(f"the training split has {prepared.train_x.shape[0]} images, "
                             f"fewer than one batch of {config.batch_size}; lower --batch-size")
-    model = build_model(config, len(prepared.classes), device, ctx)
+    return steps
+
+
+def build_loop(config: TrainConfig, plan: TrainPlan, prepared: DeviceData, ctx: DistContext,
+               device: torch.device, ckpt: dict | None) -> Loop:
+    """Model (with the plan's options), optimiser and the rest, fresh or restored from
+    ``ckpt``."""
+    model = build_model(config, plan.model_options, len(prepared.classes), device, ctx)
     aux_weights = resolve_aux_weights(config, model)
     optimizer = build_optimizer(config, model)
     if ckpt is None:
@@ -249,14 +250,14 @@ def build_loop(config: TrainConfig, prepared: DeviceData, ctx: DistContext,
         lookahead = Lookahead(model, config.lookahead_steps, config.lookahead_decay)
         if ckpt is not None and "lookahead" in ckpt["training"]:
             lookahead.load_state_dict(ckpt["training"]["lookahead"])
-    return Loop(config, ctx, device, prepared, model, net, optimizer, aux_weights, policy,
-                steps_per_epoch, lookahead)
+    return Loop(config, plan, ctx, device, prepared, model, net, optimizer, aux_weights,
+                policy, lookahead)
 
 
-def build_model(config: TrainConfig, num_classes: int, device: torch.device,
-                ctx: DistContext) -> nn.Module:
+def build_model(config: TrainConfig, model_options: dict[str, Any], num_classes: int,
+                device: torch.device, ctx: DistContext) -> nn.Module:
     torch.manual_seed(config.seed)  # the same initial weights on every rank, every time
-    model = create_model(config.model, num_classes=num_classes, **config.model_options)
+    model = create_model(config.model, num_classes=num_classes, **model_options)
     if config.sync_bn:
         model = distributed.convert_sync_batchnorm(model, ctx, device)
     model = model.to(device)
@@ -271,10 +272,9 @@ def uses_channels_last(config: TrainConfig, device: torch.device) -> bool:
     return config.channels_last if device.type == "cuda" else config.cpu_channels_last
 
 
-def autocast_for(config: TrainConfig, device: torch.device) -> Any:
-    """bf16 autocast on CUDA (``amp``) or on the CPU (``cpu_amp``), else nothing."""
-    enabled = config.amp if device.type == "cuda" else config.cpu_amp
-    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+def autocast_for(bf16: bool, device: torch.device) -> Any:
+    """bf16 autocast on ``device`` where the plan has it, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
@@ -284,7 +284,7 @@ def _stem_is_fixed(config: TrainConfig, model: nn.Module) -> bool:
 
 
 def fixed_stem_bias(loop: Loop) -> torch.Tensor | None:
-    """The bias of a fixed whitening stem (trained for ``whiten_bias_steps`` only), else None."""
+    """The bias of a fixed whitening stem (trained for the plan's ``whiten_bias``), else None."""
     return hooks.stem_conv(loop.model).bias if _stem_is_fixed(loop.config, loop.model) \
         else None
 

@@ -36,7 +36,7 @@ def train_step(loop: Loop, images: torch.Tensor, labels: torch.Tensor, *, lr: fl
                       channels_last=uses_channels_last(config, loop.device))
         targets = distributed.shard(labels, ctx)
     loss, logits = optimise(loop.net, loop.optimizer, x, targets, loop.aux_weights,
-                            config.label_smoothing, autocast_for(config, loop.device),
+                            config.label_smoothing, autocast_for(loop.bf16, loop.device),
                             frozen=frozen)
     return loss, logits, targets
 
