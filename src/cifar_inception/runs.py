@@ -326,13 +326,15 @@ def read_eval(folder: str | os.PathLike) -> dict | None:
 
 
 def is_evaluation(record: dict) -> bool:
-    """An eval.json as evaluate writes it: numbers for the metrics and counts, a table of
-    accuracies per class and a confusion matrix of counts (as far as it has them)."""
+    """An eval.json as evaluate writes it (as far as it has its parts): a number for top-1,
+    numbers for the other metrics and counts, a table of accuracies per class and a confusion
+    matrix of counts."""
     per_class = record.get("per_class", {})
     confusion = record.get("confusion", [])
-    top5 = record.get("test_top5")  # absent where there are 5 classes or fewer
-    return (all(_is_number(record.get(key)) for key in ("test_loss", "test_top1"))
-            and (top5 is None or _is_number(top5))
+    # top-5 is absent where there are 5 classes or fewer; a hand-made record may hold top-1 only
+    optional = [record.get(key) for key in ("test_top5", "test_loss")]
+    return (_is_number(record.get("test_top1"))
+            and all(value is None or _is_number(value) for value in optional)
             and _is_count(record.get("num_images", 0))
             and isinstance(per_class, dict)
             and all(v is None or _is_number(v) for v in per_class.values())

@@ -72,6 +72,7 @@ from cifar_inception.training.plan import (
     plan_run,
     resumed_plan,
 )
+from cifar_inception.training.lines import format_epoch_line, progress_bar, start_line
 from cifar_inception.training.record import open_run_dir
 from cifar_inception.training.result import TrainResult
 from cifar_inception.training.resume import (
@@ -229,7 +230,7 @@ def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
         run.loop, run.follow = _fit_budget(run, ctx, device)
     if ctx.is_main:
         run.loop.run_dir = open_run_dir(run.loop, resume, ckpt, position, held, emit)
-        emit(_start_line(run.loop, resumed=run.resumed))
+        emit(start_line(run.loop, resumed=run.resumed))
     return run
 
 
@@ -397,7 +398,7 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
     stem_bias = fixed_stem_bias(loop)
     first = epoch * loop.steps_per_epoch  # global index of the epoch's first step
     loop.model.train()
-    bar = _progress(loop.steps_in_epoch(epoch), position.step, epoch, loop.plan.epochs, ctx)
+    bar = progress_bar(loop.steps_in_epoch(epoch), position.step, epoch, loop.plan.epochs, ctx)
     lr, stopped_at = loop.lr_at(first + position.step), None
     clock_zero = follow.run_started if follow is not None else time.perf_counter()
     step = position.step
@@ -488,39 +489,3 @@ def _end_of_epoch(loop: Loop, position: Position, row: dict,
                             loop.checkpoint(position, row, with_training=False))
         save_checkpoint(loop.run_dir / LAST, loop.checkpoint(position, row))
     return position
-
-
-# --- what the above uses, in order of use
-
-
-def _start_line(loop: Loop, *, resumed: bool) -> str:
-    c, p = loop.config, loop.prepared
-    processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
-    return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
-            f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
-            f"{p.val_x.shape[0]} validation images, {_count(loop.plan.epochs, 'epoch')} of "
-            f"{loop.steps_per_epoch} steps ({loop.total_steps} in all), batch {c.batch_size}; "
-            f"run folder {loop.run_dir}")
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _progress(total: int, initial: int, epoch: int, epochs: int, ctx: DistContext) -> Any:
-    """A tqdm bar where it is drawn, stderr, is a terminal; a silent stand-in elsewhere."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, desc=f"Epoch {epoch + 1}/{epochs}",
-                unit="step", leave=False, disable=None if ctx.is_main else True,
-                dynamic_ncols=True)
-
-
-def format_epoch_line(row: dict, epochs: int) -> str:
-    """``Epoch 3/10 - 42.1s - loss: 1.2345 - acc: 0.5678 - val_loss: ... - lr: ...``"""
-    parts = [f"Epoch {row['epoch']}/{epochs}", f"{row['seconds']:.1f}s",
-             f"loss: {row['train_loss']:.4f}", f"acc: {row['train_acc']:.4f}"]
-    if row["val_loss"] is not None:
-        parts += [f"val_loss: {row['val_loss']:.4f}", f"val_acc: {row['val_acc']:.4f}"]
-    parts.append(f"lr: {row['lr']:.3g}")
-    return " - ".join(parts)
