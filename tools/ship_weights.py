@@ -16,6 +16,7 @@ class names and the file's SHA-256. Run it again to replace an entry.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shlex
 import sys
@@ -134,14 +135,18 @@ def run_description(record: dict, history: list[dict], best: dict,
 
 
 def update_manifest(path: Path, entry: dict) -> None:
-    manifest = json.loads(path.read_text()) if path.exists() else {
-        "format": MANIFEST_FORMAT, "weights": []}
-    others = [w for w in manifest["weights"] if w["name"] != entry["name"]]
-    if entry["default"]:
-        for other in others:
-            other["default"] = False
-    manifest["weights"] = sorted([*others, entry], key=lambda w: w["name"])
-    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    """Add or replace ``entry``; several of these commands may run at once, so the manifest
+    is read and rewritten under a lock."""
+    with open(path.with_name(".manifest.lock"), "w") as lock:  # ignored by git
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = json.loads(path.read_text()) if path.exists() else {
+            "format": MANIFEST_FORMAT, "weights": []}
+        others = [w for w in manifest["weights"] if w["name"] != entry["name"]]
+        if entry["default"]:
+            for other in others:
+                other["default"] = False
+        manifest["weights"] = sorted([*others, entry], key=lambda w: w["name"])
+        atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
 
 
 if __name__ == "__main__":
