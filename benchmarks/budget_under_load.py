@@ -20,6 +20,11 @@ For each condition it reports the command's wall time against the budget, the CP
 the run got (user and system, from the kernel's account of the child), the epochs and the
 test top-1 of best.pt, and prints (``--markdown``: appends) a table that names the machine.
 The done-when of a budget: every condition within the budget +5%, and not before 90% of it.
+
+Then (``--equal-cpu``, the default) each loaded condition is set beside an idle run given
+the same CPU time: a budget of the loaded run's CPU seconds over the cores this process may
+use. Under load the accuracy should be no more than a point below that run's: what the load
+took should cost only the CPU it took.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ from _common import describe, environment, format_table, run_script, write_json
 from cifar_inception.options import parse_duration
 
 CONDITIONS = ("idle", "hog-whole", "hog-half", "hog-first")
-COLUMNS = ("condition", "budget_s", "wall_s", "wall_share", "cpu_s", "epochs", "test_top1")
+COLUMNS = ("condition", "budget_s", "wall_s", "wall_share", "cpu_s", "epochs", "test_top1",
+           "vs_equal_cpu")
 
 # What a hog runs: spin on one core until its deadline (it ends itself if never ended).
 HOG = """
@@ -104,7 +110,8 @@ def outcome(run_dir: Path) -> tuple[int, float | None]:
     return epochs, top1
 
 
-def run_condition(condition: str, args: argparse.Namespace, budget_s: float) -> dict[str, Any]:
+def run_condition(condition: str, args: argparse.Namespace, budget_s: float,
+                  label: str | None = None) -> dict[str, Any]:
     name = f"{condition}-{time.strftime('%Y%m%d-%H%M%S')}"
     argv = [sys.executable, "-m", "cifar_inception", "train", "--data-dir", args.data_dir,
             "--budget", f"{budget_s:g}", "--output", args.out_dir, "--name", name,
@@ -114,11 +121,27 @@ def run_condition(condition: str, args: argparse.Namespace, budget_s: float) -> 
     with Hog(core, *hog) if hog else _nothing():
         wall_s, cpu_s, code = run_command(argv)
     epochs, top1 = outcome(Path(args.out_dir) / name)
-    row = {"condition": condition, "budget_s": budget_s, "wall_s": wall_s,
+    row = {"condition": label or condition, "budget_s": budget_s, "wall_s": wall_s,
            "wall_share": wall_s / budget_s, "cpu_s": cpu_s, "epochs": epochs,
            "test_top1": top1, "exit": code, "run": name}
     print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     return row
+
+
+def equal_cpu_references(rows: list[dict[str, Any]], args: argparse.Namespace
+                         ) -> list[dict[str, Any]]:
+    """For each loaded row: an idle run given the CPU time it got (budget = its CPU seconds
+    over the cores), and the loaded row's accuracy against it (``vs_equal_cpu``, points)."""
+    cores = len(os.sched_getaffinity(0))
+    references = []
+    for row in [r for r in rows if r["condition"] != "idle"]:
+        budget_s = round(row["cpu_s"] / cores)
+        reference = run_condition("idle", args, budget_s,
+                                  label=f"idle, {row['condition']}'s CPU time")
+        if row["test_top1"] is not None and reference["test_top1"] is not None:
+            row["vs_equal_cpu"] = 100 * (row["test_top1"] - reference["test_top1"])
+        references.append(reference)
+    return references
 
 
 class _nothing:
@@ -139,6 +162,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = environment(torch.device("cpu"))
     print(f"# {describe(env)}")
     rows = [run_condition(condition, args, budget_s) for condition in conditions]
+    if args.equal_cpu:
+        rows += equal_cpu_references(rows, args)
     table = format_table(rows, COLUMNS)
     section = (f"\n### The budget under load ({args.budget})\n\n{describe(env)}; "
                f"`train --budget {args.budget} {args.train_args}`\n\n{table}\n")
@@ -163,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of the hog-first condition's hog (default 60)")
     parser.add_argument("--train-args", default="",
                         help="more options of the train command, as one string")
+    parser.add_argument("--equal-cpu", action=argparse.BooleanOptionalAction, default=True,
+                        help="set each loaded run beside an idle run of the same CPU time")
     parser.add_argument("--out-dir", default="runs/budget-under-load")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--markdown", default=None,

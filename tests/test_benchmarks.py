@@ -236,7 +236,8 @@ def test_budget_under_load_runs_the_command_beside_a_bounded_hog(tmp_path, image
         out = tmp_path / "load.json"
         result = budget_under_load.main([
             "--data-dir", str(image_tree), "--budget", "20s", "--conditions",
-            "hog-half", "--out-dir", str(tmp_path / "runs"), "--json", str(out),
+            "hog-half", "--no-equal-cpu", "--out-dir", str(tmp_path / "runs"),
+            "--json", str(out),
             "--markdown", str(tmp_path / "BENCH.md"),
             "--train-args", "--width 0.25 --val-size 20 --batch-size 32 --threads 1 "
                             "--no-tta --device cpu"])
@@ -251,3 +252,31 @@ def test_budget_under_load_runs_the_command_beside_a_bounded_hog(tmp_path, image
     markdown = (tmp_path / "BENCH.md").read_text()
     assert "The budget under load (20s)" in markdown and "| hog-half |" in markdown
     assert "| hog-half |" in capsys.readouterr().out
+
+
+def test_budget_under_load_sets_each_loaded_run_beside_an_idle_one_of_its_cpu_time(
+        monkeypatch):
+    """The reference run of a loaded condition gets the loaded run's CPU seconds over the
+    cores as its budget, and the loaded row carries its accuracy against it, in points."""
+    import argparse
+    import os
+
+    import budget_under_load
+
+    asked = []
+
+    def run_condition(condition, args, budget_s, label=None):
+        asked.append((condition, budget_s, label))
+        return {"condition": label, "budget_s": budget_s, "test_top1": 0.80}
+
+    monkeypatch.setattr(budget_under_load, "run_condition", run_condition)
+    cores = len(os.sched_getaffinity(0))
+    rows = [{"condition": "idle", "cpu_s": 1100.0 * cores, "test_top1": 0.85},
+            {"condition": "hog-whole", "cpu_s": 300.0 * cores, "test_top1": 0.795},
+            {"condition": "hog-first", "cpu_s": 500.0 * cores, "test_top1": None}]
+    references = budget_under_load.equal_cpu_references(rows, argparse.Namespace())
+    assert asked == [("idle", 300, "idle, hog-whole's CPU time"),
+                     ("idle", 500, "idle, hog-first's CPU time")]
+    assert len(references) == 2
+    assert rows[1]["vs_equal_cpu"] == pytest.approx(-0.5)
+    assert "vs_equal_cpu" not in rows[0] and "vs_equal_cpu" not in rows[2]

@@ -25,7 +25,7 @@ from cifar_inception.budget import (
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
 from cifar_inception.training import budgeting, train
-from cifar_inception.training.budgeting import widen_for_budget
+from cifar_inception.training.fitting import widen_for_budget
 from cifar_inception.training.optim import lr_factor
 from cifar_inception.training.plan import Surroundings, plan_run
 from cifar_inception.training.setup import Loop
@@ -202,7 +202,7 @@ def widen(config, monkeypatch, epochs_at_width_1):
     loop = FakeLoop(config)
     first = budgeting.plan_budget(loop, 0, 0.0)
     lines = []
-    loop, chosen = widen_for_budget(loop, first, loop.build, 0, 0.0, lines.append)
+    loop, chosen, _ = widen_for_budget(loop, first, loop.build, 0, 0.0, lines.append)
     return loop.model_options.get("width", 1.0), chosen, measured[1:], lines
 
 
@@ -253,7 +253,7 @@ def test_a_width_whose_measurement_spends_the_budget_is_not_taken(monkeypatch):
     monkeypatch.setattr(budgeting, "plan_budget", spent_at_width_2)
     lines = []
     loop = FakeLoop(config)
-    loop, _ = widen_for_budget(loop, faked(loop, 0, 0.0), loop.build, 0, 0.0, lines.append)
+    loop, _, _ = widen_for_budget(loop, faked(loop, 0, 0.0), loop.build, 0, 0.0, lines.append)
     assert loop.model_options["width"] == 1.5 and "spent" in lines[0]
 
 

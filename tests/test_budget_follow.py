@@ -4,6 +4,7 @@ what is measured, and a resumed run continues the recorded plan. No real time is
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -28,7 +29,12 @@ from cifar_inception.budget import (
 from cifar_inception.checkpoint import load_checkpoint
 from cifar_inception.recipes import build_config
 from cifar_inception.training import resume_config, train
-from cifar_inception.training.budgeting import ThreadWatch, settle_threads
+from cifar_inception.training.budgeting import (
+    WIDTH_CHECK_STEPS,
+    ThreadWatch,
+    WidthCheck,
+    settle_threads,
+)
 from cifar_inception.training.optim import lr_at_progress, lr_factor
 
 BUDGET = 60.0
@@ -163,23 +169,33 @@ class Machine:
     what the machine would take (``step_s(now)``); every reading advances it a little, so
     that whatever waits for time ends."""
 
-    def __init__(self, step_s, monkeypatch):
+    def __init__(self, step_s, monkeypatch, *, width_cost=lambda width: 1.0,
+                 probe_factor: float = 1.0):
         self.now, self.step_s = 1000.0, step_s
         self.lrs: list[float] = []
+        self.widths: list[float] = []  # the model width of each training step
         self.epoch_steps: list[int] = []
         self.steps_since_validation = 0
         real_step, real_validate, real_evaluate, real_log_probabilities = (
             loop_mod.train_step, loop_mod.validation_metrics, loop_mod.evaluate,
             budgeting.log_probabilities)
 
-        def probe_step(*args, **kwargs):
-            self.now += self.step_s(self.now - self.started)
-            return real_step(*args, **kwargs)
+        def width_of(loop) -> float:
+            return loop.plan.model_options.get("width", 1.0)
 
-        def training_step(*args, **kwargs):
+        def timed_step(factor, loop, *args, **kwargs):
+            self.now += self.step_s(self.now - self.started) * width_cost(width_of(loop)) \
+                * factor
+            return real_step(loop, *args, **kwargs)
+
+        def probe_step(*args, **kwargs):  # ``probe_factor``: the probe misreads the machine
+            return timed_step(probe_factor, *args, **kwargs)
+
+        def training_step(loop, *args, **kwargs):
             self.lrs.append(kwargs["lr"])
+            self.widths.append(width_of(loop))
             self.steps_since_validation += 1
-            return probe_step(*args, **kwargs)
+            return timed_step(1.0, loop, *args, **kwargs)
 
         def validate(model, prepared, *args, **kwargs):
             self.now += IMAGE_S * prepared.val_x.shape[0]
@@ -192,7 +208,7 @@ class Machine:
             return real_evaluate(checkpoint, data, *args, **kwargs)
 
         def probe_evaluation(net, images, *args, **kwargs):
-            self.now += IMAGE_S * images.shape[0]
+            self.now += IMAGE_S * images.shape[0] * probe_factor
             return real_log_probabilities(net, images, *args, **kwargs)
 
         monkeypatch.setattr(loop_mod, "train_step", training_step)
@@ -267,3 +283,65 @@ def test_a_resumed_run_follows_the_recorded_plan(tmp_path, data, monkeypatch):
     assert machine.lrs[before:] == pytest.approx(expected, rel=1e-12)
     assert RunPlan.from_dict(load_checkpoint(resumed.run_dir / "last.pt")["training"][
         "plan"]) == plan
+
+
+# --------------------------------------------------------------------------- the width check
+
+
+def test_the_width_check_keeps_a_width_the_first_steps_confirm():
+    check = WidthCheck(1.5, {1.0: Rates(0.1, 0, 0), 1.5: Rates(0.2, 0, 0)}, wanted=4)
+    assert check.observe(WIDTH_CHECK_STEPS - 1, 0.2 * (WIDTH_CHECK_STEPS - 1)) is None
+    ratio = check.observe(1, 0.21)  # 0.25% slower than the probe read it: no misreading
+    assert ratio == pytest.approx(1.0025)
+    assert check.choose(ratio, lambda rates: 0.0) == 1.5  # nothing asked of the widths
+
+
+@pytest.mark.parametrize("ratio, chosen", [(1 / 3, 2.0), (1.0, 1.5), (3.0, 1.0), (9.0, 1.0)])
+def test_the_width_check_chooses_again_from_the_rescaled_rates(ratio, chosen):
+    """Epochs fall with the square of the width and with the time per step."""
+    tried = {1.0: Rates(0.1, 1e-4, 1e-4), 1.5: Rates(0.225, 2e-4, 2e-4),
+             2.0: Rates(0.4, 4e-4, 4e-4)}
+    check = WidthCheck(1.5, tried, wanted=4)
+
+    def epochs_at(rates):
+        return 2.0 / rates.step_s  # 20 epochs at width 1 as the probe read it
+
+    assert check.choose(ratio, epochs_at) == chosen
+    scaled = check.rates_at(2.0, ratio)
+    assert (scaled.step_s, scaled.val_image_s) == pytest.approx((0.4 * ratio, 4e-4 * ratio))
+
+
+def test_a_width_chosen_on_a_misreading_is_corrected_by_the_first_steps(tmp_path, data,
+                                                                       monkeypatch):
+    """The probe reads the machine 3x slow (another program during its windows): width 1
+    is chosen and 1.5 refused. The run's first steps run 3x faster than that, at which 1.5
+    buys the epochs wanted: the run starts over at width 1.5, and ends within its budget
+    with a well-shaped schedule, its record saying width 1.5."""
+    machine = Machine(lambda t: 0.2, monkeypatch, width_cost=lambda width: width ** 2,
+                      probe_factor=3.0)
+    lines = []
+    config = budget_config(tmp_path, widen_for_epochs=4)
+    result = train(config, data, log=lines.append)
+    spent = machine.now - machine.started
+    assert result.status == "completed" and result.test is not None
+    assert any(line.startswith("width 1: the widest") for line in lines), lines
+    assert any("starting over at width 1.5" in line for line in lines), lines
+    assert BUDGET * 0.9 <= spent <= BUDGET, lines
+    discarded = machine.widths.index(1.5)
+    assert set(machine.widths[:discarded]) == {1.0} and set(machine.widths[discarded:]) == {1.5}
+    assert STEPS_PER_EPOCH // 2 <= discarded < STEPS_PER_EPOCH  # inside the first epoch
+    machine.lrs = machine.lrs[discarded:]
+    assert_well_shaped(machine, config, lines)
+    record = json.loads((result.run_dir / "config.json").read_text())
+    saved = load_checkpoint(result.run_dir / "last.pt")["training"]["plan"]
+    assert record["plan"]["model_options"]["width"] == saved["model_options"]["width"] == 1.5
+    assert len(machine.lrs) == saved["total_steps"]
+
+
+def test_a_width_the_first_steps_confirm_is_kept(tmp_path, data, monkeypatch):
+    machine = Machine(lambda t: 0.2, monkeypatch, width_cost=lambda width: width ** 2)
+    lines = []
+    result = train(budget_config(tmp_path, widen_for_epochs=4), data, log=lines.append)
+    assert result.status == "completed"
+    assert not any("starting over" in line for line in lines), lines
+    assert len(set(machine.widths)) == 1

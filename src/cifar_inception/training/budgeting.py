@@ -20,7 +20,6 @@ from cifar_inception.budget import (
     RANK_PROBE_STEPS,
     TARGET,
     TTA_SHARE,
-    BudgetError,
     Pace,
     Plan,
     Rates,
@@ -40,7 +39,6 @@ from cifar_inception.evaluation import (
     log_probabilities,
     test_in_channels_last,
 )
-from cifar_inception.models.registry import can_widen
 from cifar_inception.runs import BEST, LAST
 from cifar_inception.training.optim import Lookahead, build_optimizer
 from cifar_inception.training.record import record_plan
@@ -99,54 +97,6 @@ def settle_threads(loop: Loop, budget_plan: Plan, test_images: int, started: flo
     torch.set_num_threads(chosen)
     emit(f"threads: {why}")
     return plan_from_rates(loop, measured[chosen], test_images, started)
-
-
-# How --widen-for-epochs widens: half the model's own width at a time, so that the channel
-# counts of inception-cpu stay multiples of 16 (widths 1.25 and 1.75 give counts of 8 times an
-# odd number, which train at a far lower rate on a CPU: BENCHMARKS.md), to three times it.
-WIDTH_STEP = 0.5
-MOST_WIDENING = 3.0
-
-
-def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[dict], Loop],
-                     test_images: int, started: float, emit: Callable[[str], None]
-                     ) -> tuple[Loop, Plan]:
-    """With ``widen_for_epochs``: the widest model that the budget still trains for that
-    many epochs, each width's speed measured as the first one's was.
-
-    A longer budget buys more epochs of the same network, and a small network stops
-    gaining long before a large one does; so the epochs a budget buys beyond
-    ``widen_for_epochs`` go into width instead (``build`` makes the loop of the model
-    with the options it is given). A width the caller set (``--width``) is kept as it is, and a model without a
-    width option (or whose default width is not 1) is left alone."""
-    config, wanted = loop.config, loop.config.widen_for_epochs
-    if wanted is None or "width" in config.model_options or not can_widen(config.model):
-        return loop, budget_plan
-    width, bought = 1.0, _epochs_bought(loop, budget_plan)
-    if bought < wanted:
-        emit(f"width 1: {bought:.1f} epochs fit, fewer than the {wanted:g} that widening "
-             f"needs")
-        return loop, budget_plan
-    refused = ""
-    while width + WIDTH_STEP <= MOST_WIDENING:
-        candidate = build({**config.model_options, "width": width + WIDTH_STEP})
-        try:
-            candidate_plan = plan_budget(candidate, test_images, started)
-        except BudgetError:  # the measurements spent what was left: keep the last width
-            refused = f"; the budget was spent before width {width + WIDTH_STEP:g} could train"
-            break
-        if _epochs_bought(candidate, candidate_plan) < wanted:
-            refused = (f"; width {width + WIDTH_STEP:g} would have "
-                       f"{_epochs_bought(candidate, candidate_plan):.1f}")
-            break
-        loop, budget_plan, width = candidate, candidate_plan, width + WIDTH_STEP
-    emit(f"width {width:g}: the widest that trains for {wanted:g} epochs or more in the "
-         f"budget ({_epochs_bought(loop, budget_plan):.1f} epochs{refused})")
-    return loop, budget_plan
-
-
-def _epochs_bought(loop: Loop, budget_plan: Plan) -> float:
-    return budget_plan.train_steps / loop.steps_per_epoch
 
 
 def measure_rates(loop: Loop) -> Rates:
@@ -221,6 +171,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# The width rests on the probe's short look at the machine: a program that starts or ends
+# during it misreads the machine. The run's own first steps check it before it is kept.
+WIDTH_CHECK_STEPS = 20  # timed steps of the run itself that the check reads
+WIDTH_MISREAD = 0.15    # a real rate this far from the probe's (either way) has it choose again
+
+
+class WidthCheck:
+    """The width a budget chose, checked against the run's first steps.
+
+    The widths tried were measured one after the other by the probe. Once
+    :data:`WIDTH_CHECK_STEPS` steps of the run itself are timed (half the first epoch where
+    that is shorter), their rate against the
+    probe's for the chosen width rescales every width's measured rates alike (what misread
+    the machine misread it for all of them), and the widest width that still buys the
+    epochs wanted is chosen again; where that is another width, the run starts over at it
+    (those few steps are lost; no checkpoint exists yet). Only widths the probe measured are
+    chosen from: a width never timed is not guessed at."""
+
+    def __init__(self, chosen: float, tried: dict[float, Rates], wanted: float,
+                 steps: int = WIDTH_CHECK_STEPS):
+        self.chosen, self.tried, self.wanted = chosen, dict(tried), wanted
+        self.needed = steps  # timed steps to read before judging
+        self.steps, self.seconds = 0, 0.0
+
+    def observe(self, steps: int, seconds: float) -> float | None:
+        """Add timed steps of the run; once there are enough, the ratio of their time per
+        step to the probe's (else None)."""
+        self.steps, self.seconds = self.steps + steps, self.seconds + seconds
+        if self.steps < self.needed:
+            return None
+        return self.seconds / self.steps / self.tried[self.chosen].step_s
+
+    def rates_at(self, width: float, ratio: float) -> Rates:
+        """A width's measured rates, rescaled as the run's first steps found the machine."""
+        rates = self.tried[width]
+        return replace(rates, step_s=rates.step_s * ratio,
+                       val_image_s=rates.val_image_s * ratio,
+                       test_image_s=rates.test_image_s * ratio)
+
+    def choose(self, ratio: float, epochs_at: Callable[[Rates], float]) -> float:
+        """The width to train at, given the ratio that :meth:`observe` found and the epochs
+        that a width's (rescaled) rates buy from now."""
+        if abs(math.log(ratio)) < math.log1p(WIDTH_MISREAD):
+            return self.chosen
+        fitting = [width for width in sorted(self.tried)
+                   if epochs_at(self.rates_at(width, ratio)) >= self.wanted]
+        return max(fitting, default=min(self.tried))
+
+
 # Mid-run, the thread count is measured again when the smoothed rate falls below this share
 # of the rate it was chosen at (another program started), and, while the run is on fewer
 # threads than cores, every THREADS_RECHECK_S (the other program may have ended).
@@ -244,9 +243,16 @@ class FollowBudget:
     """
 
     def __init__(self, loop: Loop, budget_plan: Plan, run_started: float, test_images: int,
-                 emit: Callable[[str], None]):
+                 emit: Callable[[str], None], width_check: WidthCheck | None = None):
         rates, config = budget_plan.rates, loop.config
         self.budget_s, self.run_started, self.emit = config.budget, run_started, emit
+        self.test_images = test_images
+        self.width_check = width_check
+        if width_check is not None:  # judged inside the first epoch, however short it is
+            width_check.needed = min(width_check.needed, max(1, loop.steps_per_epoch // 2))
+        # Set when the first steps chose another width: the run starts over at it, with
+        # these rates (the probe's for that width, rescaled as the steps found the machine).
+        self.restart_at: tuple[float, Rates] | None = None
         self.steps_per_epoch = loop.steps_per_epoch
         self.val_images = math.ceil(loop.prepared.val_x.shape[0] / loop.ctx.world_size)
         self.test_s = test_images * max(1, budget_plan.tta_views) * rates.test_image_s
@@ -270,6 +276,8 @@ class FollowBudget:
             watching = self.threads is None or not self.threads.trying
             if watching:
                 self.pace.observe(steps, seconds)
+                if self.width_check is not None:
+                    self._check_width(loop, steps, seconds)
             if self.threads is not None:
                 self._follow_threads(steps, seconds, elapsed)
         self.cold = max(0, self.cold - 1)
@@ -282,6 +290,7 @@ class FollowBudget:
     def after_epoch(self, loop: Loop, epochs_done: int, validation_s: float) -> None:
         """Plan again after an epoch's validation (its checkpoints still to be written), and
         record the plan in the run's config.json."""
+        self.width_check = None  # an epoch is done (and saved): the width is kept
         elapsed, validation_s = distributed.all_reduce(torch.tensor(
             [time.perf_counter() - self.run_started, validation_s], dtype=torch.float64,
             device=loop.device), loop.ctx, op="max").tolist()  # the same on every rank
@@ -296,6 +305,25 @@ class FollowBudget:
                       f"{loop.config.batch_size / self.pace.step_s:,.0f} training images/s): "
                       f"{total / loop.steps_per_epoch:.2f} epochs, {total} steps in all")
         record_plan(loop, self.emit)
+
+    def _check_width(self, loop: Loop, steps: int, seconds: float) -> None:
+        check = self.width_check
+        ratio = check.observe(steps, seconds)
+        if ratio is None:
+            return
+        self.width_check = None
+
+        def epochs_at(rates: Rates) -> float:
+            bought = plan_from_rates(loop, rates, self.test_images, self.run_started)
+            return bought.train_steps / loop.steps_per_epoch
+
+        width = check.choose(ratio, epochs_at)
+        if width == check.chosen:
+            return
+        self.restart_at = width, check.rates_at(width, ratio)
+        self.emit(f"width {width:g}: the run's first {check.steps} steps took {ratio:.2f}x "
+                  f"the time per step that the probe measured, so width {check.chosen:g} "
+                  f"was a misreading; starting over at width {width:g}")
 
     def _fitting(self, elapsed: float, done: int, owed_s: float) -> int:
         seconds = self.budget_s * TARGET - elapsed - self.test_s - owed_s

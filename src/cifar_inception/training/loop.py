@@ -59,13 +59,8 @@ from cifar_inception.runs import (
     read_history,
     resume_target,
 )
-from cifar_inception.training.budgeting import (
-    FollowBudget,
-    fewer_views_line,
-    plan_budget,
-    settle_threads,
-    widen_for_budget,
-)
+from cifar_inception.training.budgeting import FollowBudget
+from cifar_inception.training.fitting import fit_budget, start_over_at_width
 from cifar_inception.training.plan import (
     Surroundings,
     TrainPlan,
@@ -227,7 +222,8 @@ def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     run = Run(loop, data, position, ckpt is not None, emit,
               time.perf_counter() if started is None else started)
     if config.budget is not None and ckpt is None:
-        run.loop, run.follow = _fit_budget(run, ctx, device)
+        test_images = len(data.test_labels) if config.test else 0
+        run.loop, run.follow = fit_budget(run.loop, test_images, run.started, emit)
     if ctx.is_main:
         run.loop.run_dir = open_run_dir(run.loop, resume, ckpt, position, held, emit)
         emit(start_line(run.loop, resumed=run.resumed))
@@ -243,30 +239,6 @@ def _first_plan(config: TrainConfig, ckpt: dict | None, steps: int,
     training = ckpt["training"]
     return resumed_plan(config, training["config"], training.get("plan"), steps,
                         surroundings)
-
-
-def _fit_budget(run: Run, ctx: DistContext, device: torch.device
-                ) -> tuple[Loop, FollowBudget]:
-    """Measure, then plan (threads and width included) the run's length to the budget;
-    the loop to train and what keeps its plan current."""
-    loop, emit, config = run.loop, run.emit, run.loop.config
-    test_images = len(run.data.test_labels) if config.test else 0
-    budget_plan = plan_budget(loop, test_images, run.started)
-    budget_plan = settle_threads(loop, budget_plan, test_images, run.started, emit)
-
-    def build_wider(options: dict) -> Loop:
-        wider = replace(loop.plan, model_options=options)  # measured before it is planned
-        return build_loop(config, wider, loop.prepared, ctx, device, None)
-
-    loop, budget_plan = widen_for_budget(loop, budget_plan, build_wider, test_images,
-                                         run.started, emit)
-    if config.tta and budget_plan.tta_views < config.tta_views:
-        emit(fewer_views_line(config.tta_views, budget_plan.tta_views))
-    loop.plan = plan_run(config, loop.steps_per_epoch, loop.plan.surroundings,
-                         measured_steps=budget_plan.train_steps,
-                         tta_views=budget_plan.tta_views, model_options=loop.plan.model_options)
-    emit(budget_plan.describe(config.budget, loop.steps_per_epoch, config.batch_size))
-    return loop, FollowBudget(loop, budget_plan, run.started, test_images, emit)
 
 
 def run_epochs(run: Run) -> None:
@@ -288,6 +260,10 @@ def run_epochs(run: Run) -> None:
             if run.follow is not None:
                 run.follow.start_epoch()
             result = train_epoch(loop, epoch, run.position, stop, run.follow)
+            if run.follow is not None and run.follow.restart_at is not None:
+                run.loop, run.follow = start_over_at_width(loop, run.follow, emit)
+                loop, epoch = run.loop, epoch - 1
+                continue
             if result.stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
                 run.position = replace(run.position, epoch=epoch, step=result.stopped_at,
                                        loss_sum=result.loss_sum, correct=result.correct,
@@ -431,6 +407,8 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
                 raise TrainingError(diverged_message(loop.run_dir, epoch, step - 1, lr))
             if follow is not None:
                 follow.after_step(loop, first + step, epoch, elapsed)
+                if follow.restart_at is not None:  # another width: the run starts over
+                    break
         if loop.lookahead is not None:  # after the plan is settled: the last step ends on it
             loop.lookahead.after_step(first + step, loop.total_steps,
                                       loop.run_plan().at(first + step))

@@ -65,6 +65,8 @@ def write_record(run_dir: Path, record: dict, loop: Loop) -> None:
     """config.json, the one place it is written: the record with what was asked for
     (``config``) and what the run decided (``plan``, which a budget's re-plan changes)."""
     record.update(config=loop.config.to_dict(), plan=loop.plan.to_dict())
+    # A budget run that starts over at another width has another model than it began with.
+    record.setdefault("model", {})["parameters"] = sum(p.numel() for p in loop.model.parameters())
     atomic_write_json(run_dir / CONFIG_FILE, record)
 
 
