@@ -161,6 +161,36 @@ def test_a_sharp_drop_mid_run_tries_the_other_thread_count_on_real_steps():
     assert watch.observe(0.15, 1, 0.08, elapsed=78.0)[0] == 2      # the hog ended
 
 
+def test_a_run_that_starts_on_fewer_threads_tries_every_core_later(monkeypatch):
+    """A probe beside a hog chose one thread; the watch, made after that choice, still
+    knows the cores, and tries them all once the other program may have ended."""
+    monkeypatch.setattr(budgeting, "usable_cores", lambda: 2)
+    watch = ThreadWatch(1, step_s=0.15)
+    assert watch.observe(0.15, 1, 0.15, elapsed=5.0) is None
+    assert watch.observe(0.15, 1, 0.15, elapsed=70.0) == (2, "")
+    for second in range(4):
+        watch.observe(0.15, 1, 0.08, elapsed=71.0 + second)
+    threads, why = watch.observe(0.15, 1, 0.08, elapsed=76.0)
+    assert threads == 2 and why.startswith("2 threads")
+
+
+def test_a_hopeless_trial_ends_after_one_step_and_the_next_waits_twice_as_long(monkeypatch):
+    """Beside a hog that stays, all the cores are several times slower than one thread: the
+    trial gives up after one timed step, and each trial that keeps the count doubles the
+    wait before the next (so a hog for the whole run costs a few steps, not a share)."""
+    monkeypatch.setattr(budgeting, "usable_cores", lambda: 2)
+    watch = ThreadWatch(1, step_s=0.6)
+    watch.observe(0.6, 1, 0.6, elapsed=0.0)
+    trials = []
+    for second in range(1, 1000):
+        change = watch.observe(0.6, 1, 0.6, elapsed=float(second))
+        if change == (2, ""):
+            trials.append(second)
+            kept = watch.observe(0.6, 1, 2.7, elapsed=second + 0.5)  # one step at 2 threads
+            assert kept is not None and kept[0] == 1, kept
+    assert trials[:4] == [60, 181, 422, 903]
+
+
 # --------------------------------------------------------------------------- runs, faked time
 
 

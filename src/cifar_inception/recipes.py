@@ -397,10 +397,14 @@ def get_recipe(name: str) -> Recipe:
 
 
 def default_recipe_name(model: str | None, *, cuda: bool) -> str:
-    """The recipe used when none is named: by hardware without a model, else by model family."""
+    """The recipe used when none is named: by hardware without a model, else the one the
+    model's registry entry names."""
     if model is None:
         return "gpu" if cuda else "cpu10"
-    return "seed" if model.startswith("seed-") else "default"
+    # Imported here: the models package imports the weights, which import the recipes.
+    from cifar_inception.models.registry import model_info
+
+    return model_info(model).recipe
 
 
 # A schedule's length in epochs, and the same as a fraction of the run (which wins when set).

@@ -34,6 +34,7 @@ from cifar_inception.budget import (
     time_windows,
 )
 from cifar_inception.checkpoint import save_checkpoint
+from cifar_inception.devices import usable_cores
 from cifar_inception.evaluation import (
     TTA_VIEW_COUNTS,
     log_probabilities,
@@ -222,10 +223,13 @@ class WidthCheck:
 
 # Mid-run, the thread count is measured again when the smoothed rate falls below this share
 # of the rate it was chosen at (another program started), and, while the run is on fewer
-# threads than cores, every THREADS_RECHECK_S (the other program may have ended).
+# threads than cores, every THREADS_RECHECK_S (the other program may have ended; twice as
+# long after each trial that kept the count, so a hog that stays costs little).
 RATE_DROP = 0.5
 THREADS_RECHECK_S = 60.0
 THREADS_TRIAL_STEPS = 5  # steps timed at the other count, after one untimed
+TRIAL_GIVE_UP = 2.0      # a trial count this many times slower is given up after one step
+THREADS_RECHECK_MOST_S = 480.0  # the recheck interval doubles, to this, while nothing changes
 REPLAN_SHARE = 0.01      # a change of plan under this share of the steps left is left alone
 
 
@@ -359,12 +363,15 @@ class ThreadWatch:
     the rate, the steps and the time, and answers the thread count to set)."""
 
     def __init__(self, threads: int, step_s: float, cores: int | None = None):
-        self.cores = cores or threads
+        # Every core this process may use, not the count it starts on: a run that began
+        # on fewer (a busy probe) must still try all of them once the other program ends.
+        self.cores = cores or usable_cores()
         self.threads, self.reference_s = threads, step_s
         self.chosen_at: float | None = None  # elapsed seconds when the count was chosen
         self.trying: int | None = None       # the count on trial
         self.before_s = 0.0                  # the smoothed rate before the trial
         self.trial: list[tuple[int, float]] = []
+        self.recheck_s = THREADS_RECHECK_S   # doubled after each trial that changed nothing
 
     def observe(self, pace_s: float, steps: int, seconds: float, elapsed: float
                 ) -> tuple[int, str] | None:
@@ -373,18 +380,23 @@ class ThreadWatch:
             self.chosen_at = elapsed
         if self.trying is not None:
             self.trial.append((steps, seconds))
-            if sum(n for n, _ in self.trial) < THREADS_TRIAL_STEPS:
-                return None
             trial_s = sum(t for _, t in self.trial) / sum(n for n, _ in self.trial)
+            # A count that is already far slower needs no more steps to tell (beside a hog,
+            # every step on all the cores can cost several of the others).
+            hopeless = trial_s > TRIAL_GIVE_UP * self.before_s
+            if sum(n for n, _ in self.trial) < THREADS_TRIAL_STEPS and not hopeless:
+                return None
             measured = {self.threads: self.before_s, self.trying: trial_s}
             chosen, why = choose_threads(measured, self.threads)
+            self.recheck_s = THREADS_RECHECK_S if chosen != self.threads \
+                else min(2 * self.recheck_s, THREADS_RECHECK_MOST_S)
             self.reference_s = measured[chosen]
             self.threads, self.trying, self.trial = chosen, None, []
             self.chosen_at = elapsed
             return chosen, why
         other = self._other()
         dropped = pace_s * RATE_DROP > self.reference_s
-        stale = self.threads < self.cores and elapsed - self.chosen_at >= THREADS_RECHECK_S
+        stale = self.threads < self.cores and elapsed - self.chosen_at >= self.recheck_s
         if other is None or not (dropped or stale):
             return None
         self.trying, self.before_s, self.trial = other, pace_s, []
