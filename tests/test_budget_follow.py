@@ -200,7 +200,7 @@ class Machine:
     that whatever waits for time ends."""
 
     def __init__(self, step_s, monkeypatch, *, width_cost=lambda width: 1.0,
-                 probe_factor: float = 1.0):
+                 probe_factor: float = 1.0, slows_evaluation: bool = False):
         self.now, self.step_s = 1000.0, step_s
         self.lrs: list[float] = []
         self.widths: list[float] = []  # the model width of each training step
@@ -227,14 +227,19 @@ class Machine:
             self.steps_since_validation += 1
             return timed_step(1.0, loop, *args, **kwargs)
 
+        def image_s() -> float:  # ``slows_evaluation``: evaluation slows as the steps do
+            if not slows_evaluation:
+                return IMAGE_S
+            return IMAGE_S * self.step_s(self.now - self.started) / self.step_s(0.0)
+
         def validate(model, prepared, *args, **kwargs):
-            self.now += IMAGE_S * prepared.val_x.shape[0]
+            self.now += image_s() * prepared.val_x.shape[0]
             self.epoch_steps.append(self.steps_since_validation)
             self.steps_since_validation = 0
             return real_validate(model, prepared, *args, **kwargs)
 
         def evaluate(checkpoint, data, *args, **kwargs):
-            self.now += IMAGE_S * len(data.test_labels)
+            self.now += image_s() * len(data.test_labels)
             return real_evaluate(checkpoint, data, *args, **kwargs)
 
         def probe_evaluation(net, images, *args, **kwargs):
@@ -293,6 +298,19 @@ def test_a_budget_run_ends_in_time_with_well_shaped_schedules(tmp_path, data, mo
     assert_well_shaped(machine, config, lines)
     assert len(machine.lrs) == load_checkpoint(result.run_dir / "last.pt")[
         "training"]["plan"]["total_steps"]
+
+
+def test_the_test_s_reserve_follows_a_machine_that_slows(tmp_path, monkeypatch):
+    """Another program from halfway slows the steps and the final test alike, 3x: the
+    reserve for the test grows with the steps' time, so the test still ends in time."""
+    machine = Machine(lambda t: 0.2 if t < BUDGET / 2 else 0.6, monkeypatch,
+                      slows_evaluation=True)
+    lines = []
+    result = train(budget_config(tmp_path), easy_data(n_train=600, n_test=600),
+                   log=lines.append)
+    spent = machine.now - machine.started
+    assert result.status == "completed" and result.test is not None
+    assert BUDGET * 0.9 <= spent <= BUDGET, lines
 
 
 def test_a_resumed_run_follows_the_recorded_plan(tmp_path, data, monkeypatch):

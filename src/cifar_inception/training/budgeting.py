@@ -263,6 +263,7 @@ class FollowBudget:
         self.save_s = rates.epoch_s
         self.epoch_cost_s = self.val_images * rates.val_image_s + rates.epoch_s
         self.pace = Pace(rates.step_s)
+        self.probe_step_s = rates.step_s  # what the test's reserve was measured beside
         self.since: tuple[int, float] | None = None  # (step, elapsed) of the last reading
         self.cold = 2  # the first steps after the probe, or a change of threads: not timed
         self.announced = budget_plan.train_steps
@@ -310,6 +311,12 @@ class FollowBudget:
                       f"{total / loop.steps_per_epoch:.2f} epochs, {total} steps in all")
         record_plan(loop, self.emit)
 
+    def test_s_now(self) -> float:
+        """The final test's reserve at the machine's present speed: the probe measured it
+        beside its training steps, and a machine whose steps now take longer (another
+        program, fewer threads) takes as much longer to test. Never less than measured."""
+        return self.test_s * max(1.0, self.pace.step_s / self.probe_step_s)
+
     def _check_width(self, loop: Loop, steps: int, seconds: float) -> None:
         check = self.width_check
         ratio = check.observe(steps, seconds)
@@ -330,7 +337,7 @@ class FollowBudget:
                   f"was a misreading; starting over at width {width:g}")
 
     def _fitting(self, elapsed: float, done: int, owed_s: float) -> int:
-        seconds = self.budget_s * TARGET - elapsed - self.test_s - owed_s
+        seconds = self.budget_s * TARGET - elapsed - self.test_s_now() - owed_s
         return fit_steps(seconds, self.pace.step_s, self.epoch_cost_s, done=done,
                          steps_per_epoch=self.steps_per_epoch)
 
