@@ -92,10 +92,13 @@ def hog_for(condition: str, budget_s: float, first_s: float) -> tuple[float, flo
             "hog-first": (0.0, min(first_s, most))}[condition]
 
 
-def run_command(argv: list[str]) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds (user + system) and exit status of a child command."""
+def run_command(argv: list[str], log: Path) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system) and exit status of a child command, whose
+    output goes to ``log``."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    with log.open("w", encoding="utf-8") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - started, usage.ru_utime + usage.ru_stime, process.returncode
@@ -119,7 +122,7 @@ def run_condition(condition: str, args: argparse.Namespace, budget_s: float,
     hog = hog_for(condition, budget_s, args.hog_first_s)
     core = min(os.sched_getaffinity(0))
     with Hog(core, *hog) if hog else _nothing():
-        wall_s, cpu_s, code = run_command(argv)
+        wall_s, cpu_s, code = run_command(argv, Path(args.out_dir) / f"{name}.log")
     epochs, top1 = outcome(Path(args.out_dir) / name)
     row = {"condition": label or condition, "budget_s": budget_s, "wall_s": wall_s,
            "wall_share": wall_s / budget_s, "cpu_s": cpu_s, "epochs": epochs,
