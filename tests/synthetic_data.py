@@ -74,7 +74,8 @@ class TinyNet(nn.Module):
 
 
 if TINY not in list_models():
-    @register_model(TINY)
+    # A padded convolution and an adaptive pooling: any image side works.
+    @register_model(TINY, sizes=(1, None))
     def tiny(num_classes: int = 10, *, channels: int = 8, dropout: float = 0.0,
              width: float = 1.0) -> TinyNet:
         return TinyNet(num_classes, round(channels * width), dropout)

@@ -12,7 +12,12 @@ import cifar_inception
 from cifar_inception.errors import ModelError
 from cifar_inception.models import InceptionOutputs, create_model, list_models
 from cifar_inception.models.blocks import scale_width
-from cifar_inception.models.registry import model_options, model_purpose, parse_options
+from cifar_inception.models.registry import (
+    model_info,
+    model_options,
+    model_purpose,
+    parse_options,
+)
 
 # The report's parameter totals (its Keras tables), and the issue's figure for fix_3x3.
 REPORT_PARAMS = {
@@ -195,12 +200,24 @@ def test_one_sgd_step_lowers_the_loss(built, name):
     assert after.item() < before.item()
 
 
+def expected_shape_pattern(name: str) -> str:
+    """What a model's input error names: (N, 3, 32, 32) for the report's networks, the
+    range of sides for the others."""
+    sizes = model_info(name).sizes
+    if sizes.largest == sizes.smallest:
+        return rf"\(N, 3, {sizes.smallest}, {sizes.smallest}\)"
+    return rf"\(N, 3, H, W\), H and W from {sizes.smallest} up"
+
+
 @pytest.mark.parametrize("name", project_models())
 def test_wrong_input_shapes_name_the_expected_shape(built, name):
     model = fast(built, name).eval()
-    for bad in (torch.zeros(3, 32, 32), torch.zeros(1, 1, 32, 32), torch.zeros(1, 3, 28, 28),
+    too_small = max(model_info(name).min_size - 1, 0)
+    other_size = torch.zeros(1, 3, 28, 28) if model_info(name).max_size == 32 else \
+        torch.zeros(1, 3, too_small, too_small)
+    for bad in (torch.zeros(3, 32, 32), torch.zeros(1, 1, 32, 32), other_size,
                 torch.zeros(1, 3, 32, 32, 1)):
-        with pytest.raises(ModelError, match=r"\(N, 3, 32, 32\)"):
+        with pytest.raises(ModelError, match=expected_shape_pattern(name)):
             model(bad)
     with pytest.raises(ModelError, match="float"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
@@ -336,8 +353,8 @@ def test_torch_compile_matches_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-3, atol=1e-3)
         # the input check survives compilation
-        with pytest.raises(ModelError, match=r"\(N, 3, 32, 32\)"):
-            compiled(torch.zeros(2, 3, 16, 16))
+        with pytest.raises(ModelError, match=r"H and W from 9 up"):
+            compiled(torch.zeros(2, 3, 8, 8))
 
 
 @pytest.mark.parametrize("name", project_models())
@@ -349,11 +366,12 @@ def test_every_registered_model_follows_the_model_rules(name):
     import inspect
 
     from cifar_inception.models import hooks
-    from cifar_inception.models.registry import can_widen, get_builder, model_info
+    from cifar_inception.models.registry import can_widen, get_builder
     from cifar_inception.recipes import RECIPES, default_recipe_name
 
     info = model_info(name)
-    assert info.recipe in RECIPES and info.input_size >= 8
+    assert info.recipe in RECIPES and info.min_size <= 32
+    assert info.max_size is None or info.max_size >= 32  # CIFAR's own size, for every model
     assert info.recipe == default_recipe_name(name, cuda=False)
     parameters = inspect.signature(get_builder(name)).parameters
     assert "num_classes" in parameters and model_purpose(name)
@@ -361,7 +379,7 @@ def test_every_registered_model_follows_the_model_rules(name):
     assert can_widen(name) == ("width" in model_options(name))
     with torch.device("meta"):  # shapes without memory: seed-naive has 232M parameters
         model = create_model(name, num_classes=7)
-        x = torch.zeros(2, 3, info.input_size, info.input_size)
+        x = torch.zeros(2, 3, 32, 32)
         assert model.eval()(x).shape == (2, 7)
         output = model.train()(x)
     aux = output.aux_logits if isinstance(output, InceptionOutputs) else ()

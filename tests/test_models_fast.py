@@ -198,8 +198,10 @@ def test_bad_options(options, fragment):
 
 
 def test_wrong_input_is_refused_with_the_expected_shape():
-    with pytest.raises(ModelError, match=r"\(N, 3, 32, 32\)"):
-        small("inception-cpu")(torch.zeros(2, 3, 28, 28))
+    with pytest.raises(ModelError, match=r"\(N, 3, H, W\), H and W from 9 up"):
+        small("inception-cpu")(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ModelError, match="channels first"):
+        small("inception-cpu")(torch.zeros(2, 28, 28, 3))
 
 
 def _correlated_images(n: int = 64) -> torch.Tensor:

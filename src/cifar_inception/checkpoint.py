@@ -6,7 +6,8 @@ it can never run code. It carries everything evaluation and prediction need::
     {
       "format": "cifar-inception-checkpoint/1",
       "model": {"name": "googlenet", "options": {"width": 0.25}, "num_classes": 10},
-      "data": {"classes": [...10 names...], "mean": [r, g, b], "std": [r, g, b]},  # 0-1 scale
+      "data": {"classes": [...10 names...], "mean": [r, g, b], "std": [r, g, b],  # 0-1 scale
+               "dataset": "cifar10", "image_size": 32},  # both absent in older ones
       "state_dict": {...},           # model weights (float32, on the CPU)
       "training": {...} or absent,   # optimiser, schedule position, RNG states, config
       "metrics": {...} or absent,    # e.g. {"epoch": 12, "val_acc": 0.91}
@@ -34,7 +35,12 @@ from typing import Any
 
 import torch
 
-from cifar_inception.errors import CheckpointError
+from cifar_inception.data.specs import (
+    DEFAULT_IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+)
+from cifar_inception.errors import CheckpointError, ModelError
 from cifar_inception.fileio import atomic_write_bytes
 from cifar_inception.runs import (
     BEST,
@@ -69,7 +75,8 @@ _OPTION_TYPES = (bool, int, float, str, type(None))
 def make_checkpoint(*, model_name: str, model_options: dict, num_classes: int,
                     classes: list[str], mean: list[float], std: list[float],
                     state_dict: dict, training: dict | None = None,
-                    metrics: dict | None = None, dataset: str | None = None) -> dict:
+                    metrics: dict | None = None, dataset: str | None = None,
+                    image_size: int | None = None) -> dict:
     ckpt = {
         "format": FORMAT,
         "model": {"name": model_name, "options": dict(model_options), "num_classes": num_classes},
@@ -79,6 +86,8 @@ def make_checkpoint(*, model_name: str, model_options: dict, num_classes: int,
     }
     if dataset is not None:  # what evaluation loads again (older checkpoints: CIFAR-10)
         ckpt["data"]["dataset"] = dataset
+    if image_size is not None:  # what every user resizes images to (older checkpoints: 32)
+        ckpt["data"]["image_size"] = int(image_size)
     if training is not None:
         ckpt["training"] = training
     if metrics is not None:
@@ -270,6 +279,17 @@ def _check_data_entry(data: dict, num_classes: int, where: str) -> None:
     if not all(v > 0 for v in data["std"]):
         raise CheckpointError(f"{where}: its normalisation 'std' must be positive, "
                               f"not {data['std']}")
+    size = data.get("image_size", DEFAULT_IMAGE_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) \
+            or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise CheckpointError(f"{where}: its image size must be a whole number from "
+                              f"{MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, not {str(size)[:40]}")
+
+
+def image_size_of(ckpt: dict) -> int:
+    """The side of the square images the checkpoint's model was trained on, which every
+    user of it resizes images to (a checkpoint from before image sizes: CIFAR's 32)."""
+    return ckpt["data"].get("image_size", DEFAULT_IMAGE_SIZE)
 
 
 def _check_weights(state: dict, where: str) -> None:
@@ -334,9 +354,20 @@ def check_shapes(ckpt: dict, *, where: str = "checkpoint") -> None:
                               f"options {info['options']} ({problem})")
 
 
+def check_size_fits(ckpt: dict, *, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint whose image size its model does not take (a hand-edited one)."""
+    from cifar_inception.models.registry import check_image_size
+
+    try:
+        check_image_size(ckpt["model"]["name"], image_size_of(ckpt))
+    except ModelError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
 def model_from_checkpoint(ckpt: dict, *, where: str = "checkpoint") -> torch.nn.Module:
     """Build the registered model the checkpoint names and load its weights (eval mode)."""
     check_shapes(ckpt, where=where)
+    check_size_fits(ckpt, where=where)
     model = _build(ckpt["model"], where)
     try:
         model.load_state_dict(ckpt["state_dict"])

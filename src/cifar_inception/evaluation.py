@@ -23,6 +23,7 @@ from cifar_inception.augment import flip_where, normalize, translate
 from cifar_inception.checkpoint import (
     check_compatible,
     check_run_matches,
+    image_size_of,
     load_checkpoint,
     model_from_checkpoint,
     resolve_checkpoint,
@@ -69,7 +70,7 @@ def log_probabilities(model: torch.nn.Module, images: torch.Tensor, mean: Sequen
                       device: torch.device | str = "cpu", tta: bool = False,
                       tta_views: int = len(TTA_VIEWS),
                       channels_last: bool = False) -> torch.Tensor:
-    """Log-probabilities (N, C), float32 on the CPU, for uint8 (N, 32, 32, 3) images.
+    """Log-probabilities (N, C), float32 on the CPU, for uint8 (N, S, S, 3) images.
 
     ``model`` must already be on ``device`` and in eval mode; ``images`` may be anywhere (each
     batch is moved to ``device``). With ``tta`` the probabilities of the views are averaged.
@@ -143,6 +144,15 @@ def _check_classes(ckpt: dict, classes: Sequence[str], where: str) -> None:
             f"but the data has {list(classes)}")
 
 
+def _check_image_size(ckpt: dict, images: Any, where: str) -> None:
+    """Refuse test images of another size than the checkpoint's model was trained on."""
+    size = image_size_of(ckpt)
+    found = tuple(images.shape[1:])
+    if found != (size, size, 3):
+        raise CheckpointError(f"{where} was trained on {size}x{size} images, but the test "
+                              f"images are {found}; load the data with image_size={size}")
+
+
 def test_in_channels_last(device: torch.device) -> bool:
     """The CPU's convolution kernels (oneDNN) run fp32 about 1.6x as fast on channels-last
     tensors, on AVX2 and AVX-512 alike (benchmarks/throughput.py); the results are the same."""
@@ -153,11 +163,12 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
              tta_views: int = len(TTA_VIEWS), device: str = "auto", batch_size: int = 1000,
              data_dir: str | None = None, download: bool = True,
              write: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint (or a run folder's best.pt) on the CIFAR-10 test set.
+    """Evaluate a checkpoint (or a run folder's best.pt) on the test set it was trained for.
 
-    ``data`` is a loaded ``CIFAR10``; when None it is loaded from ``data_dir``, else from the
-    folder the run was trained on (as the report finds it: :func:`runs.recorded_data_dir`),
-    else from the default location. Writes ``eval.json`` next to the checkpoint unless
+    ``data`` is a loaded ``Dataset``; when None the checkpoint's dataset is loaded, at the
+    image size it was trained on, from ``data_dir``, else from the folder the run was
+    trained on (as the report finds it: :func:`runs.recorded_data_dir`), else from the
+    default location. Writes ``eval.json`` next to the checkpoint unless
     ``write`` is False. ``tta``: test-time augmentation, with ``tta_views`` views (2 or 6).
     Returns the metrics dict.
     """
@@ -171,8 +182,9 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
         from cifar_inception.data import load_dataset, trained_dataset
 
         data = load_dataset(trained_dataset(ckpt), data_dir or run.recorded_data_dir(ckpt),
-                            download=download)
+                            image_size=image_size_of(ckpt), download=download)
     _check_classes(ckpt, data.classes, str(path))
+    _check_image_size(ckpt, data.test_images, str(path))
     torch_device = pick_device(device)
     model = model_from_checkpoint(ckpt, where=str(path)).to(torch_device)
     channels_last = test_in_channels_last(torch_device)

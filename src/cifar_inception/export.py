@@ -2,13 +2,16 @@
 
 Every exported file takes raw pixels and carries what is needed to use it alone::
 
-    input   images         uint8 (N, 32, 32, 3): RGB, 0-255, channels last (NHWC);
-                           the normalisation of the checkpoint is done inside the graph
+    input   images         uint8 (N, S, S, 3): RGB, 0-255, channels last (NHWC), S the
+                           image size the model was trained on (32 unless
+                           ``train --image-size`` said otherwise); the normalisation of
+                           the checkpoint is done inside the graph
     output  logits         float32 (N, num_classes)
             probabilities  float32 (N, num_classes), the softmax of the logits
 
-The batch dimension is dynamic. The class names, the normalisation (mean and std on the 0-1
-scale), the model name and options, the parameter count and the known metrics travel with
+The batch dimension is dynamic; the image size is fixed. The class names, the normalisation
+(mean and std on the 0-1 scale), the image size, the model name and options, the parameter
+count and the known metrics travel with
 the file: as ``metadata_props`` in ONNX, and as an extra file ``cifar_inception.json`` in
 ``.pt2`` and TorchScript archives.
 
@@ -38,12 +41,12 @@ from cifar_inception.fileio import atomic_write_bytes, to_json
 from cifar_inception.inference import (  # noqa: F401  (re-exported: part of this API)
     EXPORT_FORMAT,
     INPUT_NAME,
-    INPUT_SHAPE,
     INPUT_TYPE,
     JSON_KEYS,
     OUTPUT_NAMES,
     OnnxClassifier,
     checkpoint_test_metrics,
+    input_shape,
     read_onnx_metadata,
     run_test_metrics,
 )
@@ -51,8 +54,6 @@ from cifar_inception.inference import (  # noqa: F401  (re-exported: part of thi
 METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript archives
 MIN_OPSET = 18
 DEFAULT_OPSET = 20  # current, and run by ONNX Runtime 1.18 and later
-INPUT_DOC = ("images: uint8 (N, 32, 32, 3), RGB, 0-255, channels last (NHWC); "
-             "normalised inside the graph")
 OUTPUT_DOC = ("logits: float32 (N, num_classes); "
               "probabilities: float32 (N, num_classes), softmax of the logits")
 
@@ -76,6 +77,12 @@ class ExportResult:
     max_abs_diff: float  # logits, exported file vs eager PyTorch, on random images
     metadata: dict[str, Any]
     opset: int | None = None  # ONNX only
+
+
+def input_doc(image_size: int) -> str:
+    """The input, described for the file's metadata and doc string."""
+    return (f"images: uint8 (N, {image_size}, {image_size}, 3), RGB, 0-255, channels last "
+            "(NHWC); normalised inside the graph")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,8 +112,11 @@ def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
     """Everything a user of the exported file needs, JSON-safe."""
     import torch
 
+    from cifar_inception.checkpoint import image_size_of
+
     metrics = dict(ckpt.get("metrics") or {})
     metrics.update(run_test_metrics(source))
+    image_size = image_size_of(ckpt)
     return {
         "format": EXPORT_FORMAT,
         "model": ckpt["model"]["name"],
@@ -116,9 +126,10 @@ def export_metadata(ckpt: dict, model, *, source: Path) -> dict[str, Any]:
         "dataset": ckpt["data"].get("dataset", "cifar10"),
         "mean": ckpt["data"]["mean"],
         "std": ckpt["data"]["std"],
+        "image_size": image_size,
         "params": sum(p.numel() for p in model.parameters()),
         "metrics": metrics,
-        "input": INPUT_DOC,
+        "input": input_doc(image_size),
         "outputs": OUTPUT_DOC,
         "exported_by": f"cifar-inception {__version__}, torch {torch.__version__}",
         "checkpoint": source.name,
@@ -168,7 +179,7 @@ def _to_onnx(wrapper, example, metadata: dict, opset: int) -> tuple[bytes, Calla
     proto = program.model_proto
     proto.doc_string = (f"cifar-inception {metadata['model']} on {metadata['dataset']} "
                         f"({metadata['num_classes']} classes). "
-                        f"Input {INPUT_DOC}. Outputs {OUTPUT_DOC}.")
+                        f"Input {metadata['input']}. Outputs {OUTPUT_DOC}.")
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key = key
@@ -252,7 +263,8 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     metadata = export_metadata(ckpt, model, source=source)
     wrapper = _wrapper(model, ckpt["data"]["mean"], ckpt["data"]["std"])
     generator = torch.Generator().manual_seed(0)
-    example = torch.randint(0, 256, (_EXAMPLE_BATCH, 32, 32, 3), dtype=torch.uint8,
+    shape = input_shape(metadata["image_size"])  # the graph's input takes this size only
+    example = torch.randint(0, 256, (_EXAMPLE_BATCH, *shape), dtype=torch.uint8,
                             generator=generator)
     if fmt == "onnx":
         data, run = _to_onnx(wrapper, example, metadata, opset)
@@ -262,7 +274,7 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
         data, run = _to_torchscript(wrapper, example, metadata)
 
     # A batch size other than the example's proves the batch dimension stayed dynamic.
-    check = torch.randint(0, 256, (_EXAMPLE_BATCH + 1, 32, 32, 3), dtype=torch.uint8,
+    check = torch.randint(0, 256, (_EXAMPLE_BATCH + 1, *shape), dtype=torch.uint8,
                           generator=generator)
     with torch.inference_mode():
         expected = wrapper(check)[0].numpy()

@@ -1,4 +1,5 @@
-"""Reading one image file safely and turning it into a 32x32 RGB CIFAR-style array.
+"""Reading one image file safely and turning it into a square RGB CIFAR-style array: 32x32,
+or the image size a model was trained on.
 
 Used by the image-folder data sources, ``predict`` and ``serve``, so that every entry point
 treats modes (RGBA, greyscale, palette, 16-bit) and decompression bombs the same way.

@@ -6,7 +6,11 @@
     clf = load_classifier("runs/googlenet")          # or "model.onnx"
     clf.classes                                      # ("airplane", ..., "truck")
     clf.model_name, clf.info                         # "googlenet", {...}
+    clf.image_size                                   # 32: the side of the images it takes
     clf.predict_proba(images)                        # uint8 (N, 32, 32, 3) -> float (N, C)
+
+The image size is the one the model was trained on (``train --image-size``), read from the
+checkpoint or from the exported file's input, so no user of a classifier names it.
 
 :class:`TorchClassifier` runs a checkpoint with PyTorch; :class:`OnnxClassifier` runs a file
 written by :mod:`cifar_inception.export` with ONNX Runtime alone. Both check their input
@@ -25,6 +29,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cifar_inception.data.specs import (
+    DEFAULT_IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+)
 from cifar_inception.errors import CheckpointError, CifarInceptionError, needs_extra
 from cifar_inception.fileio import json_safe
 from cifar_inception.runs import RunFolder, eval_is_for
@@ -32,7 +41,8 @@ from cifar_inception.runs import RunFolder, eval_is_for
 # The interface of an exported file (see :mod:`cifar_inception.export`).
 EXPORT_FORMAT = "cifar-inception-export/1"
 # Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
-JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics")
+JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics",
+             "image_size")
 # The type each of those values must have, as the rest of the package uses them: a string
 # for "params" would break every formatted print of it.
 METADATA_TYPES = {
@@ -40,12 +50,12 @@ METADATA_TYPES = {
     "metrics": (dict, "a JSON object"),
     "params": ((int, type(None)), "a whole number"),
     "num_classes": (int, "a whole number"),
+    "image_size": (int, "a whole number"),
     "mean": (list, "a list of 3 numbers"),
     "std": (list, "a list of 3 numbers"),
 }
 INPUT_NAME = "images"
 INPUT_TYPE = "tensor(uint8)"
-INPUT_SHAPE = (32, 32, 3)  # after the batch dimension, which stays dynamic
 OUTPUT_NAMES = ("logits", "probabilities")
 
 
@@ -56,20 +66,35 @@ class Classifier(Protocol):
     classes: tuple[str, ...]
     model_name: str
     info: dict[str, Any]
+    image_size: int
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) RGB -> class probabilities, float (N, len(classes))."""
+        """uint8 (N, S, S, 3) RGB, S = ``image_size`` -> class probabilities, float
+        (N, len(classes))."""
         ...
 
 
-def check_images(images: np.ndarray) -> np.ndarray:
-    """Accept a single image or a batch of 32x32 RGB uint8 images; return a batch."""
+def input_shape(image_size: int) -> tuple[int, int, int]:
+    """One image as a classifier takes it, after the batch dimension (which stays dynamic)."""
+    return (image_size, image_size, 3)
+
+
+def image_size_for(classifier: Any) -> int:
+    """The side of the images ``classifier`` takes; one that does not say (written before
+    image sizes) takes CIFAR's 32x32."""
+    return getattr(classifier, "image_size", DEFAULT_IMAGE_SIZE)
+
+
+def check_images(images: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Accept a single image or a batch of ``image_size`` square RGB uint8 images; return a
+    batch."""
     images = np.asarray(images)
     if images.ndim == 3:
         images = images[None]
-    if images.ndim != 4 or images.shape[1:] != (32, 32, 3) or images.dtype != np.uint8:
-        raise CifarInceptionError(
-            f"expected uint8 images of shape (N, 32, 32, 3), got {images.dtype} {images.shape}")
+    if images.ndim != 4 or images.shape[1:] != input_shape(image_size) \
+            or images.dtype != np.uint8:
+        raise CifarInceptionError(f"expected uint8 images of shape (N, {image_size}, "
+                                  f"{image_size}, 3), got {images.dtype} {images.shape}")
     return images
 
 
@@ -82,13 +107,14 @@ def check_finite(outputs: np.ndarray, source: str) -> np.ndarray:
 
 
 def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarray, *,
-                       num_classes: int, batch_size: int, source: str) -> np.ndarray:
+                       num_classes: int, batch_size: int, source: str,
+                       image_size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
     """Checked images -> float32 (N, num_classes), ``batch_size`` images per ``run_batch``.
 
-    ``run_batch`` gets a C-contiguous uint8 (n, 32, 32, 3) slice and returns (n, num_classes);
-    outputs that are not finite are refused, naming ``source``.
+    ``run_batch`` gets a C-contiguous uint8 (n, S, S, 3) slice, S = ``image_size``, and
+    returns (n, num_classes); outputs that are not finite are refused, naming ``source``.
     """
-    images = np.ascontiguousarray(check_images(images))
+    images = np.ascontiguousarray(check_images(images, image_size))
     out = np.empty((len(images), num_classes), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
@@ -97,8 +123,8 @@ def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarra
 
 
 def classifier_info(model_name: str, *, options: Any, num_classes: int, params: int | None,
-                    metrics: Any, fmt: str, source: str,
-                    dataset: str | None = None) -> dict[str, Any]:
+                    metrics: Any, fmt: str, source: str, dataset: str | None = None,
+                    image_size: int = DEFAULT_IMAGE_SIZE) -> dict[str, Any]:
     """The ``info`` of a classifier: what ``predict --json`` prints and ``serve`` describes.
 
     Options and metrics come from the file and may hold NaN or tensors: made JSON-safe here,
@@ -108,6 +134,7 @@ def classifier_info(model_name: str, *, options: Any, num_classes: int, params: 
         "options": json_safe(options),
         "num_classes": num_classes,
         "dataset": dataset if isinstance(dataset, str) else None,
+        "image_size": image_size,
         "params": params,
         "metrics": json_safe(metrics),
         "format": fmt,
@@ -144,6 +171,7 @@ class TorchClassifier:
 
     def __init__(self, model, checkpoint: dict, *, source: str = "", device: str | None = None,
                  batch_size: int = 256):
+        from cifar_inception.checkpoint import image_size_of
         from cifar_inception.devices import pick_device
 
         self.device = pick_device(device or "auto")
@@ -153,12 +181,14 @@ class TorchClassifier:
         self.std = checkpoint["data"]["std"]
         self.classes = tuple(checkpoint["data"]["classes"])
         self.model_name = checkpoint["model"]["name"]
+        self.image_size = image_size_of(checkpoint)
         self.batch_size = batch_size
         self.info = classifier_info(
             self.model_name,
             options=dict(checkpoint["model"]["options"]),
             num_classes=checkpoint["model"]["num_classes"],
             dataset=checkpoint["data"].get("dataset", "cifar10"),
+            image_size=self.image_size,
             params=sum(p.numel() for p in model.parameters()),
             metrics=dict(checkpoint.get("metrics") or {}),
             fmt="pytorch",
@@ -186,10 +216,11 @@ class TorchClassifier:
         with torch.inference_mode():
             return predict_in_batches(run_batch, images, num_classes=len(self.classes),
                                       batch_size=self.batch_size,
-                                      source=self.info["source"] or self.model_name)
+                                      source=self.info["source"] or self.model_name,
+                                      image_size=self.image_size)
 
     def log_probabilities(self, images):
-        """uint8 (N, 32, 32, 3) images, a tensor -> log-probabilities (N, C), a float32 tensor
+        """uint8 (N, S, S, 3) images, a tensor -> log-probabilities (N, C), a float32 tensor
         on the CPU, as ``evaluate`` computes them without TTA."""
         from cifar_inception.evaluation import log_probabilities
 
@@ -235,7 +266,8 @@ def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[st
 class OnnxClassifier:
     """An exported ONNX file run by ONNX Runtime: the classifier interface of ``predict``.
 
-    ``classes``, ``model_name``, ``info`` and ``predict_proba(uint8 (N, 32, 32, 3))``, as
+    ``classes``, ``model_name``, ``info``, ``image_size`` (the side of its input, from the
+    file's input shape) and ``predict_proba(uint8 (N, S, S, 3))``, as
     :class:`TorchClassifier`. PyTorch is not imported.
     """
 
@@ -259,7 +291,11 @@ class OnnxClassifier:
                 f"{self.path}: not a readable ONNX model ({first_line(exc)})") from None
         meta = read_onnx_metadata(self.session.get_modelmeta().custom_metadata_map,
                                   where=str(self.path))
-        self._check_signature(len(meta["classes"]))
+        self.image_size = self._check_signature(len(meta["classes"]))
+        if meta.get("image_size", self.image_size) != self.image_size:
+            raise CheckpointError(f"{self.path}: its input takes {self.image_size}x"
+                                  f"{self.image_size} images, but its metadata says "
+                                  f"{meta['image_size']}")
         self.metadata = meta
         self.classes = tuple(meta["classes"])
         self.model_name = str(meta.get("model", ""))
@@ -269,15 +305,16 @@ class OnnxClassifier:
             options=meta.get("options", {}),
             num_classes=len(self.classes),
             dataset=meta.get("dataset"),
+            image_size=self.image_size,
             params=meta.get("params"),
             metrics=meta.get("metrics", {}),
             fmt="onnx",
             source=str(self.path),
         )
 
-    def _check_signature(self, num_classes: int) -> None:
-        """The interface :func:`cifar_inception.export.export_model` writes: anything else
-        would fail at run time with ONNX Runtime's own traceback."""
+    def _check_signature(self, num_classes: int) -> int:
+        """The interface :func:`cifar_inception.export.export_model` writes (anything else
+        would fail at run time with ONNX Runtime's own traceback); the side of its images."""
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if inputs != [INPUT_NAME] or not set(OUTPUT_NAMES) <= outputs.keys():
@@ -286,14 +323,19 @@ class OnnxClassifier:
         found = self.session.get_inputs()[0]
         shape = list(found.shape or [])
         batch_fixed = bool(shape) and isinstance(shape[0], int)
-        if found.type != INPUT_TYPE or tuple(shape[1:]) != INPUT_SHAPE or batch_fixed:
+        side = shape[1] if len(shape) == 4 else None
+        square = isinstance(side, int) and MIN_IMAGE_SIZE <= side <= MAX_IMAGE_SIZE \
+            and tuple(shape[1:]) == input_shape(side)
+        if found.type != INPUT_TYPE or not square or batch_fixed:
             raise CheckpointError(
                 f"{self.path}: its input is {found.type} {shape}, not the uint8 "
-                f"[N, 32, 32, 3] (any N, channels last) that cifar-inception exports")
+                f"[N, S, S, 3] (any N, an image side S, channels last) that cifar-inception "
+                f"exports")
         width = outputs[OUTPUT_NAMES[1]][-1]
         if isinstance(width, int) and width != num_classes:
             raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
                                   f"metadata names {num_classes} classes")
+        return side
 
     def _run(self, output: str, images: np.ndarray) -> np.ndarray:
         def run_batch(batch: np.ndarray) -> np.ndarray:
@@ -304,14 +346,15 @@ class OnnxClassifier:
                                       f"({first_line(exc)})") from None
 
         return predict_in_batches(run_batch, images, num_classes=len(self.classes),
-                                  batch_size=self.batch_size, source=str(self.path))
+                                  batch_size=self.batch_size, source=str(self.path),
+                                  image_size=self.image_size)
 
     def predict_logits(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) -> logits, float32 (N, C)."""
+        """uint8 (N, S, S, 3) -> logits, float32 (N, C)."""
         return self._run(OUTPUT_NAMES[0], images)
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, 32, 32, 3) -> probabilities, float32 (N, C)."""
+        """uint8 (N, S, S, 3) -> probabilities, float32 (N, C)."""
         return self._run(OUTPUT_NAMES[1], images)
 
 
@@ -328,6 +371,6 @@ def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Cl
     if Path(path).suffix.lower() == ".onnx":
         # onnxruntime is an optional dependency: imported only for .onnx files
         with needs_extra("export", f"{path}: reading ONNX files"):
-            import onnxruntime  # noqa: F401
+            import onnxruntime
         return OnnxClassifier(path)
     return TorchClassifier.from_path(path, device=device)

@@ -7,10 +7,11 @@ the model is stored as::
     clf = load_classifier("runs/googlenet")          # or "model.onnx"
     clf.classes                                      # ("airplane", ..., "truck")
     clf.model_name, clf.info                         # "googlenet", {...}
+    clf.image_size                                   # 32, or what the model was trained on
     clf.predict_proba(images)                        # uint8 (N, 32, 32, 3) -> float (N, C)
 
 ``predict_files`` reads the files (any size and mode, see :mod:`cifar_inception.images`),
-predicts in batches and collects a per-file error instead of stopping at the first bad file.
+resizes them to the classifier's image size, predicts in batches and collects a per-file error instead of stopping at the first bad file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from cifar_inception.inference import (  # noqa: F401  (re-exported: part of thi
     TorchClassifier,
     check_finite,
     check_images,
+    image_size_for,
     load_classifier,
 )
 
@@ -72,12 +74,13 @@ def iter_predictions(classifier: Classifier, paths: Iterable[str | os.PathLike],
                      top_k: int = 5, max_pixels: int = MAX_PIXELS) -> Iterator[Prediction]:
     """Like :func:`predict_files`, but yields results chunk by chunk, in input order."""
     files = find_images(list(paths))
+    size = image_size_for(classifier)
     for chunk in _chunks(files, FILE_CHUNK):
         results = [Prediction(path=str(p)) for p in chunk]
         arrays, readable = [], []
         for result, file in zip(results, chunk):
             try:
-                arrays.append(load_cifar_array(file, max_pixels=max_pixels))
+                arrays.append(load_cifar_array(file, max_pixels=max_pixels, size=size))
                 readable.append(result)
             except ImageError as exc:
                 result.error = str(exc)

@@ -51,7 +51,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cifar_inception.data.specs import dataset_names
+from cifar_inception.data.specs import (
+    DEFAULT_IMAGE_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_IMAGE_SIZE,
+    dataset_names,
+)
 from cifar_inception.options import (
     DEVICE_HELP,
     ConfigError,
@@ -128,6 +133,12 @@ class TrainConfig:
         None, "the dataset (default: cifar10, or the classes of an image-folder tree given "
         "as --data-dir, its folder names)", group="data",
         choices=dataset_names(), metavar="NAME")
+    image_size: int = option(
+        DEFAULT_IMAGE_SIZE, "resize every image to N x N pixels (default 32, CIFAR's own); "
+        "the model must take that size (`cifar-inception models` lists them), and the "
+        "checkpoint records it, so evaluate, predict, serve and export follow it",
+        group="data", label="image size", minimum=MIN_IMAGE_SIZE, maximum=MAX_IMAGE_SIZE,
+        metavar="N")
     data_dir: str | None = option(None, group="data", cli=False, runtime=True)
     download: bool = option(True, group="data", cli=False, runtime=True)
     val_size: int = option(5000, "training images held out for validation (0: none)",

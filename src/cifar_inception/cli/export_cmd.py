@@ -11,13 +11,15 @@ DESCRIPTION = """\
 Export a trained model (a run folder, whose best.pt is used, or a .pt checkpoint) as one
 file that is usable alone:
 
-  input   images         uint8 (N, 32, 32, 3): RGB, 0-255, channels last (NHWC);
+  input   images         uint8 (N, S, S, 3): RGB, 0-255, channels last (NHWC), S the
+                         image size the model was trained on (32 unless train's
+                         --image-size said otherwise; the checkpoint records it);
                          the normalisation is done inside the model
   output  logits         float32 (N, number of classes)
           probabilities  float32 (N, number of classes), the softmax of the logits
 
-The batch dimension is dynamic. Class names, mean and std, model name and options,
-parameter count and known metrics travel in the file (ONNX metadata_props; the extra file
+The batch dimension is dynamic. Class names, mean and std, image size, model name and
+options, parameter count and known metrics travel in the file (ONNX metadata_props; the extra file
 cifar_inception.json in .pt2 and TorchScript archives).
 
 Formats: onnx (ONNX Runtime and other runtimes; `predict` and `serve` accept the .onnx
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     meta = result.metadata
     print(f"wrote {result.path} ({what}, {result.num_bytes / 1e6:.1f} MB): {meta['model']}, "
           f"{meta['params']:,} parameters, {meta['num_classes']} classes")
-    print("  input  images: uint8 (N, 32, 32, 3) RGB 0-255; outputs: logits, probabilities")
+    side = meta["image_size"]
+    print(f"  input  images: uint8 (N, {side}, {side}, 3) RGB 0-255; outputs: logits, "
+          "probabilities")
     print(f"  checked against PyTorch: max logit difference {result.max_abs_diff:.2g}")
     return 0

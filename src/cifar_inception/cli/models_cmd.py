@@ -14,15 +14,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "List every registered model with its parameter count (auxiliary heads "
             "included), its multiply-adds per 32x32 image (convolutions and linear layers, "
-            "inference), what it is for, and the options it accepts (--option key=value "
-            "in train and summary), then the trained weights the package ships (--weights "
+            "inference), what it is for, the options it accepts (--option key=value "
+            "in train and summary) and the image sizes it takes (--image-size N in "
+            "train), then the trained weights the package ships (--weights "
             "NAME in predict, evaluate, export, serve and train), with their test accuracy."
         ),
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from cifar_inception.models.registry import model_options
+    from cifar_inception.models.registry import model_info, model_options
     from cifar_inception.summary import model_table
 
     table = model_table()
@@ -37,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     for row in table:
         options = ", ".join(f"{key}={value}" for key, value in model_options(row["name"]).items())
         print(f"  {row['name']:<{widths[0]}}  {options or '(none)'}")
+    print()
+    print("Image sizes (--image-size N in train; 8 to 512 pixels, the data's bounds):")
+    for row in table:
+        print(f"  {row['name']:<{widths[0]}}  {model_info(row['name']).sizes.describe()}")
     print()
     print_weights()
     return 0

@@ -21,9 +21,9 @@ model unless it is an image file or a folder that is not a run folder.
 
 Images of any size and mode are accepted: transparent pixels are composited on white,
 greyscale, palette and 16-bit images are converted to 8-bit RGB, and the whole image is
-squeezed to 32x32 pixels (no crop, aspect ratio not kept) with Pillow's antialiased bicubic
-filter, as CIFAR-10's images were made from whole photos. An image already 32x32 is used as
-it is. Folders are walked recursively for .png .jpg .jpeg .bmp .gif .webp .tif .tiff files.
+squeezed to the model's image size, 32x32 unless it was trained with another --image-size
+(no crop, aspect ratio not kept), with Pillow's antialiased bicubic filter, as CIFAR-10's
+images were made from whole photos. An image already that size is used as it is. Folders are walked recursively for .png .jpg .jpeg .bmp .gif .webp .tif .tiff files.
 Only those formats and only regular files are read (a named pipe is skipped, not waited
 on). Images over 40 megapixels are refused unread (decompression-bomb guard).
 

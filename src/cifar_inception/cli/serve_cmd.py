@@ -15,11 +15,12 @@ from cifar_inception.cli.common import (
 
 DESCRIPTION = """\
 Serve a trained model (a run folder, a .pt checkpoint or an exported .onnx file; or
---weights NAME; with neither, the package's default shipped weights) as a web page, where images can be chosen, dropped or pasted and are shown at 32x32 beside their
-top-5 classes, and as a JSON API:
+--weights NAME; with neither, the package's default shipped weights) as a web page, where images can be chosen, dropped or pasted and are shown at the model's image size (32x32
+unless it was trained with another --image-size) beside their top-5 classes, and as a JSON
+API:
 
   POST /api/predict   multipart/form-data, one or more image files -> top classes per file
-  GET  /api/model     model name, options, parameters, classes, test accuracy if known
+  GET  /api/model     model name, options, parameters, classes, image size, test accuracy
   GET  /api/health    {"status": "ok"}
 
 A request body over --max-upload-mb, or images totalling over 100 megapixels, gets 413; a

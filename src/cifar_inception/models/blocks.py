@@ -9,6 +9,8 @@
 - :class:`InceptionNet`: a stack of named stages, auxiliary heads tapped after some of them,
   and a main head. Its ``forward`` checks the input shape (the one place that does) and
   returns :class:`InceptionOutputs` in train mode when the network has auxiliary heads.
+- :class:`ImageSizes`: the image sides a network accepts, which its ``forward`` checks and
+  the registry declares (:func:`~cifar_inception.models.registry.register_model`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,30 @@ INPUT_CHANNELS = 3
 IMAGE_SIZE = 32
 
 
+class ImageSizes(NamedTuple):
+    """The image sides a model accepts: from ``smallest`` to ``largest`` pixels (None: no
+    limit of the model's own, as for a network that pools globally before its classifier)."""
+
+    smallest: int = IMAGE_SIZE
+    largest: int | None = IMAGE_SIZE
+
+    def accepts(self, size: int) -> bool:
+        return self.smallest <= size and (self.largest is None or size <= self.largest)
+
+    def describe(self) -> str:
+        """``32x32 only``, ``from 9x9 up`` or ``from 16x16 to 64x64``."""
+        low = f"{self.smallest}x{self.smallest}"
+        if self.largest == self.smallest:
+            return f"{low} only"
+        if self.largest is None:
+            return f"from {low} up"
+        return f"from {low} to {self.largest}x{self.largest}"
+
+
+# What a network built for CIFAR's images alone accepts (a dense head sized for them).
+CIFAR_ONLY = ImageSizes(IMAGE_SIZE, IMAGE_SIZE)
+
+
 class InceptionOutputs(NamedTuple):
     """Train-mode output of a network with auxiliary heads (as torchvision's namedtuple)."""
 
@@ -32,21 +58,30 @@ class InceptionOutputs(NamedTuple):
     aux_logits: tuple[torch.Tensor, ...]
 
 
-def check_input(x: torch.Tensor) -> None:
-    """Refuse anything but a float batch of shape (N, 3, 32, 32), naming the expected shape.
+def expected_shape(sizes: ImageSizes) -> str:
+    """``(N, 3, 32, 32)`` for a model of one size, ``(N, 3, H, W), H and W from 9 up`` else."""
+    if sizes.largest == sizes.smallest:
+        return f"(N, {INPUT_CHANNELS}, {sizes.smallest}, {sizes.smallest})"
+    upper = "up" if sizes.largest is None else f"to {sizes.largest}"
+    return f"(N, {INPUT_CHANNELS}, H, W), H and W from {sizes.smallest} {upper}"
+
+
+def check_input(x: torch.Tensor, sizes: ImageSizes = CIFAR_ONLY) -> None:
+    """Refuse anything but a float batch of shape (N, 3, H, W) with sides the model accepts
+    (``sizes``), naming the expected shape.
 
     Skipped while ``torch.jit.trace`` records the network: there the sizes are traced
     values, and a recorded graph has no use for a Python-side check.
     """
     if torch.jit.is_tracing():
         return
-    expected = f"(N, {INPUT_CHANNELS}, {IMAGE_SIZE}, {IMAGE_SIZE})"
+    expected = expected_shape(sizes)
     if not isinstance(x, torch.Tensor):
         raise ModelError(f"expected a tensor of shape {expected}, got {type(x).__name__}")
-    image_shape = tuple(x.shape[1:])
-    if x.dim() != 4 or image_shape != (INPUT_CHANNELS, IMAGE_SIZE, IMAGE_SIZE):
+    sides_fit = x.dim() == 4 and all(sizes.accepts(int(side)) for side in x.shape[2:])
+    if not sides_fit or x.shape[1] != INPUT_CHANNELS:
         hint = ""
-        if image_shape == (IMAGE_SIZE, IMAGE_SIZE, INPUT_CHANNELS):
+        if x.dim() == 4 and x.shape[-1] == INPUT_CHANNELS and x.shape[1] != INPUT_CHANNELS:
             hint = " (channels last: permute to channels first)"
         raise ModelError(f"expected input of shape {expected}, got {tuple(x.shape)}{hint}")
     if not x.is_floating_point():
@@ -158,12 +193,15 @@ class InceptionNet(nn.Module):
     """Named stages run in order, auxiliary heads tapped after some stages, and a main head.
 
     Args:
-        stages: name -> module, run in this order on the (N, 3, 32, 32) input.
+        stages: name -> module, run in this order on the (N, 3, H, W) input.
         head: the main classifier, from the last stage's output to logits.
         aux_heads: (name of the stage it reads, head) pairs, in depth order; registered as
             ``aux1``, ``aux2``, ... Empty for a network without auxiliary heads.
         aux_weight: the default loss weight of each auxiliary head
             (``default_aux_weights`` repeats it once per head).
+        sizes: the image sides the network accepts (the registry declares the same, so
+            that training refuses another size before it loads the data); ``forward``
+            refuses any other, naming the expected shape.
 
     In eval mode, and in train mode without auxiliary heads, ``forward`` returns the logits
     (N, num_classes). In train mode with auxiliary heads it returns
@@ -172,7 +210,8 @@ class InceptionNet(nn.Module):
     """
 
     def __init__(self, stages: dict[str, nn.Module], head: nn.Module,
-                 aux_heads: Sequence[tuple[str, nn.Module]] = (), aux_weight: float = 1.0):
+                 aux_heads: Sequence[tuple[str, nn.Module]] = (), aux_weight: float = 1.0,
+                 sizes: ImageSizes = CIFAR_ONLY):
         super().__init__()
         for name, stage in stages.items():
             self.add_module(name, stage)
@@ -185,9 +224,10 @@ class InceptionNet(nn.Module):
             self.aux_taps[tap] = f"aux{index}"
         self.head = head
         self.default_aux_weights = tuple(float(aux_weight) for _ in aux_heads)
+        self.image_sizes = ImageSizes(*sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
-        check_input(x)
+        check_input(x, self.image_sizes)
         with_aux = self.training and bool(self.aux_taps)
         aux_logits = []
         for name in self.stage_names:

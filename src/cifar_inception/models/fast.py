@@ -49,6 +49,7 @@ import torch.nn as nn
 from cifar_inception.errors import ModelError
 from cifar_inception.models.blocks import (
     Branches,
+    ImageSizes,
     InceptionNet,
     check_count,
     check_flag,
@@ -64,6 +65,10 @@ BN_MOMENTUM = 0.6                         # PyTorch's convention: weight of the 
 BN_EPS = 1e-12
 AUX_WEIGHT = 0.3                          # GoogLeNet's weight of each auxiliary loss
 ACTIVATIONS = ("gelu", "relu")
+# The unpadded 2x2 stem takes a pixel off the side and the three groups halve it (rounding
+# down), so 9 pixels are the fewest that leave the head a 1x1 map; it pools globally, so
+# there is no largest.
+SIZES = ImageSizes(9, None)
 
 
 def _activation(name: str) -> nn.Module:
@@ -293,7 +298,7 @@ def fast_inception(widths: tuple[int, int, int] | str, num_classes: int, *, widt
                                             layer=layer, reduce=reduce, depth=depth)
         previous = out
     model = FastInception(stages, _max_pool_head(previous, num_classes),
-                          _aux_heads(channels, num_classes, aux), AUX_WEIGHT)
+                          _aux_heads(channels, num_classes, aux), AUX_WEIGHT, sizes=SIZES)
     _init(model, dirac, dirac_offset)
     return model
 
@@ -400,17 +405,17 @@ def _inception_builder(widths: tuple[int, int, int], purpose: str) -> Callable[.
     return build
 
 
-inception_cpu = register_model("inception-cpu")(_inception_builder(
+inception_cpu = register_model("inception-cpu", sizes=SIZES)(_inception_builder(
     CPU_WIDTHS, "Small Inception net for time-to-accuracy on a 2-core CPU (the cpu10 recipe's "
                 "model)."))
-inception_fast = register_model("inception-fast")(_inception_builder(
+inception_fast = register_model("inception-fast", sizes=SIZES)(_inception_builder(
     FAST_WIDTHS, "Inception net for time-to-accuracy on one GPU (the fast recipe's model)."))
 
 
 BASELINE_WIDTHS = (64, 256, 256)
 
 
-@register_model("baseline-plain")
+@register_model("baseline-plain", sizes=SIZES)
 def baseline_plain(num_classes: int = 10, *, width: float = 1.0, act: str = "gelu",
                    bn_scale: bool = False, dirac: bool = True) -> FastInception:
     """Plain (non-Inception) baseline: airbench94's network, for side-by-side benchmarks.

@@ -30,6 +30,7 @@ import torch.nn as nn
 from cifar_inception.models.blocks import (
     Branches,
     ConvBNAct,
+    ImageSizes,
     InceptionNet,
     check_flag,
     check_rate,
@@ -49,6 +50,9 @@ AUX_HIDDEN = 1024
 AUX_DROPOUT = 0.7
 # The GoogLeNet paper's weight for each auxiliary loss.
 AUX_WEIGHT = 0.3
+# Every convolution and max-pool is padded, the auxiliary heads pool adaptively to 4x4 and
+# the main head globally, so any image side works, down to a single pixel.
+SIZES = ImageSizes(1, None)
 
 
 class InceptionModule(Branches):
@@ -88,7 +92,7 @@ def aux_head(in_channels: int, num_classes: int, width: float) -> nn.Sequential:
     )
 
 
-@register_model("googlenet")
+@register_model("googlenet", sizes=SIZES)
 def googlenet(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool = True,
               dropout: float = 0.2) -> InceptionNet:
     """GoogLeNet with batch norm tuned for 32x32 images; width=0.25 gives a small, fast model.
@@ -116,6 +120,6 @@ def googlenet(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool = T
         aux_heads = [(tap, aux_head(stages[tap].out_channels, num_classes, width))
                      for tap in AUX_TAPS]
     head = classifier_head(channels, num_classes, dropout)
-    model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT)
+    model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT, sizes=SIZES)
     init_cifar(model)
     return model

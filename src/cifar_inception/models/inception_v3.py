@@ -16,7 +16,9 @@ widths of the reference implementation (as torchvision's ``inception_v3``), rebu
   figure 6, n = 7).
 - **Auxiliary head** (optional, on by default) on the last module B: 5x5 average-pool,
   stride 3 (16x16 -> 4x4), 1x1 convolution (128), 4x4 convolution (768) to 1x1, linear
-  classifier, with batch norm as in the paper. Default loss weight 0.3.
+  classifier, with batch norm as in the paper. Default loss weight 0.3. On images larger
+  than 32x32 the convolution's output is larger than 1x1 and is averaged to 1x1; it needs
+  a 4x4 map, so the network takes images of 27 pixels and more (``SIZES``).
 - **Grid reduction** 16 -> 8, then **module C** (x2, 8x8): the 3x3 outputs split into 1x3
   and 3x1 side by side (the paper's figure 7), widening the representation to 2,048.
 - Global average pooling, dropout, linear classifier.
@@ -33,6 +35,7 @@ import torch.nn as nn
 from cifar_inception.models.blocks import (
     Branches,
     ConvBNAct,
+    ImageSizes,
     InceptionNet,
     check_flag,
     check_rate,
@@ -44,6 +47,10 @@ from cifar_inception.models.blocks import (
 from cifar_inception.models.registry import register_model
 
 AUX_WEIGHT = 0.3
+# The auxiliary head (on by default, and run in training) needs a map of at least 14x14 at
+# mixed_6e for its 5x5/3 pooling and 4x4 convolution, so 27 pixels or more; everything else
+# is padded and the main head pools globally, so there is no largest.
+SIZES = ImageSizes(27, None)
 
 
 def avg_pool_branch(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -134,18 +141,25 @@ def module_c(in_channels: int, s) -> Branches:
     )
 
 
+def pool_and_flatten() -> nn.Sequential:
+    """Average whatever map is left to one value per channel, then flatten: on 32x32 images
+    the map is already 1x1 (nothing changes); on larger ones it is larger. No weights, so it
+    keeps the place (and the weights' names) of the plain Flatten it replaced."""
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 def aux_head(in_channels: int, num_classes: int, s) -> nn.Sequential:
     c128, c768 = s(128), s(768)
     return nn.Sequential(
         nn.AvgPool2d(5, stride=3),                    # 16x16 -> 4x4
         ConvBNAct(in_channels, c128, 1),
         ConvBNAct(c128, c768, 4, padding=0),          # 4x4 -> 1x1
-        nn.Flatten(),
+        pool_and_flatten(),
         nn.Linear(c768, num_classes),
     )
 
 
-@register_model("inception-v3")
+@register_model("inception-v3", sizes=SIZES)
 def inception_v3(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool = True,
                  dropout: float = 0.2) -> InceptionNet:
     """Inception-v3 tuned for 32x32 images: the largest tuned model; width scales it down.
@@ -187,6 +201,6 @@ def inception_v3(num_classes: int = 10, *, width: float = 1.0, aux_logits: bool 
     if aux_logits:
         aux_heads = [("mixed_6e", aux_head(stages["mixed_6e"].out_channels, num_classes, s))]
     head = classifier_head(channels, num_classes, dropout)
-    model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT)
+    model = InceptionNet(stages, head, aux_heads, aux_weight=AUX_WEIGHT, sizes=SIZES)
     init_cifar(model)
     return model

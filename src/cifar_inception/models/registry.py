@@ -14,30 +14,46 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from cifar_inception.errors import ModelError
+from cifar_inception.models.blocks import CIFAR_ONLY, ImageSizes
 
 
 @dataclass(frozen=True)
 class ModelInfo:
     """What the rest of the package knows of a model without building it."""
 
-    recipe: str = "default"  # the recipe ``cifar-inception train MODEL`` uses
-    input_size: int = 32     # the image side the model is built for
+    recipe: str = "default"          # the recipe ``cifar-inception train MODEL`` uses
+    sizes: ImageSizes = CIFAR_ONLY   # the image sides it accepts (``--image-size``)
+
+    @property
+    def min_size(self) -> int:
+        return self.sizes.smallest
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest side it accepts; None: no limit of its own (the data's is 512)."""
+        return self.sizes.largest
 
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _INFO: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, recipe: str = "default", input_size: int = 32
+def register_model(name: str, *, recipe: str = "default",
+                   sizes: tuple[int, int | None] = CIFAR_ONLY
                    ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make a builder ``fn(num_classes=10, **options)`` available under ``name``,
-    trained by ``recipe`` unless another is named, on images of ``input_size`` pixels."""
+    trained by ``recipe`` unless another is named, on square images whose side is within
+    ``sizes`` (smallest, largest; largest None: any above the smallest). A model that does
+    not say is taken to accept CIFAR's 32x32 only."""
+    smallest, largest = sizes
+    if smallest < 1 or (largest is not None and largest < smallest):
+        raise ValueError(f"model {name!r}: image sizes {sizes} are not (smallest, largest)")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = builder
-        _INFO[name] = ModelInfo(recipe, input_size)
+        _INFO[name] = ModelInfo(recipe, ImageSizes(smallest, largest))
         return builder
 
     return decorator
@@ -46,6 +62,15 @@ def register_model(name: str, *, recipe: str = "default", input_size: int = 32
 def model_info(name: str) -> ModelInfo:
     get_builder(name)  # an unknown name is one line
     return _INFO[name]
+
+
+def check_image_size(name: str, size: int) -> None:
+    """Refuse, in one line, an image side the model does not accept: training calls it
+    before loading the data, and loading a checkpoint before building its model."""
+    sizes = model_info(name).sizes
+    if not sizes.accepts(size):
+        raise ModelError(f"model {name!r} takes images of {sizes.describe()}, not "
+                         f"{size}x{size}")
 
 
 def can_widen(name: str) -> bool:

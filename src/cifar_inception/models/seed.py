@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from cifar_inception.models.blocks import (
+    CIFAR_ONLY,
     Branches,
     ConvBNAct,
     InceptionNet,
@@ -31,6 +32,10 @@ AUX_DROPOUT = 0.7
 MAIN_DROPOUT = 0.4
 # The report's Keras setting: every head's loss weighs 1.0.
 REPORT_AUX_WEIGHT = 1.0
+# The heads' dense layers are sized for the feature maps of a 32x32 image, as the report
+# built them (seed-naive's reads every pixel), so these networks take 32x32 images only: most
+# other sizes do not fit those layers, and the few that happen to are not the report's nets.
+REPORT_SIZES = CIFAR_ONLY
 
 
 def conv(in_channels: int, out_channels: int, kernel_size, stride: int = 1,
@@ -67,7 +72,7 @@ class NaiveInception(Branches):
         )
 
 
-@register_model("seed-naive", recipe="seed")
+@register_model("seed-naive", recipe="seed", sizes=REPORT_SIZES)
 def seed_naive(num_classes: int = 10) -> InceptionNet:
     """The report's naive Inception module, as built: a baseline whose weights are one dense layer.
 
@@ -89,7 +94,7 @@ def seed_naive(num_classes: int = 10) -> InceptionNet:
         nn.ReLU(inplace=True),
         nn.Linear(1000, num_classes),
     )
-    model = InceptionNet({"inception": module}, head)
+    model = InceptionNet({"inception": module}, head, sizes=REPORT_SIZES)
     init_keras_defaults(model)
     return model
 
@@ -132,7 +137,7 @@ GOOGLENET_WIDTHS = {
 }
 
 
-@register_model("seed-googlenet", recipe="seed")
+@register_model("seed-googlenet", recipe="seed", sizes=REPORT_SIZES)
 def seed_googlenet(num_classes: int = 10, *, fix_3x3: bool = False,
                    aux_logits: bool = True) -> InceptionNet:
     """The report's GoogLeNet, as built, its 1x1 "3x3" quirk included (fix_3x3=True repairs it).
@@ -179,7 +184,8 @@ def seed_googlenet(num_classes: int = 10, *, fix_3x3: bool = False,
             aux_heads.append((tap, dense_head(features, (1000,), num_classes,
                                               nn.AvgPool2d(3, stride=3), AUX_DROPOUT)))
     head = dense_head(channels, (1000,), num_classes, nn.AdaptiveAvgPool2d(1), MAIN_DROPOUT)
-    model = InceptionNet(stages, head, aux_heads, aux_weight=REPORT_AUX_WEIGHT)
+    model = InceptionNet(stages, head, aux_heads, aux_weight=REPORT_AUX_WEIGHT,
+                         sizes=REPORT_SIZES)
     init_keras_defaults(model)
     return model
 
@@ -236,7 +242,7 @@ def report_module_c(in_channels: int, width: int) -> Branches:
     )
 
 
-@register_model("seed-inception-v2", recipe="seed")
+@register_model("seed-inception-v2", recipe="seed", sizes=REPORT_SIZES)
 def seed_inception_v2(num_classes: int = 10, *, aux_logits: bool = True) -> InceptionNet:
     """The report's "Inception v2", as built: v3-style modules, all at 15x15, so slow and large.
 
@@ -283,6 +289,7 @@ def seed_inception_v2(num_classes: int = 10, *, aux_logits: bool = True) -> Ince
                                               nn.AvgPool2d(3, stride=3), AUX_DROPOUT)))
     head = dense_head(3072 * 5 * 5, (1000,), num_classes, nn.AvgPool2d(3, stride=3),
                       MAIN_DROPOUT)
-    model = InceptionNet(stages, head, aux_heads, aux_weight=REPORT_AUX_WEIGHT)
+    model = InceptionNet(stages, head, aux_heads, aux_weight=REPORT_AUX_WEIGHT,
+                         sizes=REPORT_SIZES)
     init_keras_defaults(model)
     return model

@@ -158,8 +158,11 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray
     columns = min(columns, len(chosen))
     rows = -(-len(chosen) // columns)
     # One mosaic on one axes (fast to draw): each cell is the image with room for a line of
-    # text above and two below, in image-pixel units.
-    cell_w, top, bottom, size = 44, 7, 14, images.shape[1]
+    # text above and two below. The layout is that of 32x32 images, in their pixels; other
+    # sizes are shown at the same size on the page (the text keeps its size with them).
+    size = images.shape[1]
+    scale = size / 32
+    cell_w, top, bottom = max(size, round(44 * scale)), round(7 * scale), round(14 * scale)
     cell_h = top + size + bottom
     mosaic = np.full((rows * cell_h, columns * cell_w, 3), 255, dtype=np.uint8)
     inch = 1.3 / cell_w  # figure inches per image pixel
@@ -173,9 +176,9 @@ def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray
         mosaic[y:y + size, x:x + size] = images[index]
         predicted = int(probs[index].argmax())
         centre = x + (size - 1) / 2
-        ax.text(centre, y - 1.5, f"true: {classes[labels[index]]}", ha="center", va="bottom",
+        ax.text(centre, y - 1.5 * scale, f"true: {classes[labels[index]]}", ha="center", va="bottom",
                 fontsize=8, color="#222222")
-        ax.text(centre, y + size + 0.5,
+        ax.text(centre, y + size + 0.5 * scale,
                 f"predicted: {classes[predicted]}\n{probs[index, predicted]:.0%} sure",
                 ha="center", va="top", fontsize=8, color=WRONG_COLOUR, linespacing=1.3)
     ax.imshow(mosaic, interpolation="nearest")

@@ -32,6 +32,7 @@ class RunData:
     evaluation: dict
     evaluation_source: str
     model_info: dict
+    image_size: int = 32                # the side of the images the model takes
     data_source: str = ""
     test_images: np.ndarray | None = None
     test_labels: np.ndarray | None = None
@@ -90,6 +91,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
 
     from cifar_inception.checkpoint import (
         check_run_matches,
+        image_size_of,
         load_trained_model,
         resolve_checkpoint,
     )
@@ -109,7 +111,8 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     if data_dir is None:
         data_dir = recorded_data_dir(config, ckpt)
     classifier = TorchClassifier(model, ckpt, source=str(checkpoint), device=device)
-    data = load_dataset(trained_dataset(ckpt), data_dir, download=download, progress=progress)
+    data = load_dataset(trained_dataset(ckpt), data_dir, image_size=image_size_of(ckpt),
+                        download=download, progress=progress)
     if tuple(data.classes) != classifier.classes:
         raise CheckpointError(
             f"{checkpoint} was trained on classes {', '.join(classifier.classes)}; "
@@ -124,7 +127,7 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
     return RunData(
         run=run, checkpoint=checkpoint, classes=classifier.classes, config=config,
         metrics=metrics, evaluation=evaluation, evaluation_source=evaluation_source,
-        model_info=classifier.info,
+        model_info=classifier.info, image_size=image_size_of(ckpt),
         data_source=getattr(data, "source", ""),
         test_images=data.test_images, test_labels=labels.numpy(),
         test_probs=log_probs.exp().numpy(),

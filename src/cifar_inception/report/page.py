@@ -222,6 +222,7 @@ def render_html(data: RunData, figures: dict[str, Path]) -> str:
 
     when = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     source = f" · data: {data.data_source}" if data.data_source else ""
+    size = f"{data.image_size}x{data.image_size}"
     sections = [
         figure_section("Training curves", figures.get("curves"),
                        "Per epoch: training loss and accuracy are averaged over the epoch "
@@ -233,12 +234,12 @@ def render_html(data: RunData, figures: dict[str, Path]) -> str:
                        f"{data.evaluation_source}."),
         "<section><h2>Per-class results</h2>" + per_class_table(data) + "</section>",
         figure_section("Most confident mistakes", figures.get("misclassified"),
-                       f"Test images (32x32 pixels, enlarged) that {data.checkpoint.name} gets "
+                       f"Test images ({size} pixels, enlarged) that {data.checkpoint.name} gets "
                        "wrong with the highest predicted probability, without test-time "
                        "augmentation: black, the true class; red, the prediction."),
         figure_section("Sample training images", figures.get("samples"),
                        "Ten randomly chosen training images per class, as the model sees them "
-                       "(32x32, before augmentation)."),
+                       f"({size}, before augmentation)."),
         "<section><h2>Configuration</h2>" + config_table(data.config) + "</section>",
     ]
     return f"""<!DOCTYPE html>

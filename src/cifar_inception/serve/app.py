@@ -4,7 +4,8 @@ Routes::
 
     GET  /               the page (static/index.html, with app.css and app.js)
     GET  /api/health     {"status": "ok", "model": name}
-    GET  /api/model      name, options, parameters, classes, test accuracy if known, limits
+    GET  /api/model      name, options, parameters, classes, image size, test accuracy if
+                         known, limits
     POST /api/predict    multipart/form-data with one or more image files; ?top=K (default 5)
 
 A predict request is one batch and succeeds or fails as a whole: if any file is not a
@@ -51,7 +52,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cifar_inception.images import MAX_PIXELS, ImageError, image_header, load_cifar_array
-from cifar_inception.inference import Classifier, run_test_metrics
+from cifar_inception.inference import Classifier, image_size_for, run_test_metrics
 from cifar_inception.predict import top_classes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -136,6 +137,7 @@ def model_summary(classifier: Classifier) -> dict[str, Any]:
         "num_classes": len(classifier.classes),
         "classes": list(classifier.classes),
         "dataset": info.get("dataset"),
+        "image_size": image_size_for(classifier),
         "test_top1": metrics.get("test_top1"),
         "metrics": metrics,
     }
@@ -195,6 +197,7 @@ class _Predictor:
                  max_request_pixels: int = MAX_REQUEST_PIXELS,
                  budget_pixels: int = DECODE_PIXEL_BUDGET):
         self.classifier = classifier
+        self.image_size = image_size_for(classifier)
         self.max_pixels = max_pixels
         self.max_request_pixels = max_request_pixels
         self.inference_lock = threading.Lock()
@@ -218,12 +221,14 @@ class _Predictor:
         return costs
 
     def decode(self, uploads: Sequence[tuple[str, bytes]]) -> np.ndarray:
-        """Every upload to uint8 (32, 32, 3); the first bad one raises ImageError."""
+        """Every upload to uint8 (S, S, 3), S the classifier's image size; the first bad
+        one raises ImageError."""
         arrays = []
         for (name, data), cost in zip(uploads, self.costs(uploads)):
             held = self.budget.acquire(cost)
             try:
-                arrays.append(load_cifar_array(data, name=name, max_pixels=self.max_pixels))
+                arrays.append(load_cifar_array(data, name=name, max_pixels=self.max_pixels,
+                                               size=self.image_size))
             except (OSError, ValueError) as exc:  # a mode Pillow cannot turn into RGB
                 raise ImageError(f"{name}: cannot convert to RGB ({exc})") from None
             finally:
@@ -236,7 +241,8 @@ class _Predictor:
 
 
 def _png_data_url(image: np.ndarray) -> str:
-    """The 32x32 model input as a PNG data: URL, so the page shows exactly what was classified."""
+    """The model input (32x32, or the model's size) as a PNG data: URL, so the page shows
+    exactly what was classified."""
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

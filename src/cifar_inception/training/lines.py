@@ -9,12 +9,14 @@ from cifar_inception.training.setup import Loop
 
 
 def start_line(loop: Loop, *, resumed: bool) -> str:
-    """``training MODEL (recipe R) on DEVICE: ... images, E epochs of S steps ...``"""
+    """``training MODEL (recipe R) on DEVICE: ... images of 32x32, E epochs of S steps ...``"""
     c, p = loop.config, loop.prepared
     processes = f" x{loop.ctx.world_size}" if loop.ctx.enabled else ""
+    size = p.info["image_size"]
     return (f"{'resuming' if resumed else 'training'} {c.model} (recipe {c.recipe or 'none'}) "
             f"on {loop.device}{processes}: {p.train_x.shape[0]} training / "
-            f"{p.val_x.shape[0]} validation images, {count(loop.plan.epochs, 'epoch')} of "
+            f"{p.val_x.shape[0]} validation images of {size}x{size}, "
+            f"{count(loop.plan.epochs, 'epoch')} of "
             f"{loop.steps_per_epoch} steps ({loop.total_steps} in all), batch {c.batch_size}; "
             f"run folder {loop.run_dir}")
 

@@ -108,7 +108,8 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     :func:`~cifar_inception.training.ranks.train_in_processes`) and return where the run is
     and how it went: :func:`prepare`, :func:`run_epochs`, :func:`finish`.
 
-    ``data``: a loaded ``Dataset`` (default: ``load_dataset(config.dataset, config.data_dir)``).
+    ``data``: a loaded ``Dataset`` of ``config.image_size`` images (default:
+    ``load_dataset(config.dataset, config.data_dir, image_size=config.image_size)``).
     ``resume``: a run folder (or its last.pt) to continue; ``config`` may then be None (the
     run's own) or come from :func:`resume_config`. ``log``: where progress lines go (default
     print; only rank 0 logs under torchrun). ``epoch_end(row, model, mean, std)``: called on
@@ -213,7 +214,8 @@ def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
 
         with distributed.main_first(ctx):  # rank 0 fills the decoded-array cache first
             data = load_dataset(config.dataset, surroundings.data_dir,
-                                download=config.download, progress=ctx.is_main)
+                                image_size=config.image_size, download=config.download,
+                                progress=ctx.is_main)
     prepared = prepare_data(config, data, device)
     plan = _first_plan(config, ckpt, steps_per_epoch(config, prepared, ctx), surroundings)
     if ckpt is not None:

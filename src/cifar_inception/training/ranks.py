@@ -51,7 +51,8 @@ def train_in_processes(config: TrainConfig, data: Any = None, *,
     if data is None:
         from cifar_inception.data import load_dataset
 
-        data = load_dataset(config.dataset, config.data_dir, download=config.download)
+        data = load_dataset(config.dataset, config.data_dir, image_size=config.image_size,
+                            download=config.download)
     processes = config.processes
     with tempfile.TemporaryDirectory(prefix="cifar-inception-ranks-") as scratch:
         folder = Path(scratch)

@@ -75,10 +75,12 @@ def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[int, bool, str]:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Refuse an unknown model name or option at once, before the data is loaded."""
-    from cifar_inception.models.registry import check_model_options
+    """Refuse an unknown model name or option, or an image size the model does not take,
+    at once, before the data is loaded."""
+    from cifar_inception.models.registry import check_image_size, check_model_options
 
     check_model_options(config.model, config.model_options)
+    check_image_size(config.model, config.image_size)
     if config.weights is not None:
         start_weights(config)
 
@@ -101,6 +103,7 @@ def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> Device
     """Split off the validation images, compute the statistics, move everything to ``device``."""
     from cifar_inception.data import channel_stats, split_train_val
 
+    check_data_size(config, data)
     train_x, train_y, val_x, val_y = split_train_val(
         data.train_images, data.train_labels, val_size=config.val_size, seed=SPLIT_SEED)
     if config.train_limit is not None and config.train_limit < len(train_x):
@@ -111,8 +114,9 @@ def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> Device
     mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
     info = {"dataset": getattr(data, "name", "cifar10"),
             "source": getattr(data, "source", None), "checksum": getattr(data, "checksum", None),
-            "train_images": len(train_x), "val_images": len(val_x), "split_seed": SPLIT_SEED,
-            "mean": list(mean), "std": list(std)}
+            "image_size": config.image_size, "train_images": len(train_x),
+            "val_images": len(val_x), "split_seed": SPLIT_SEED, "mean": list(mean),
+            "std": list(std)}
 
     def on_device(array: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(array).to(device=device, dtype=dtype)
@@ -120,6 +124,17 @@ def prepare_data(config: TrainConfig, data: Any, device: torch.device) -> Device
     return DeviceData(on_device(train_x, torch.uint8), on_device(train_y, torch.long),
                       on_device(val_x, torch.uint8), on_device(val_y, torch.long),
                       mean, std, tuple(data.classes), info)
+
+
+def check_data_size(config: TrainConfig, data: Any) -> None:
+    """Refuse data given already loaded (``train(config, data)``) whose images are not of the
+    run's image size: the checkpoint would record a size the model never saw."""
+    shape = tuple(data.train_images.shape[1:])
+    wanted = (config.image_size, config.image_size, 3)
+    if shape != wanted:
+        raise TrainingError(f"the data's images are {shape}, not the {wanted} of "
+                            f"--image-size {config.image_size}; load it with "
+                            f"image_size={config.image_size}")
 
 
 @dataclass
@@ -209,6 +224,7 @@ class Loop:
             model_name=self.config.model, model_options=self.plan.model_options,
             num_classes=len(p.classes), classes=list(p.classes), mean=list(p.mean),
             std=list(p.std), dataset=p.info.get("dataset"),
+            image_size=p.info["image_size"],
             state_dict=self.model.state_dict(), training=training,
             metrics=metrics)
 

@@ -1,9 +1,10 @@
 // The demo page: send each chosen, dropped or pasted image to POST /api/predict on its own
-// (so one bad file spoils only its own card) and draw the 32x32 input beside the top bars
+// (so one bad file spoils only its own card) and draw the model's input (32x32, or the size
+// the model was trained on) beside the top bars
 // (up to 5, fewer where the model has fewer classes).
 "use strict";
 
-const state = { maxUploadBytes: null, previews: [] };
+const state = { maxUploadBytes: null, imageSize: 32, previews: [] };
 
 const $ = (id) => document.getElementById(id);
 
@@ -39,6 +40,10 @@ async function loadModel() {
       : `test accuracy ${(100 * model.test_top1).toFixed(2)}%`);
     $("model-line").textContent = parts.join(" \u00b7 ");
     $("model-line").dataset.model = model.model;
+    if (model.image_size) {
+      state.imageSize = model.image_size;
+      $("image-size").textContent = `${model.image_size}\u00d7${model.image_size}`;
+    }
     state.maxUploadBytes = model.limits ? model.limits.max_upload_bytes : null;
     if (state.maxUploadBytes) {
       $("drop-hint").textContent += ` Up to ${formatBytes(state.maxUploadBytes)} per image.`;
@@ -82,8 +87,9 @@ function figure(src, alt, caption, className) {
 function showResult(card, file, result) {
   card.className = "result-card is-done";
   const images = element("div", "images");
-  images.append(figure(result.input_png, `${result.filename} at 32 by 32 pixels`,
-                       "model input, 32\u00d732", "model-input"));
+  const side = state.imageSize;
+  images.append(figure(result.input_png, `${result.filename} at ${side} by ${side} pixels`,
+                       `model input, ${side}\u00d7${side}`, "model-input"));
   const preview = URL.createObjectURL(file);
   state.previews.push(preview);
   images.append(figure(preview, `${result.filename} as uploaded`, "original", "original"));
