@@ -371,6 +371,6 @@ def load_classifier(path: str | os.PathLike, *, device: str | None = None) -> Cl
     if Path(path).suffix.lower() == ".onnx":
         # onnxruntime is an optional dependency: imported only for .onnx files
         with needs_extra("export", f"{path}: reading ONNX files"):
-            import onnxruntime
+            import onnxruntime  # noqa: F401  (present, or the one line above)
         return OnnxClassifier(path)
     return TorchClassifier.from_path(path, device=device)
