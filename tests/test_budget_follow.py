@@ -337,7 +337,8 @@ def test_a_resumed_run_follows_the_recorded_plan(tmp_path, data, monkeypatch):
 
 
 def test_the_width_check_keeps_a_width_the_first_steps_confirm():
-    check = WidthCheck(1.5, {1.0: Rates(0.1, 0, 0), 1.5: Rates(0.2, 0, 0)}, wanted=4)
+    check = WidthCheck(1.5, {1.0: Rates(0.1, 0, 0), 1.5: Rates(0.2, 0, 0)}, wanted=4,
+                       steps_per_epoch=100)
     assert check.observe(WIDTH_CHECK_STEPS - 1, 0.2 * (WIDTH_CHECK_STEPS - 1)) is None
     ratio = check.observe(1, 0.21)  # 0.25% slower than the probe read it: no misreading
     assert ratio == pytest.approx(1.0025)
@@ -349,7 +350,7 @@ def test_the_width_check_chooses_again_from_the_rescaled_rates(ratio, chosen):
     """Epochs fall with the square of the width and with the time per step."""
     tried = {1.0: Rates(0.1, 1e-4, 1e-4), 1.5: Rates(0.225, 2e-4, 2e-4),
              2.0: Rates(0.4, 4e-4, 4e-4)}
-    check = WidthCheck(1.5, tried, wanted=4)
+    check = WidthCheck(1.5, tried, wanted=4, steps_per_epoch=100)
 
     def epochs_at(rates):
         return 2.0 / rates.step_s  # 20 epochs at width 1 as the probe read it

@@ -191,9 +191,10 @@ class WidthCheck:
     chosen from: a width never timed is not guessed at."""
 
     def __init__(self, chosen: float, tried: dict[float, Rates], wanted: float,
-                 steps: int = WIDTH_CHECK_STEPS):
+                 steps_per_epoch: int):
         self.chosen, self.tried, self.wanted = chosen, dict(tried), wanted
-        self.needed = steps  # timed steps to read before judging
+        # timed steps to read before judging: inside the first epoch, however short it is
+        self.needed = min(WIDTH_CHECK_STEPS, max(1, steps_per_epoch // 2))
         self.steps, self.seconds = 0, 0.0
 
     def observe(self, steps: int, seconds: float) -> float | None:
@@ -252,8 +253,6 @@ class FollowBudget:
         self.budget_s, self.run_started, self.emit = config.budget, run_started, emit
         self.test_images = test_images
         self.width_check = width_check
-        if width_check is not None:  # judged inside the first epoch, however short it is
-            width_check.needed = min(width_check.needed, max(1, loop.steps_per_epoch // 2))
         # Set when the first steps chose another width: the run starts over at it, with
         # these rates (the probe's for that width, rescaled as the steps found the machine).
         self.restart_at: tuple[float, Rates] | None = None

@@ -99,7 +99,7 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[dict], Loop
     if bought < wanted:
         emit(f"width 1: {bought:.1f} epochs fit, fewer than the {wanted:g} that widening "
              f"needs")
-        return loop, budget_plan, WidthCheck(width, tried, wanted)
+        return loop, budget_plan, WidthCheck(width, tried, wanted, loop.steps_per_epoch)
     refused = ""
     while width + WIDTH_STEP <= MOST_WIDENING:
         candidate = build({**config.model_options, "width": width + WIDTH_STEP})
@@ -116,7 +116,7 @@ def widen_for_budget(loop: Loop, budget_plan: Plan, build: Callable[[dict], Loop
         loop, budget_plan, width = candidate, candidate_plan, width + WIDTH_STEP
     emit(f"width {width:g}: the widest that trains for {wanted:g} epochs or more in the "
          f"budget ({_epochs_bought(loop, budget_plan):.1f} epochs{refused})")
-    return loop, budget_plan, WidthCheck(width, tried, wanted)
+    return loop, budget_plan, WidthCheck(width, tried, wanted, loop.steps_per_epoch)
 
 
 def _epochs_bought(loop: Loop, budget_plan: Plan) -> float:
