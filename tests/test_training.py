@@ -287,6 +287,55 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, data, monkeypatch)
         straight.history[1]["train_loss"], rel=1e-12)
 
 
+def test_long_epochs_save_on_their_way_and_a_kill_resumes_exactly(tmp_path, data, monkeypatch):
+    import shutil
+    import types
+
+    import cifar_inception.training.loop as loop_mod
+
+    options = {"dropout": 0.3}
+    straight = train(tiny_config(tmp_path / "a", model_options=options), data, log=quiet)
+
+    clock = {"now": 0.0}
+
+    def perf_counter():  # each look at the clock finds 25 s gone: a save every 3rd step or so
+        clock["now"] += 25.0
+        return clock["now"]
+
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
+                                                                time=time.time))
+    midway = []
+    real_save = loop_mod.save_checkpoint
+
+    def save_and_keep_the_first(path, checkpoint):
+        real_save(path, checkpoint)
+        position = checkpoint.get("training", {}).get("position", {})
+        if position.get("step", 0) > 0:
+            midway.append((position["epoch"], position["step"]))
+            if len(midway) == 1:  # the folder as a kill right after this save would leave it
+                shutil.copytree(path.parent, tmp_path / "killed")
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", save_and_keep_the_first)
+    saving = train(tiny_config(tmp_path / "b", model_options=options, save_every=60), data,
+                   log=quiet)
+    monkeypatch.undo()
+    assert saving.status == "completed" and len(midway) >= 3, midway
+    assert_same_weights(weights(straight.run_dir), weights(saving.run_dir))
+    (tmp_path / "killed" / ".lock").unlink(missing_ok=True)
+    resumed = train(None, data, resume=tmp_path / "killed", log=quiet)
+    assert resumed.status == "completed" and resumed.epoch == 3
+    assert_same_weights(weights(straight.run_dir), weights(resumed.run_dir))
+    assert [r["train_loss"] for r in resumed.history] == pytest.approx(
+        [r["train_loss"] for r in straight.history], rel=1e-12)
+
+
+def test_save_every_is_bounded(tmp_path):
+    from cifar_inception.options import ConfigError
+
+    with pytest.raises(ConfigError, match="save-every must be at least 60 seconds"):
+        tiny_config(tmp_path, save_every=5)
+
+
 def test_resume_refuses_changes_and_finished_runs(tmp_path, data):
     run = train(tiny_config(tmp_path, epochs=1), data, log=quiet).run_dir
     with pytest.raises(TrainingError, match="cannot change lr"):

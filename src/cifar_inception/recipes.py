@@ -112,6 +112,14 @@ def _budget_problem(seconds: Any) -> str | None:
             f"({MAX_BUDGET_S:.0f} s), not {seconds!r}")
 
 
+def _save_every_problem(seconds: Any) -> str | None:
+    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+    if seconds is None or number and 60 <= seconds <= MAX_BUDGET_S:
+        return None
+    return (f"save-every must be at least 60 seconds (a save takes a while) and at most a "
+            f"week, not {seconds!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a training run, as asked for: a run never changes it (what the run
@@ -249,6 +257,11 @@ class TrainConfig:
                           metavar="DIR")
     name: str | None = option(None, "run folder name (default: MODEL-DATE-TIME)",
                               metavar="NAME")
+    save_every: float | None = option(
+        1800.0, "save last.pt also within an epoch, every DURATION of training (SECONDS or "
+        "a duration such as 30m; default 30m), so that a run killed outright loses at most "
+        "that much (Ctrl-C and SIGTERM save where the run is in any case)",
+        check=_save_every_problem, parse=parse_duration, metavar="DURATION", runtime=True)
     stop_after_epochs: int | None = option(
         None, "pause once N epochs are done; continue later with --resume", minimum=1,
         metavar="N", runtime=True)

@@ -16,7 +16,9 @@ Each epoch then:
 Because the data order and the augmentation are functions of (seed, epoch, step), and the
 checkpoint carries the optimiser state and the global RNG state (dropout), a resumed run
 continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
-step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. A NaN or infinite loss
+step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. An epoch longer than
+``save_every`` (30 minutes) also saves ``last.pt`` on its way, so that a run killed outright
+loses at most that much. A NaN or infinite loss
 stops the run before anything of the bad epoch is written.
 """
 
@@ -261,16 +263,13 @@ def run_epochs(run: Run) -> None:
             started = time.perf_counter() - run.position.seconds
             if run.follow is not None:
                 run.follow.start_epoch()
-            result = train_epoch(loop, epoch, run.position, stop, run.follow)
+            result = _train_epoch_saving(run, epoch, stop, started)
             if run.follow is not None and run.follow.restart_at is not None:
                 run.loop, run.follow = start_over_at_width(loop, run.follow, emit)
                 loop, epoch = run.loop, epoch - 1
                 continue
             if result.stopped_at is not None:  # Ctrl-C inside the epoch: save where we are
-                run.position = replace(run.position, epoch=epoch, step=result.stopped_at,
-                                       loss_sum=result.loss_sum, correct=result.correct,
-                                       seen=result.seen,
-                                       seconds=time.perf_counter() - started)
+                run.position = _midway(run.position, epoch, result, started)
                 if ctx.is_main:
                     save_checkpoint(loop.run_dir / LAST, loop.checkpoint(run.position, None))
                 run.status = "interrupted"
@@ -286,6 +285,30 @@ def run_epochs(run: Run) -> None:
                 run.message = stop_message(f"interrupted after epoch {epoch + 1}",
                                             loop.run_dir, saved=True)
                 return
+
+
+def _train_epoch_saving(run: Run, epoch: int, stop: StopRequest,
+                        started: float) -> EpochResult:
+    """:func:`train_epoch`, with last.pt saved every ``config.save_every`` seconds of it:
+    the epoch pauses at a step, saves where it is (as an interrupted run does), and goes on
+    from there, so a run killed outright (power lost, a machine taken back) loses at most
+    that much. Nothing computed changes: the rest of the epoch is what a resume would do."""
+    loop, every = run.loop, run.loop.config.save_every
+    while True:
+        save_at = None if every is None else time.perf_counter() + every
+        result = train_epoch(loop, epoch, run.position, stop, run.follow, save_at=save_at)
+        if not result.paused_to_save:
+            return result
+        run.position = _midway(run.position, epoch, result, started)
+        if loop.ctx.is_main:
+            save_checkpoint(loop.run_dir / LAST, loop.checkpoint(run.position, None))
+
+
+def _midway(position: Position, epoch: int, result: EpochResult, started: float) -> Position:
+    """Where a run stands when it stopped ``result.stopped_at`` steps into ``epoch``."""
+    return replace(position, epoch=epoch, step=result.stopped_at, loss_sum=result.loss_sum,
+                   correct=result.correct, seen=result.seen,
+                   seconds=time.perf_counter() - started)
 
 
 def _end_epoch(run: Run, epoch: int, result: EpochResult, started: float) -> None:
@@ -349,15 +372,19 @@ class EpochResult:
     seen: float                # training images stepped on
     lr: float                  # the learning rate of the last step
     stopped_at: int | None     # steps done when a stop request ended the epoch early, else None
+    paused_to_save: bool = False  # stopped_at is a pause to save last.pt, not a stop
 
 
 def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
-                follow: FollowBudget | None = None) -> EpochResult:
+                follow: FollowBudget | None = None, save_at: float | None = None
+                ) -> EpochResult:
     """The steps of one epoch, from ``position.step`` on.
 
     Returns the global (loss sum, correct, seen) of the epoch, the last learning rate, and
     the number of steps done when a stop request ended the epoch early (else None).
     ``follow``: a budget's plan, kept current after the steps (the epoch's length with it).
+    ``save_at``: a ``time.perf_counter()`` after which the epoch pauses at the next checked
+    step so that the caller can save (``paused_to_save``).
     """
     config, ctx, device, data = loop.config, loop.ctx, loop.device, loop.prepared
     n_train = data.train_x.shape[0]
@@ -400,10 +427,11 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
         if due:
             # One collective for both flags and the time, so every rank stops at the same
             # step and follows the same plan.
-            stop_now, diverged, elapsed = distributed.all_reduce(torch.tensor(
-                [float(stop.requested), float(not torch.isfinite(sums[0])),
-                 time.perf_counter() - clock_zero], dtype=torch.float64, device=device),
-                ctx, op="max").tolist()
+            now = time.perf_counter()
+            stop_now, diverged, elapsed, save_now = distributed.all_reduce(torch.tensor(
+                [float(stop.requested), float(not torch.isfinite(sums[0])), now - clock_zero,
+                 float(save_at is not None and now >= save_at)],
+                dtype=torch.float64, device=device), ctx, op="max").tolist()
             if diverged:
                 bar.close()
                 raise TrainingError(diverged_message(loop.run_dir, epoch, step - 1, lr))
@@ -421,12 +449,13 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
         bar.update(step - bar.n)
         if bar.n % 10 == 0 or last:
             bar.set_postfix(loss=f"{sums[0].item() / max(1.0, sums[2].item()):.4f}")
-        if stop_now and not last:
+        if (stop_now or save_now) and not last:
             stopped_at = step
             break
     bar.close()
     loss_sum, correct, seen = distributed.all_reduce(sums, ctx).tolist()
-    return EpochResult(loss_sum, correct, seen, lr, stopped_at)
+    return EpochResult(loss_sum, correct, seen, lr, stopped_at,
+                       paused_to_save=stopped_at is not None and not stop_now)
 
 
 @torch.no_grad()
