@@ -22,6 +22,7 @@ from cifar_inception.budget import (
     plan,
     time_per_call,
 )
+from cifar_inception.devices import cpu_precision
 from cifar_inception.options import parse_duration
 from cifar_inception.recipes import MAX_BUDGET_S, ConfigError, build_config
 from cifar_inception.training import budgeting, train
@@ -298,6 +299,8 @@ def test_the_probe_and_the_loop_take_the_one_training_step(tmp_path, monkeypatch
     run = loop_mod.prepare(config, easy_data(n_train=128, n_test=16), None,
                            distributed.context_from_environment(), torch.device("cpu"),
                            lambda _: None)
+    # prepare() settles precision as train() does (bf16 on a CPU only where native)
+    assert run.loop.bf16 == cpu_precision(None).bf16
     budgeting.measure_rates(run.loop)
     probed = len(stepped)
     loop_mod.run_epochs(run)

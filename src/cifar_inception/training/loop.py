@@ -129,7 +129,7 @@ def train(config: TrainConfig | None = None, data: Any = None, *,
     threads_before = torch.get_num_threads()
     held = ExitStack()  # the run folder's lock, from before it is read to the end of the run
     try:
-        surroundings = _surroundings(config, ctx, device, emit)
+        surroundings = settle_surroundings(config, ctx, device, emit)
         distributed.init(ctx, device, config.dist_timeout)
         run = prepare(config, data, resume, ctx, device, emit, started, held, surroundings)
         run.epoch_end = epoch_end
@@ -164,8 +164,8 @@ def _checked(config: TrainConfig | None, resume: str | os.PathLike | None) -> Tr
     return config
 
 
-def _surroundings(config: TrainConfig, ctx: DistContext, device: torch.device,
-                  emit: Callable[[str], None]) -> Surroundings:
+def settle_surroundings(config: TrainConfig, ctx: DistContext, device: torch.device,
+                        emit: Callable[[str], None]) -> Surroundings:
     """What this invocation decides before the data: threads and precision (set, on a CPU),
     the data folder made absolute (so that evaluation finds it from anywhere) and, outside
     a launcher, one process where none was asked for."""
@@ -202,8 +202,7 @@ def prepare(config: TrainConfig, data: Any, resume: str | os.PathLike | None,
     """Everything before the first step: the run folder locked, the checkpoint to continue
     from, the data on the device, the run's plan (a budget's, the recorded one, or the
     config's), the model and optimiser, and the run folder with its config.json."""
-    surroundings = surroundings or Surroundings(config.amp, None, config.data_dir,
-                                                config.processes)
+    surroundings = surroundings or settle_surroundings(config, ctx, device, emit)
     check_model(config)  # before the data is loaded: a typo should fail at once
     if resume is None and config.name:
         check_run_name(config.name)
