@@ -24,18 +24,27 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from _common import describe, environment, format_table, parse_settings, run_script, write_json
 from throughput import parse_spec
 
+from cifar_inception.augment import normalize
+from cifar_inception.data import load_dataset, split_train_val
 from cifar_inception.devices import pick_device
 from cifar_inception.evaluation import evaluate
+from cifar_inception.fileio import append_jsonl
+from cifar_inception.models import create_model
 from cifar_inception.recipes import build_config
 from cifar_inception.runs import read_history
 from cifar_inception.training import resume_config, train
+from cifar_inception.training.setup import SPLIT_SEED
 
 # The report's own logs (../shared/seed/000_8473259bbac85932.txt), as printed there. Per
 # epoch: (train loss, train acc, val loss, val acc, seconds). For the Inception v2 run the
@@ -64,6 +73,15 @@ REPORT: dict[str, dict[str, Any]] = {
                 (1.1338, 0.6296, 1.2195, 0.5758, 1219), (1.0711, 0.6543, 1.0518, 0.6358, 1221),
                 (1.0583, 0.6793, 1.1399, 0.5552, 1222), (0.9687, 0.6949, 1.4228, 0.5634, 1224),
                 (0.9514, 0.7142, 1.0789, 0.6328, 1205)],
+        # Per epoch, the auxiliary heads' validation: (aux 1 loss, aux 1 acc, aux 2 loss,
+        # aux 2 acc); epoch 12's line lacks the second head's loss.
+        "aux_log": [(2.0856, 0.2476, 2.1148, 0.2298), (1.8293, 0.3380, 1.7440, 0.3372),
+                    (1.7790, 0.3642, 1.7888, 0.3634), (1.5384, 0.4434, 1.5364, 0.4378),
+                    (1.4730, 0.4718, 1.4388, 0.4792), (1.3929, 0.4878, 1.3264, 0.5152),
+                    (1.4134, 0.4852, 1.3792, 0.5034), (1.3709, 0.5114, 1.3622, 0.5088),
+                    (1.3326, 0.5266, 1.3435, 0.5258), (1.2683, 0.5512, 1.1889, 0.5634),
+                    (1.2881, 0.5396, 1.3028, 0.5528), (1.3488, 0.5870, None, 0.5478),
+                    (1.1898, 0.5746, 1.1283, 0.6188)],
         "test": "Test output_loss: 71.70% (a loss: 0.7170)", "test_acc": None,
         "test_loss": 0.7170, "note": "the log stops after epoch 13 of 25",
     },
@@ -75,9 +93,51 @@ def run_name(spec: str) -> str:
     return spec.replace(":", "-").replace("=", "-").replace(",", "-")
 
 
+HEADS_FILE = "heads.jsonl"  # per epoch, every head's validation loss and accuracy
+
+
+@torch.no_grad()
+def head_validation(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    mean: Any, std: Any, batch_size: int = 250) -> list[dict[str, float]]:
+    """Validation loss and accuracy of each head (the main one first), in eval mode."""
+    was_training = model.training
+    model.eval()
+    sums = None
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start:start + batch_size], mean, std)
+        y = labels[start:start + batch_size]
+        outputs = model.all_heads(x)
+        batch = [(float(F.cross_entropy(logits, y, reduction="sum")),
+                  float((logits.argmax(1) == y).sum()))
+                 for logits in (outputs.logits, *outputs.aux_logits)]
+        sums = batch if sums is None else [(a + c, b + d) for (a, b), (c, d) in zip(sums, batch)]
+    model.train(was_training)
+    return [{"val_loss": loss / len(labels), "val_acc": correct / len(labels)}
+            for loss, correct in sums]
+
+
+def heads_recorder(folder: Path, data: Any, val_size: int) -> Any:
+    """An ``epoch_end`` for train(): each epoch, every head's validation into heads.jsonl
+    (the report logs all three heads of its Inception v2)."""
+    _, _, val_x, val_y = split_train_val(data.train_images, data.train_labels,
+                                         val_size=val_size, seed=SPLIT_SEED)
+    images, labels = torch.as_tensor(val_x), torch.as_tensor(val_y).long()
+
+    def record(row: dict[str, Any], model: torch.nn.Module, mean: Any, std: Any) -> None:
+        heads = head_validation(model, images, labels, mean, std)
+        append_jsonl(folder / HEADS_FILE, {"epoch": row["epoch"], "heads": heads})
+
+    return record
+
+
+def has_aux_heads(model_name: str, options: dict[str, Any]) -> bool:
+    return bool(getattr(create_model(model_name, **options), "aux_taps", None))
+
+
 def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
-                    settings: dict[str, Any]) -> None:
-    """Train ``spec`` to its epochs in ``folder``, continuing what an earlier call left."""
+                    settings: dict[str, Any], data: Any = None) -> None:
+    """Train ``spec`` to its epochs in ``folder``, continuing what an earlier call left;
+    a network with auxiliary heads records every head's validation each epoch."""
     model, options = parse_spec(spec)
     epochs = args.epochs or REPORT.get(model, {}).get("epochs") or 10
     runtime = {"epochs": epochs, "device": args.device}
@@ -90,12 +150,17 @@ def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
             print(f"{spec}: all {epochs} epochs done in {folder}; evaluating", flush=True)
             return
         print(f"{spec}: resuming {folder} after epoch {done}", flush=True)
-        result = train(config, resume=folder)
+        resume = folder
     else:
         config = build_config(model, args.recipe, model_options=options, out_dir=args.out_dir,
                               name=folder.name, data_dir=args.data_dir, download=args.download,
                               test=False, **{**settings, **runtime})
-        result = train(config)
+        resume = None
+    epoch_end = None
+    if has_aux_heads(model, options):
+        data = data or load_dataset(config.dataset, config.data_dir, download=config.download)
+        epoch_end = heads_recorder(folder, data, config.val_size)
+    result = train(config, data, resume=resume, epoch_end=epoch_end)
     if result.status != "completed":
         raise SystemExit(f"{spec}: {result.message}")
 
@@ -103,6 +168,7 @@ def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
 def epoch_rows(spec: str, folder: Path) -> list[dict[str, Any]]:
     model, _ = parse_spec(spec)
     ours = read_history(folder)
+    heads = read_heads(folder)
     theirs = REPORT.get(model, {}).get("log", [])
     rows = []
     for epoch in range(1, max(len(ours), len(theirs)) + 1):
@@ -115,8 +181,32 @@ def epoch_rows(spec: str, folder: Path) -> list[dict[str, Any]]:
             r = ours[epoch - 1]
             row.update(train_loss=r["train_loss"], train_acc=r["train_acc"],
                        val_loss=r["val_loss"], val_acc=r["val_acc"], seconds=r["seconds"])
+        row.update(aux_columns(epoch, REPORT.get(model, {}).get("aux_log", []),
+                               heads.get(epoch)))
         rows.append(row)
     return rows
+
+
+def read_heads(folder: Path) -> dict[int, list[dict[str, float]]]:
+    """heads.jsonl by epoch (the last line of an epoch written twice wins)."""
+    path = folder / HEADS_FILE
+    if not path.is_file():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {line["epoch"]: line["heads"] for line in lines}
+
+
+def aux_columns(epoch: int, theirs: list[tuple], ours: list[dict[str, float]] | None
+                ) -> dict[str, Any]:
+    """The auxiliary heads' validation accuracy, the report's beside ours, where known."""
+    columns: dict[str, Any] = {}
+    if epoch <= len(theirs):
+        _, acc1, _, acc2 = theirs[epoch - 1]
+        columns.update(report_aux1_val_acc=acc1, report_aux2_val_acc=acc2)
+    if ours:
+        for index, head in enumerate(ours[1:], start=1):
+            columns[f"aux{index}_val_acc"] = head["val_acc"]
+    return columns
 
 
 def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict[str, Any]:
@@ -133,6 +223,8 @@ def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict
 EPOCH_COLUMNS = ("model", "epoch", "report_train_loss", "train_loss", "report_train_acc",
                  "train_acc", "report_val_loss", "val_loss", "report_val_acc", "val_acc",
                  "report_s", "seconds")
+AUX_COLUMNS = ("model", "epoch", "report_val_acc", "val_acc", "report_aux1_val_acc",
+               "aux1_val_acc", "report_aux2_val_acc", "aux2_val_acc")
 TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_loss_final",
                 "test_acc_best", "test_loss_best")
 
@@ -188,6 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
           f"{describe(env)}")
     print(format_table(epochs, EPOCH_COLUMNS))
+    with_heads = [r for r in epochs if any(k.startswith(("aux", "report_aux")) for k in r)]
+    if with_heads:
+        print("\nEvery head's validation accuracy (main, auxiliary 1, auxiliary 2)")
+        print(format_table(with_heads, AUX_COLUMNS))
     print("\nTest set: the final weights (as the report evaluated) and best.pt")
     print(format_table(tests, TEST_COLUMNS))
     return result

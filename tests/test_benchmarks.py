@@ -194,6 +194,14 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     test = result["tests"][0]
     assert 0.0 <= test["test_acc_final"] <= 1.0 and test["test_loss_best"] > 0
     assert json.loads(out.read_text())["tests"] == result["tests"]
+    # every head's validation, each epoch (the report logs all three heads of Inception v2)
+    heads = [json.loads(line) for line in (run / "heads.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in heads] == [1, 2] and all(len(h["heads"]) == 3 for h in heads)
+    main_head = heads[1]["heads"][0]
+    assert main_head["val_acc"] == pytest.approx(rows[1]["val_acc"])
+    assert main_head["val_loss"] == pytest.approx(rows[1]["val_loss"], rel=1e-4)
+    assert all(0.0 <= r[k] <= 1.0 for r in rows for k in ("aux1_val_acc", "aux2_val_acc"))
+    assert "Every head's validation accuracy" in printed
     # --no-train tabulates what the folders hold, and leaves out a model never trained
     again = reproduce_report.main([*common, "--no-train", "--models",
                                    "seed-googlenet:fix_3x3=true", "seed-naive"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -183,6 +185,28 @@ def test_train_mode_adds_aux_logits(built, name):
     assert out.logits.shape == (len(images), 10)
     assert isinstance(out.aux_logits, tuple) and len(out.aux_logits) == heads
     assert all(a.shape == (len(images), 10) for a in out.aux_logits)
+
+
+@pytest.mark.parametrize("name", ["seed-googlenet", "googlenet", "inception-v3"])
+def test_all_heads_in_eval_mode_match_the_forward_and_the_train_mode_heads(built, name):
+    """all_heads: the main head as eval mode's forward gives it, the auxiliary heads as
+    train mode runs them (dropout off in both, to compare)."""
+    model = copy.deepcopy(fast(built, name)).eval()  # its dropout is changed below
+    images, _ = batch(name)
+    with torch.no_grad():
+        heads = model.all_heads(images)
+        assert torch.equal(heads.logits, model(images))
+        for module in model.modules():  # train mode without dropout (and frozen BN stats)
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        trained = model(images)
+    assert len(heads.aux_logits) == len(trained.aux_logits) > 0
+    for ours, theirs in zip(heads.aux_logits, trained.aux_logits):
+        torch.testing.assert_close(ours, theirs)
 
 
 @pytest.mark.parametrize("name", project_models())

@@ -239,6 +239,17 @@ class InceptionNet(nn.Module):
             return InceptionOutputs(logits, tuple(aux_logits))
         return logits
 
+    def all_heads(self, x: torch.Tensor) -> InceptionOutputs:
+        """Every head's logits, in either mode (in eval mode without dropout): what a
+        per-head validation measures, as Keras logs each output of a multi-output model."""
+        check_input(x, self.image_sizes)
+        aux_logits = []
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self.aux_taps:
+                aux_logits.append(getattr(self, self.aux_taps[name])(x))
+        return InceptionOutputs(self.head(x), tuple(aux_logits))
+
 
 def init_keras_defaults(model: nn.Module) -> None:
     """Keras's defaults, for the report's networks: Glorot-uniform weights, zero biases."""
