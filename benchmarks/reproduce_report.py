@@ -116,7 +116,7 @@ def head_validation(model: torch.nn.Module, images: torch.Tensor, labels: torch.
             for loss, correct in sums]
 
 
-def heads_recorder(folder: Path, data: Any, val_size: int) -> Any:
+def heads_recorder(folder: Path, data: Any, val_size: int, batch_size: int) -> Any:
     """An ``epoch_end`` for train(): each epoch, every head's validation into heads.jsonl
     (the report logs all three heads of its Inception v2)."""
     _, _, val_x, val_y = split_train_val(data.train_images, data.train_labels,
@@ -124,7 +124,7 @@ def heads_recorder(folder: Path, data: Any, val_size: int) -> Any:
     images, labels = torch.as_tensor(val_x), torch.as_tensor(val_y).long()
 
     def record(row: dict[str, Any], model: torch.nn.Module, mean: Any, std: Any) -> None:
-        heads = head_validation(model, images, labels, mean, std)
+        heads = head_validation(model, images, labels, mean, std, batch_size)
         append_jsonl(folder / HEADS_FILE, {"epoch": row["epoch"], "heads": heads})
 
     return record
@@ -159,7 +159,7 @@ def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
     epoch_end = None
     if has_aux_heads(model, options):
         data = data or load_dataset(config.dataset, config.data_dir, download=config.download)
-        epoch_end = heads_recorder(folder, data, config.val_size)
+        epoch_end = heads_recorder(folder, data, config.val_size, config.eval_batch_size)
     result = train(config, data, resume=resume, epoch_end=epoch_end)
     if result.status != "completed":
         raise SystemExit(f"{spec}: {result.message}")
