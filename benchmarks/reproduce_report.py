@@ -38,6 +38,7 @@ from throughput import parse_spec
 from cifar_inception.augment import normalize
 from cifar_inception.data import load_dataset, split_train_val
 from cifar_inception.devices import pick_device
+from cifar_inception.errors import CifarInceptionError
 from cifar_inception.evaluation import evaluate
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.models import create_model
@@ -229,27 +230,37 @@ TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_los
                 "test_acc_best", "test_loss_best")
 
 
-def plot_curves(rows: list[dict[str, Any]], path: str) -> Path:
-    """One figure: validation accuracy per epoch, the report's (dashed) beside ours (solid),
-    one colour per network."""
+def plot_curves(sets: dict[str, list[dict[str, Any]]], path: str) -> Path:
+    """One figure: validation accuracy per epoch, the report's (dashed) beside ours, one
+    colour per network, one line style per recipe (seed solid, default dotted). ``sets``: recipe -> epoch rows (this
+    invocation's, and those of earlier results given with ``--plot-with``)."""
     from matplotlib.figure import Figure
 
     from cifar_inception.fileio import atomic_write_bytes
 
-    figure = Figure(figsize=(7.0, 4.2))
+    figure = Figure(figsize=(7.5, 4.5))
     axes = figure.add_subplot()
-    for index, spec in enumerate(dict.fromkeys(r["model"] for r in rows)):
-        colour = f"C{index}"
-        for key, style, who in (("report_val_acc", "--", "report"), ("val_acc", "-", "ours")):
-            points = [(r["epoch"], 100 * r[key]) for r in rows
-                      if r["model"] == spec and key in r]
-            if points:
-                axes.plot(*zip(*points), style, marker="o", markersize=3, color=colour,
-                          label=f"{spec} ({who})")
+    networks = list(dict.fromkeys(r["model"] for rows in sets.values() for r in rows))
+    colour = {spec: f"C{index}" for index, spec in enumerate(networks)}
+    drawn_report = set()
+    for recipe, rows in sets.items():
+        style = {"seed": "-", "default": ":"}.get(recipe, "-.")
+        for spec in dict.fromkeys(r["model"] for r in rows):
+            ours = [(r["epoch"], 100 * r["val_acc"]) for r in rows
+                    if r["model"] == spec and "val_acc" in r]
+            if ours:
+                axes.plot(*zip(*ours), style, marker="o", markersize=3, color=colour[spec],
+                          label=f"{spec} (ours, {recipe} recipe)")
+            theirs = [(r["epoch"], 100 * r["report_val_acc"]) for r in rows
+                      if r["model"] == spec and "report_val_acc" in r]
+            if theirs and spec not in drawn_report:
+                drawn_report.add(spec)
+                axes.plot(*zip(*theirs), "--", marker="x", markersize=3, color=colour[spec],
+                          alpha=0.7, label=f"{spec} (report)")
     axes.set(xlabel="epoch", ylabel="validation accuracy (%)",
-             title="The report's networks: the report's logs (dashed) and ours (solid)")
+             title="The report's networks: the report's logs (dashed) and ours")
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=6.5)
     buffer = io.BytesIO()
     figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120,
                    bbox_inches="tight")
@@ -257,8 +268,22 @@ def plot_curves(rows: list[dict[str, Any]], path: str) -> Path:
     return Path(path)
 
 
+def earlier_results(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """recipe -> epoch rows of results files this script wrote before (``--json``)."""
+    sets: dict[str, list[dict[str, Any]]] = {}
+    for path in paths:
+        try:
+            saved = json.loads(Path(path).read_text())
+            sets.setdefault(saved["recipe"], []).extend(saved["epochs"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CifarInceptionError(f"--plot-with {path}: not a results file of this "
+                                      f"script ({exc})") from None
+    return sets
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = parse_settings(args.set)
+    sets = earlier_results(args.plot_with)  # read first: a bad file fails before any work
     env = environment(pick_device(args.device))
     print(f"{describe(env)}; recipe {args.recipe}", flush=True)
     epochs, tests = [], []
@@ -276,7 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "report_notes": {m: r["note"] for m, r in REPORT.items()}}
     write_json(args.json, result)
     if args.plot:
-        print(f"figure: {plot_curves(epochs, args.plot)}")
+        sets[args.recipe] = [*sets.get(args.recipe, []), *epochs]
+        print(f"figure: {plot_curves(sets, args.plot)}")
     print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
           f"{describe(env)}")
     print(format_table(epochs, EPOCH_COLUMNS))
@@ -309,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, metavar="PATH")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="draw the validation accuracy per epoch, the report's and ours")
+    parser.add_argument("--plot-with", nargs="+", default=[], metavar="JSON",
+                        help="results files of earlier calls (--json) to draw beside these "
+                             "in --plot (another recipe, networks trained elsewhere)")
     return parser
 
 

@@ -208,6 +208,17 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     assert [t["model"] for t in again["tests"]] == ["seed-googlenet:fix_3x3=true"]
     assert again["tests"][0]["epochs"] == 2
     assert "seed-naive: no run in" in capsys.readouterr().out
+    # the figure takes earlier results beside this call's (another recipe's, say)
+    (tmp_path / "other.json").write_text(json.dumps({**result, "recipe": "default"}))
+    both = tmp_path / "both.png"
+    reproduce_report.main([*common, "--no-train", "--plot", str(both), "--plot-with",
+                           str(tmp_path / "other.json")])
+    assert both.read_bytes().startswith(b"\x89PNG")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit) as info:
+        reproduce_report.main([*common, "--no-train", "--plot", str(both), "--plot-with",
+                               str(tmp_path / "bad.json")])
+    assert "not a results file" in str(info.value.code)  # one line, exit status 1
 
 
 def test_seed_speed_times_a_step_in_a_fresh_process(tmp_path, capsys):
