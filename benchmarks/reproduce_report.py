@@ -159,7 +159,8 @@ def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
         resume = None
     epoch_end = None
     if has_aux_heads(model, options):
-        data = data or load_dataset(config.dataset, config.data_dir, download=config.download)
+        if data is None:
+            data = load_dataset(config.dataset, config.data_dir, download=config.download)
         epoch_end = heads_recorder(folder, data, config.val_size, config.eval_batch_size)
     result = train(config, data, resume=resume, epoch_end=epoch_end)
     if result.status != "completed":
