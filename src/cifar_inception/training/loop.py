@@ -18,8 +18,8 @@ checkpoint carries the optimiser state and the global RNG state (dropout), a res
 continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
 step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. An epoch longer than
 ``save_every`` (30 minutes) also saves ``last.pt`` on its way, so that a run killed outright
-loses at most that much. A NaN or infinite loss
-stops the run before anything of the bad epoch is written.
+loses at most that much. A NaN or infinite loss stops the run before anything of the bad
+epoch is written.
 """
 
 from __future__ import annotations
@@ -424,8 +424,8 @@ def train_epoch(loop: Loop, epoch: int, position: Position, stop: StopRequest,
 
         due = step % check_every == 0 or step >= loop.steps_in_epoch(epoch)
         if due:
-            # One collective for both flags and the time, so every rank stops at the same
-            # step and follows the same plan.
+            # One collective for the flags and the time, so every rank stops (or pauses to
+            # save) at the same step and follows the same plan.
             now = time.perf_counter()
             stop_now, diverged, elapsed, save_now = distributed.all_reduce(torch.tensor(
                 [float(stop.requested), float(not torch.isfinite(sums[0])), now - clock_zero,
