@@ -82,6 +82,17 @@ def test_val_size_zero_keeps_every_training_image(tmp_path, capsys):
     assert "validation: none" in out and "30 training images" in out
 
 
+def test_image_size_resizes_before_the_statistics(tmp_path, capsys):
+    files, _ = image_tree_files(train_per_class=3, test_per_class=1)
+    archive = pack(files, tmp_path / "t.zip")
+    code, out, _ = run(capsys, "--data-dir", archive, "--val-size", 0)
+    assert code == 0 and "images    32 x 32 pixels, 10 classes" in out
+    code, resized, _ = run(capsys, "--data-dir", archive, "--val-size", 0, "--image-size", 12)
+    assert code == 0 and "images    12 x 12 pixels, 10 classes" in resized
+    assert table(resized) == table(out)
+    assert printed_stats(resized) != printed_stats(out)  # averaged over other pixels
+
+
 def test_grid_is_written(tmp_path, capsys):
     files, _ = image_tree_files(train_per_class=12, test_per_class=1)
     grid = tmp_path / "figures" / "grid.png"
@@ -99,6 +110,7 @@ def test_grid_is_written(tmp_path, capsys):
     (["--data-dir", "{tmp}/broken.tar.gz"], "truncated or corrupt archive"),
     (["--data-dir", "{tmp}/tree.zip", "--val-size", "31"], "leaves no training images"),
     (["--data-dir", "{tmp}/tree.zip", "--val-size", "-3"], "whole number"),
+    (["--data-dir", "{tmp}/tree.zip", "--image-size", "4"], "image size"),
     (["--data-dir", "{tmp}/tree.zip", "--val-size", "0", "--grid", "{tmp}/grid.xyz"],
      "cannot write a figure"),
 ])
@@ -120,7 +132,8 @@ def test_help_lists_the_options(capsys):
         main(["data", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--data-dir", "--no-download", "--grid", "--seed", "--val-size"):
+    for option in ("--data-dir", "--no-download", "--grid", "--seed", "--val-size",
+                   "--image-size"):
         assert option in out
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from cifar_inception.cli.common import add_command, add_data_args, terminal_text
+from cifar_inception.data.specs import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "one labelled row per class")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="seed of the validation split and of the grid's picks (default 0)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help=f"resize every image to N x N pixels, as train --image-size "
+                             f"does ({MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}; default: the "
+                             "dataset's, 32 for CIFAR): the statistics are then those a run "
+                             "at that size normalises with")
     parser.add_argument("--val-size", type=int, default=5000, metavar="N",
                         help="training images held out for validation, stratified by class "
                              "(default 5000; 0 keeps all 50,000 for training)")
@@ -38,14 +44,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.data import channel_stats, load_dataset, split_train_val
 
-    data = load_dataset(args.dataset, args.data_dir, download=not args.no_download,
-                        progress=sys.stderr.isatty())
+    data = load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
+                        download=not args.no_download, progress=sys.stderr.isatty())
     train_x, train_y, _, val_y = split_train_val(data.train_images, data.train_labels,
                                                  val_size=args.val_size, seed=args.seed)
     mean, std = channel_stats(train_x)
 
     print(f"source    {terminal_text(data.source)}")
     print(f"checksum  {data.checksum}")
+    side = data.train_images.shape[1]
+    print(f"images    {side} x {side} pixels, {len(data.classes)} classes")
     if data.cache_file is not None:
         state = "read from the cache" if data.from_cache else "decoded, now cached"
         print(f"cache     {data.cache_file} ({state})")
