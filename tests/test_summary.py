@@ -10,6 +10,7 @@ import torch.nn as nn
 from cifar_inception.cli import main
 from model_names import project_models
 from cifar_inception.models import create_model
+from cifar_inception.models.registry import parse_options
 from cifar_inception.summary import (
     UNKNOWN_SOURCE,
     build_on_meta,
@@ -154,7 +155,19 @@ def test_summary_command_ends_with_the_report_totals(capsys, key):
     assert main(["summary", name, *extra]) == 0
     lines = capsys.readouterr().out.splitlines()
     total = REPORT_TOTALS[key]
-    assert lines[-3:-1] == [f"Total params: {total}", f"Trainable params: {total}"]
+    assert lines[-4:-2] == [f"Total params: {total}", f"Trainable params: {total}"]
+    macs = count_macs(build_on_meta(name, **parse_options(extra[1:2])))
+    assert lines[-1] == f"Multiply-adds per 32x32 image (inference): {macs:,}"
+
+
+def test_summary_at_another_image_size(capsys):
+    assert main(["summary", "googlenet", "-o", "width=0.25", "--image-size", "64"]) == 0
+    out = capsys.readouterr().out
+    model = build_on_meta("googlenet", width=0.25)
+    assert re.search(r"input \(Input\)\s+\(1, 3, 64, 64\)", out)
+    assert count_macs(model, 64) > 3.5 * count_macs(model)  # about 4x the pixels
+    assert out.splitlines()[-1] == (f"Multiply-adds per 64x64 image (inference): "
+                                    f"{count_macs(model, 64):,}")
 
 
 def test_models_command_lists_params_and_macs(capsys):
@@ -171,6 +184,8 @@ def test_models_command_lists_params_and_macs(capsys):
     (["summary", "googlenet", "--option", "width"], "key=value"),
     (["summary", "googlenet", "--option", "depth=3"], "no option 'depth'"),
     (["summary", "googlenet", "--option", "width=big"], "width"),
+    (["summary", "seed-naive", "--image-size", "64"], "takes images of 32x32 only"),
+    (["summary", "googlenet", "--image-size", "5000"], "from 8 to 512"),
 ])
 def test_summary_command_errors(capsys, argv, fragment):
     assert main(argv) == 2

@@ -7,8 +7,8 @@ produced its inputs (by the identity of the tensors it received): the "Connected
 column. The pass runs with every auxiliary head active but every layer in eval mode
 (no dropout, batch-norm running statistics), so the table lists all the parameters.
 
-``count_macs`` counts the multiply-adds of convolutions and linear layers for one 32x32
-image in eval mode (auxiliary heads off: the cost of inference). Pooling, batch norm and
+``count_macs`` counts the multiply-adds of convolutions and linear layers for one image
+(32x32 unless told) in eval mode (auxiliary heads off: the cost of inference). Pooling, batch norm and
 activations are not counted; they are a small fraction and conventions for them differ.
 
 Everything here works on models built on the ``meta`` device (no memory, no arithmetic),
@@ -119,8 +119,9 @@ def format_summary(model: nn.Module, input_size: tuple[int, ...] = INPUT_SIZE,
     return "\n".join(out)
 
 
-def count_macs(model: nn.Module) -> int:
-    """Multiply-adds of the convolutions and linear layers for one 32x32 image, eval mode."""
+def count_macs(model: nn.Module, image_size: int = INPUT_SIZE[-1]) -> int:
+    """Multiply-adds of the convolutions and linear layers for one image of
+    ``image_size`` x ``image_size`` (default 32), eval mode."""
     total = 0
 
     def conv_hook(module: nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
@@ -142,7 +143,7 @@ def count_macs(model: nn.Module) -> int:
     try:
         model.eval()
         with torch.no_grad():
-            model(_dummy_input(model, INPUT_SIZE))
+            model(_dummy_input(model, (1, 3, image_size, image_size)))
     finally:
         model.train(was_training)
         for handle in handles:
