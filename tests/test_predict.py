@@ -355,6 +355,10 @@ def test_a_fifo_is_skipped_with_a_message_instead_of_hanging(tmp_path, checkpoin
 def test_predict_walks_a_folder_nested_deeper_than_the_recursion_limit(tmp_path, capsys):
     import sys
 
+    # Python's default limit, set here: a library imported by an earlier test may have raised
+    # it, and a folder deeper than a raised limit would pass the OS's path length (4,096).
+    limit_before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
     folder = tmp_path / "deep"
     nested = [folder]
     for _ in range(sys.getrecursionlimit() + 100):
@@ -376,3 +380,4 @@ def test_predict_walks_a_folder_nested_deeper_than_the_recursion_limit(tmp_path,
         loop.unlink()
         for path in reversed(nested):
             path.rmdir()
+        sys.setrecursionlimit(limit_before)
