@@ -41,9 +41,9 @@ from cifar_inception.devices import pick_device
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.evaluation import evaluate
 from cifar_inception.fileio import append_jsonl
-from cifar_inception.models import create_model
 from cifar_inception.recipes import build_config
 from cifar_inception.runs import read_history
+from cifar_inception.summary import build_on_meta
 from cifar_inception.training import resume_config, train
 from cifar_inception.training.setup import SPLIT_SEED
 
@@ -132,11 +132,12 @@ def heads_recorder(folder: Path, data: Any, val_size: int, batch_size: int) -> A
 
 
 def has_aux_heads(model_name: str, options: dict[str, Any]) -> bool:
-    return bool(getattr(create_model(model_name, **options), "aux_taps", None))
+    """Whether the network has auxiliary heads (built on the meta device: no memory)."""
+    return bool(getattr(build_on_meta(model_name, **options), "aux_taps", None))
 
 
 def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
-                    settings: dict[str, Any], data: Any = None) -> None:
+                    settings: dict[str, Any]) -> None:
     """Train ``spec`` to its epochs in ``folder``, continuing what an earlier call left;
     a network with auxiliary heads records every head's validation each epoch."""
     model, options = parse_spec(spec)
@@ -157,10 +158,9 @@ def train_or_resume(spec: str, folder: Path, args: argparse.Namespace,
                               name=folder.name, data_dir=args.data_dir, download=args.download,
                               test=False, **{**settings, **runtime})
         resume = None
-    epoch_end = None
+    data, epoch_end = None, None  # train() loads the data itself unless given it
     if has_aux_heads(model, options):
-        if data is None:
-            data = load_dataset(config.dataset, config.data_dir, download=config.download)
+        data = load_dataset(config.dataset, config.data_dir, download=config.download)
         epoch_end = heads_recorder(folder, data, config.val_size, config.eval_batch_size)
     result = train(config, data, resume=resume, epoch_end=epoch_end)
     if result.status != "completed":
