@@ -104,17 +104,21 @@ def _device_problem(device: Any) -> str | None:
 MAX_BUDGET_S = 7 * 24 * 3600.0
 
 
-def _budget_problem(seconds: Any) -> str | None:
+def _within(seconds: Any, low: float) -> bool:
+    """A number of seconds from ``low`` (exclusive at 0) to a week; NaN and bools are not."""
     number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-    if number and 0 < seconds <= MAX_BUDGET_S:  # NaN fails both comparisons
+    return number and (seconds > 0 if low == 0 else seconds >= low) and seconds <= MAX_BUDGET_S
+
+
+def _budget_problem(seconds: Any) -> str | None:
+    if _within(seconds, 0):
         return None
     return (f"budget must be more than 0 seconds and at most a week "
             f"({MAX_BUDGET_S:.0f} s), not {seconds!r}")
 
 
 def _save_every_problem(seconds: Any) -> str | None:
-    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-    if seconds is None or number and 60 <= seconds <= MAX_BUDGET_S:
+    if seconds is None or _within(seconds, 60):
         return None
     return (f"save-every must be at least 60 seconds (a save takes a while) and at most a "
             f"week, not {seconds!r}")
