@@ -332,8 +332,37 @@ def test_long_epochs_save_on_their_way_and_a_kill_resumes_exactly(tmp_path, data
 def test_save_every_is_bounded(tmp_path):
     from cifar_inception.options import ConfigError
 
-    with pytest.raises(ConfigError, match="save-every must be at least 60 seconds"):
-        tiny_config(tmp_path, save_every=5)
+    for bad in (5, -1, True, float("nan")):
+        with pytest.raises(ConfigError, match="save-every must be 0 .off., or at least 60"):
+            tiny_config(tmp_path, save_every=bad)
+
+
+def test_save_every_off_never_saves_midway(tmp_path, data, monkeypatch):
+    import types
+
+    import cifar_inception.training.loop as loop_mod
+    from cifar_inception.recipes import parse_save_every
+
+    assert parse_save_every("off") == parse_save_every(" Never ") == parse_save_every("0") == 0
+    assert parse_save_every("2m") == 120
+    clock = {"now": 0.0}
+
+    def perf_counter():  # an hour passes at each look: any save_every > 0 would save
+        clock["now"] += 3600.0
+        return clock["now"]
+
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
+                                                                time=time.time))
+    steps = []
+    real_save = loop_mod.save_checkpoint
+
+    def record(path, checkpoint):
+        real_save(path, checkpoint)
+        steps.append(checkpoint.get("training", {}).get("position", {}).get("step", 0))
+
+    monkeypatch.setattr(loop_mod, "save_checkpoint", record)
+    result = train(tiny_config(tmp_path, save_every=0), data, log=quiet)
+    assert result.status == "completed" and steps and not any(steps), steps
 
 
 def test_resume_refuses_changes_and_finished_runs(tmp_path, data):

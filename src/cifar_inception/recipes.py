@@ -118,10 +118,16 @@ def _budget_problem(seconds: Any) -> str | None:
 
 
 def _save_every_problem(seconds: Any) -> str | None:
-    if seconds is None or _within(seconds, 60):
+    off = seconds is None or (seconds == 0 and not isinstance(seconds, bool))
+    if off or _within(seconds, 60):
         return None
-    return (f"save-every must be at least 60 seconds (a save takes a while) and at most a "
-            f"week, not {seconds!r}")
+    return (f"save-every must be 0 (off), or at least 60 seconds (a save takes a while) and "
+            f"at most a week, not {seconds!r}")
+
+
+def parse_save_every(text: str) -> float:
+    """``--save-every``: a duration, or ``off`` (0: no saves within an epoch)."""
+    return 0.0 if text.strip().lower() in ("off", "never") else parse_duration(text)
 
 
 @dataclass(frozen=True)
@@ -263,9 +269,10 @@ class TrainConfig:
                               metavar="NAME")
     save_every: float | None = option(
         1800.0, "save last.pt also within an epoch, every DURATION of training (SECONDS or "
-        "a duration such as 30m; default 30m), so that a run killed outright loses at most "
-        "that much (Ctrl-C and SIGTERM save where the run is in any case)",
-        check=_save_every_problem, parse=parse_duration, metavar="DURATION", runtime=True)
+        "a duration such as 30m; default 30m; 0 or off: never), so that a run killed "
+        "outright loses at most that much (Ctrl-C and SIGTERM save where the run is in any "
+        "case)",
+        check=_save_every_problem, parse=parse_save_every, metavar="DURATION", runtime=True)
     stop_after_epochs: int | None = option(
         None, "pause once N epochs are done; continue later with --resume", minimum=1,
         metavar="N", runtime=True)

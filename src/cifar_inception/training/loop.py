@@ -17,7 +17,7 @@ Because the data order and the augmentation are functions of (seed, epoch, step)
 checkpoint carries the optimiser state and the global RNG state (dropout), a resumed run
 continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
 step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. An epoch longer than
-``save_every`` (30 minutes) also saves ``last.pt`` on its way, so that a run killed outright
+``save_every`` (30 minutes; 0: off) also saves ``last.pt`` on its way, so that a run killed outright
 loses at most that much. A NaN or infinite loss stops the run before anything of the bad
 epoch is written.
 """
@@ -294,7 +294,7 @@ def _train_epoch_saving(run: Run, epoch: int, stop: StopRequest,
     that much. Nothing computed changes: the rest of the epoch is what a resume would do."""
     loop, every = run.loop, run.loop.config.save_every
     while True:
-        save_at = None if every is None else time.perf_counter() + every
+        save_at = time.perf_counter() + every if every else None  # None or 0: never
         result = train_epoch(loop, epoch, run.position, stop, run.follow, save_at=save_at)
         if not result.paused_to_save:
             return result
