@@ -282,6 +282,16 @@ def earlier_results(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
     return sets
 
 
+def with_this_call(sets: dict[str, list[dict[str, Any]]], recipe: str,
+                   epochs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Earlier results with this call's rows added: a network this call tabulates replaces
+    its earlier rows of the same recipe (a longer run of it, or one on another machine), so
+    that no curve is drawn twice."""
+    ours = {r["model"] for r in epochs}
+    kept = [r for r in sets.get(recipe, []) if r["model"] not in ours]
+    return {**sets, recipe: [*kept, *epochs]}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = parse_settings(args.set)
     sets = earlier_results(args.plot_with)  # read first: a bad file fails before any work
@@ -302,8 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               "report_notes": {m: r["note"] for m, r in REPORT.items()}}
     write_json(args.json, result)
     if args.plot:
-        sets[args.recipe] = [*sets.get(args.recipe, []), *epochs]
-        print(f"figure: {plot_curves(sets, args.plot)}")
+        print(f"figure: {plot_curves(with_this_call(sets, args.recipe, epochs), args.plot)}")
     print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
           f"{describe(env)}")
     print(format_table(epochs, EPOCH_COLUMNS))
@@ -338,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="draw the validation accuracy per epoch, the report's and ours")
     parser.add_argument("--plot-with", nargs="+", default=[], metavar="JSON",
                         help="results files of earlier calls (--json) to draw beside these "
-                             "in --plot (another recipe, networks trained elsewhere)")
+                             "in --plot (another recipe, networks trained elsewhere); a "
+                             "network this call tabulates replaces its rows of this recipe")
     return parser
 
 

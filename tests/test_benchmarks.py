@@ -221,6 +221,25 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     assert "not a results file" in str(info.value.code)  # one line, exit status 1
 
 
+def test_reproduce_report_figure_draws_each_run_once():
+    """A network this call tabulates replaces its earlier rows of the same recipe; other
+    recipes' rows and other networks stay."""
+    import reproduce_report
+
+    def rows(model, epochs):
+        return [{"model": model, "epoch": e, "val_acc": 0.5} for e in range(1, epochs + 1)]
+
+    earlier = {"seed": rows("seed-naive", 3) + rows("seed-googlenet", 10),
+               "default": rows("seed-naive", 10)}
+    merged = reproduce_report.with_this_call(earlier, "seed", rows("seed-naive", 10))
+    seed = merged["seed"]
+    assert [r["epoch"] for r in seed if r["model"] == "seed-naive"] == list(range(1, 11))
+    assert len([r for r in seed if r["model"] == "seed-googlenet"]) == 10
+    assert merged["default"] == earlier["default"]
+    assert len(earlier["seed"]) == 13  # the earlier results are left as they were
+    assert reproduce_report.with_this_call({}, "seed", rows("x", 1)) == {"seed": rows("x", 1)}
+
+
 def test_seed_speed_times_a_step_in_a_fresh_process(tmp_path, capsys):
     """One setting of the report's recipe, run by the script in its own process."""
     import seed_speed
