@@ -287,23 +287,30 @@ def test_ctrl_c_mid_epoch_saves_and_resumes_exactly(tmp_path, data, monkeypatch)
         straight.history[1]["train_loss"], rel=1e-12)
 
 
+def fast_clock(monkeypatch, seconds_a_look: float) -> None:
+    """The training loop's clock moves ``seconds_a_look`` each time the loop reads it."""
+    import types
+
+    import cifar_inception.training.loop as loop_mod
+
+    clock = {"now": 0.0}
+
+    def perf_counter():
+        clock["now"] += seconds_a_look
+        return clock["now"]
+
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
+                                                                time=time.time))
+
+
 def test_long_epochs_save_on_their_way_and_a_kill_resumes_exactly(tmp_path, data, monkeypatch):
     import shutil
-    import types
 
     import cifar_inception.training.loop as loop_mod
 
     options = {"dropout": 0.3}
     straight = train(tiny_config(tmp_path / "a", model_options=options), data, log=quiet)
-
-    clock = {"now": 0.0}
-
-    def perf_counter():  # each look at the clock finds 25 s gone: a save every 3rd step or so
-        clock["now"] += 25.0
-        return clock["now"]
-
-    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
-                                                                time=time.time))
+    fast_clock(monkeypatch, 25.0)  # save_every=60: a save every 3rd step or so
     midway = []
     real_save = loop_mod.save_checkpoint
 
@@ -338,21 +345,12 @@ def test_save_every_is_bounded(tmp_path):
 
 
 def test_save_every_off_never_saves_midway(tmp_path, data, monkeypatch):
-    import types
-
     import cifar_inception.training.loop as loop_mod
     from cifar_inception.recipes import parse_save_every
 
     assert parse_save_every("off") == parse_save_every(" Never ") == parse_save_every("0") == 0
     assert parse_save_every("2m") == 120
-    clock = {"now": 0.0}
-
-    def perf_counter():  # an hour passes at each look: any save_every > 0 would save
-        clock["now"] += 3600.0
-        return clock["now"]
-
-    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=perf_counter,
-                                                                time=time.time))
+    fast_clock(monkeypatch, 3600.0)  # an hour a look: any save_every above 0 would save
     steps = []
     real_save = loop_mod.save_checkpoint
 
