@@ -260,6 +260,18 @@ def test_cli_user_errors_exit_two(tmp_path, checkpoint_path, target, capsys):
     assert err.startswith("cifar-inception: error: ") and err.count("\n") == 1
 
 
+def test_a_lone_argument_that_is_no_image_says_what_it_is(tmp_path, checkpoint_path, capsys):
+    """A model alone lacks its images; a file of an unknown kind is neither image nor model."""
+    unknown = tmp_path / "picture.ppm"
+    Image.fromarray(rgb_noise((8, 8))).save(unknown)
+    assert main(["predict", str(checkpoint_path)]) == 2
+    assert "is a model; give the images to classify after it" in capsys.readouterr().err
+    assert main(["predict", str(unknown)]) == 2
+    err = capsys.readouterr().err
+    assert "picture.ppm: not an image of a kind this reads (.png" in err
+    assert "nor a model" in err and err.count("\n") == 1
+
+
 class Exploit:
     """Unpickling this would run code: a weights-only load must refuse it."""
 

@@ -117,6 +117,19 @@ def is_model_path(path: str | os.PathLike) -> bool:
     return path.suffix.lower() not in IMAGE_SUFFIXES
 
 
+def _lone_argument_problem(argument: str) -> str:
+    """Why a lone argument that is no image cannot be predicted: it is a model with no images
+    after it, or a file of a kind that is neither."""
+    from cifar_inception.images import IMAGE_SUFFIXES
+    from cifar_inception.pretrained import CHECKPOINT_SUFFIXES
+
+    path = Path(argument)
+    if path.is_dir() or path.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return f"{argument} is a model; give the images to classify after it"
+    return (f"{argument}: not an image of a kind this reads ({', '.join(IMAGE_SUFFIXES)}) "
+            f"nor a model (a run folder, {', '.join(CHECKPOINT_SUFFIXES)})")
+
+
 def split_model_argument(arguments: Sequence[str], *,
                          weights_given: bool) -> tuple[str | None, list[str]]:
     """``predict [CHECKPOINT] IMAGE...``: the model path, if the first argument is one, and
@@ -126,6 +139,5 @@ def split_model_argument(arguments: Sequence[str], *,
     if weights_given or not is_model_path(arguments[0]):
         return None, list(arguments)
     if len(arguments) == 1:
-        raise CifarInceptionError(f"{arguments[0]} is a model; give the images to classify "
-                                  "after it")
+        raise CifarInceptionError(_lone_argument_problem(arguments[0]))
     return arguments[0], list(arguments[1:])
