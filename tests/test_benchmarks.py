@@ -100,20 +100,20 @@ def test_time_to_accuracy_runs_seeds_and_an_ablation(tmp_path, image_tree, capsy
     assert "Ablation" in printed and "Time to accuracy" in printed
 
 
-@pytest.mark.parametrize("widen, widened", [([], 9), (["--widen-for-epochs", "2"], 2)])
-def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, capsys, widen,
-                                                       widened):
-    """Both networks for the same budget, the Inception options and widening (the recipe's,
-    or the one asked for) on its side only. The budget must hold the probe and a step of the
-    full-width baseline with its validation and test on one thread of a slow or busy CPU: 5 s
-    did not on an idle 2-core Zen 3 (about 6 s needed), nor 10 s on a busy one (about 23 s)."""
+BUDGET_VS_BASELINE_TINY = ["--device", "cpu", "--budgets", "30s", "--no-equal-flops",
+                           "--option", "width=0.25", "--option", "reduce=true",
+                           "--set", "val_size=20", "--set", "batch_size=32",
+                           "--set", "num_threads=1", "--set", "tta=false"]
+
+
+def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, capsys):
+    """Both networks for the same budget, the Inception options and the recipe's widening
+    on its side only. The budget must hold the probe and a step of the full-width baseline
+    with its validation and test on one thread of a slow or busy CPU: 5 s did not on an idle
+    2-core Zen 3 (about 6 s needed), nor 10 s on a busy one (about 23 s)."""
     out = tmp_path / "side.json"
-    budget_vs_baseline.main([
-        "--data-dir", str(image_tree), "--device", "cpu", "--budgets", "30s",
-        "--no-equal-flops", "--option", "width=0.25", "--option", "reduce=true",
-        *widen, "--set", "val_size=20", "--set", "batch_size=32",
-        "--set", "num_threads=1", "--set", "tta=false",
-        "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
+    budget_vs_baseline.main(["--data-dir", str(image_tree), *BUDGET_VS_BASELINE_TINY,
+                             "--out-dir", str(tmp_path / "runs"), "--json", str(out)])
     saved = json.loads(out.read_text())
     ours, theirs = saved["runs"]
     assert (ours["run"], theirs["run"]) == ("inception-30s", "baseline-30s")
@@ -121,11 +121,33 @@ def test_budget_vs_baseline_trains_both_for_the_budget(tmp_path, image_tree, cap
     assert theirs["model"] == "baseline-plain" and theirs["model_options"] == {}
     recorded = [json.loads((tmp_path / "runs" / f"{r['run']}-seed0" / "config.json")
                            .read_text())["config"] for r in (ours, theirs)]
-    assert recorded[0]["widen_for_epochs"] == widened and recorded[1]["widen_for_epochs"] is None
+    assert recorded[0]["widen_for_epochs"] == 9 and recorded[1]["widen_for_epochs"] is None
     assert all(r["budget"] == 30 and r["batch_size"] == 32 for r in recorded)
     row = saved["table"][0]
     assert row["inception_acc"] == ours["test_acc"] and row["baseline_acc"] == theirs["test_acc"]
     assert "inception-cpu width=0.25 reduce=true" in capsys.readouterr().out
+
+
+def test_budget_vs_baseline_passes_the_widening_asked_for_to_the_inception_runs(
+        tmp_path, image_tree, monkeypatch):
+    """--widen-for-epochs reaches the Inception runs, not the baseline's (training them is
+    the test above's; here the runs are caught as they are asked for)."""
+    asked = []
+
+    def caught(args, model, label, seed, data, device, **settings):
+        asked.append((label, settings))
+        if len(asked) == 2:
+            raise SystemExit("caught")
+        return {"train_tflop": 1.0}
+
+    monkeypatch.setattr(budget_vs_baseline, "one_run", caught)
+    with pytest.raises(SystemExit, match="caught"):
+        budget_vs_baseline.main(["--data-dir", str(image_tree), *BUDGET_VS_BASELINE_TINY,
+                                 "--widen-for-epochs", "2", "--out-dir", str(tmp_path)])
+    (ours, ours_settings), (theirs, theirs_settings) = asked
+    assert (ours, theirs) == ("inception-30s", "baseline-30s")
+    assert ours_settings["widen_for_epochs"] == 2 and ours_settings["budget"] == 30
+    assert theirs_settings == {"budget": 30}
 
 
 @pytest.mark.slow
