@@ -6,7 +6,8 @@
 For every model (``NAME`` or ``NAME:KEY=VALUE,...``) this trains the network with the
 ``seed`` recipe (the report's Keras runs: Adam 1e-3, batch 32, no augmentation, every head
 weighted 1.0) for the report's epochs, or ``--epochs``, then evaluates on the test set both
-the final weights (what the report's ``model.evaluate`` measured) and ``best.pt``. Its run
+the final weights (what the report's ``model.evaluate`` measured) and ``best.pt`` (once,
+when the last epoch was the best). Its run
 folder is ``--out-dir/NAME[...]``: a run that was stopped (Ctrl-C, kill, the end of a
 sitting) is resumed where it stopped, and a finished one is only evaluated, so a long
 reproduction can be done in several sittings with the same command. ``--no-train`` only
@@ -211,10 +212,21 @@ def aux_columns(epoch: int, theirs: list[tuple], ours: list[dict[str, float]] | 
     return columns
 
 
+def same_weights(first: Path, second: Path) -> bool:
+    """Whether two checkpoints hold the same weights, as last.pt and best.pt do when a run's
+    last epoch was its best (loading both takes seconds; a test pass of Inception v2 on the
+    CPU takes minutes)."""
+    from cifar_inception.checkpoint import load_checkpoint
+
+    ours, theirs = (load_checkpoint(path)["state_dict"] for path in (first, second))
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict[str, Any]:
     model, _ = parse_spec(spec)
-    final = evaluate(folder / "last.pt", data_dir=data_dir, device=device, write=False)
     best = evaluate(folder / "best.pt", data_dir=data_dir, device=device)
+    final = (best if same_weights(folder / "last.pt", folder / "best.pt") else
+             evaluate(folder / "last.pt", data_dir=data_dir, device=device, write=False))
     report = REPORT.get(model, {})
     return {"model": spec, "epochs": len(read_history(folder)),
             "report_printed": report.get("test", "-"),

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 TESTS = Path(__file__).resolve().parent
 BENCHMARKS = TESTS.parent / "benchmarks"
@@ -215,6 +216,16 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     assert [r["epoch"] for r in rows] == [1, 2]
     test = result["tests"][0]
     assert 0.0 <= test["test_acc_final"] <= 1.0 and test["test_loss_best"] > 0
+    # last.pt and best.pt of the same weights are tested once; other weights are not the same
+    last, best = run / "last.pt", run / "best.pt"
+    if reproduce_report.same_weights(last, best):
+        assert test["test_acc_final"] == test["test_acc_best"]
+    changed = torch.load(last, weights_only=True)
+    first = next(iter(changed["state_dict"]))
+    changed["state_dict"][first] = changed["state_dict"][first] + 1
+    torch.save(changed, tmp_path / "changed.pt")
+    assert reproduce_report.same_weights(last, last)
+    assert not reproduce_report.same_weights(last, tmp_path / "changed.pt")
     assert json.loads(out.read_text())["tests"] == result["tests"]
     # every head's validation, each epoch (the report logs all three heads of Inception v2)
     heads = [json.loads(line) for line in (run / "heads.jsonl").read_text().splitlines()]
