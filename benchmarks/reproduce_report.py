@@ -91,7 +91,8 @@ REPORT: dict[str, dict[str, Any]] = {
 
 
 def run_name(spec: str) -> str:
-    """A folder name for a model spec: ``seed-googlenet:fix_3x3=true`` -> ``seed-googlenet-fix_3x3-true``."""
+    """A folder name for a model spec: ``seed-googlenet:fix_3x3=true`` ->
+    ``seed-googlenet-fix_3x3-true``."""
     return spec.replace(":", "-").replace("=", "-").replace(",", "-")
 
 
@@ -245,8 +246,8 @@ TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_los
 
 def plot_curves(sets: dict[str, list[dict[str, Any]]], path: str) -> Path:
     """One figure: validation accuracy per epoch, the report's (dashed) beside ours, one
-    colour per network, one line style per recipe (seed solid, default dotted). ``sets``: recipe -> epoch rows (this
-    invocation's, and those of earlier results given with ``--plot-with``)."""
+    colour per network, one line style per recipe (seed solid, default dotted). ``sets``:
+    recipe -> epoch rows (:func:`with_this_call`)."""
     from matplotlib.figure import Figure
 
     from cifar_inception.fileio import atomic_write_bytes

@@ -17,8 +17,8 @@ Because the data order and the augmentation are functions of (seed, epoch, step)
 checkpoint carries the optimiser state and the global RNG state (dropout), a resumed run
 continues exactly where it stopped, even mid-epoch. Ctrl-C (or SIGTERM) finishes the current
 step, saves ``last.pt`` and stops; a second Ctrl-C stops at once. An epoch longer than
-``save_every`` (30 minutes; 0: off) also saves ``last.pt`` on its way, so that a run killed outright
-loses at most that much. A NaN or infinite loss stops the run before anything of the bad
+``save_every`` (30 minutes; 0: off) also saves ``last.pt`` on its way, so that a run killed
+outright loses at most that much. A NaN or infinite loss stops the run before anything of the bad
 epoch is written.
 """
 
