@@ -42,6 +42,7 @@ from cifar_inception.data.specs import (
 )
 from cifar_inception.errors import CheckpointError, ModelError
 from cifar_inception.fileio import atomic_write_bytes
+from cifar_inception.options import is_number
 from cifar_inception.runs import (
     BEST,
     CONFIG_FILE,
@@ -248,10 +249,6 @@ def _entry(mapping: dict, key: str, kind: type, where: str) -> Any:
     return mapping[key]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _check_model_entry(model: dict, where: str) -> None:
     name = _entry(model, "name", str, f"{where}: model")
     options = _entry(model, "options", dict, f"{where}: model")
@@ -273,7 +270,7 @@ def _check_data_entry(data: dict, num_classes: int, where: str) -> None:
                               f"{num_classes} outputs (expected {num_classes} class names)")
     for key in ("mean", "std"):
         values = _entry(data, key, list, f"{where}: data")
-        if len(values) != 3 or not all(_is_number(v) and math.isfinite(v) for v in values):
+        if len(values) != 3 or not all(is_number(v) and math.isfinite(v) for v in values):
             raise CheckpointError(f"{where}: its normalisation '{key}' must be 3 finite "
                                   f"numbers (red, green, blue), not {str(values)[:80]}")
     if not all(v > 0 for v in data["std"]):

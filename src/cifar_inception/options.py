@@ -97,6 +97,11 @@ def _bounds_text(m: dict) -> str:
     return f"{'<=' if m['maximum'] is not None else '<'} {high}"
 
 
+def is_number(value: Any) -> bool:
+    """An int or float, not a bool (NaN passes here and fails every comparison after)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _within(value: float, m: dict) -> bool:
     return ((m["minimum"] is None or value >= m["minimum"])
             and (m["maximum"] is None or value <= m["maximum"])

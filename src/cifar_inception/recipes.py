@@ -61,6 +61,7 @@ from cifar_inception.options import (
     DEVICE_HELP,
     ConfigError,
     check_fields,
+    is_number,
     option,
     parse_duration,
     runtime_fields,
@@ -104,22 +105,16 @@ def _device_problem(device: Any) -> str | None:
 MAX_BUDGET_S = 7 * 24 * 3600.0
 
 
-def _within(seconds: Any, low: float) -> bool:
-    """A number of seconds from ``low`` (exclusive at 0) to a week; NaN and bools are not."""
-    number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
-    return number and (seconds > 0 if low == 0 else seconds >= low) and seconds <= MAX_BUDGET_S
-
-
 def _budget_problem(seconds: Any) -> str | None:
-    if _within(seconds, 0):
+    if is_number(seconds) and 0 < seconds <= MAX_BUDGET_S:
         return None
     return (f"budget must be more than 0 seconds and at most a week "
             f"({MAX_BUDGET_S:.0f} s), not {seconds!r}")
 
 
 def _save_every_problem(seconds: Any) -> str | None:
-    off = seconds is None or (seconds == 0 and not isinstance(seconds, bool))
-    if off or _within(seconds, 60):
+    off_or_in_range = is_number(seconds) and (seconds == 0 or 60 <= seconds <= MAX_BUDGET_S)
+    if seconds is None or off_or_in_range:
         return None
     return (f"save-every must be 0 (off), or at least 60 seconds (a save takes a while) and "
             f"at most a week, not {seconds!r}")

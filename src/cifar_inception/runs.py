@@ -35,6 +35,7 @@ from cifar_inception.fileio import (
     read_record_bytes,
     to_json,
 )
+from cifar_inception.options import is_number
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -245,15 +246,11 @@ METRIC_KEYS = ("seconds", "train_loss", "train_acc", "val_loss", "val_acc", "lr"
 def is_epoch_row(row: Any) -> bool:
     """A row of metrics.jsonl as training writes it: an epoch number, numbers (or null)."""
     return isinstance(row, dict) and _is_epoch(row.get("epoch")) and all(
-        row.get(key) is None or _is_number(row[key]) for key in METRIC_KEYS)
+        row.get(key) is None or is_number(row[key]) for key in METRIC_KEYS)
 
 
 def _is_epoch(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def truncate_history(folder: Path, epochs_done: int, warn: Warn) -> list[dict]:
@@ -333,11 +330,11 @@ def is_evaluation(record: dict) -> bool:
     confusion = record.get("confusion", [])
     # top-5 is absent where there are 5 classes or fewer; a hand-made record may hold top-1 only
     optional = [record.get(key) for key in ("test_top5", "test_loss")]
-    return (_is_number(record.get("test_top1"))
-            and all(value is None or _is_number(value) for value in optional)
+    return (is_number(record.get("test_top1"))
+            and all(value is None or is_number(value) for value in optional)
             and _is_count(record.get("num_images", 0))
             and isinstance(per_class, dict)
-            and all(v is None or _is_number(v) for v in per_class.values())
+            and all(v is None or is_number(v) for v in per_class.values())
             and isinstance(confusion, list)
             and all(isinstance(row, list) and all(map(_is_count, row)) for row in confusion))
 
