@@ -239,3 +239,33 @@ def test_tensors_beyond_the_weights_are_bounded(tmp_path, monkeypatch):
     ckpt = small_checkpoint()
     ckpt["training"] = {"optimizer": {k: v.clone() for k, v in ckpt["state_dict"].items()}}
     assert ckpt_mod.load_checkpoint(save(tmp_path / "resumable.pt", ckpt))["training"]
+
+
+def test_a_tensor_claiming_more_than_it_stores_is_refused_before_it_is_copied(tmp_path, image,
+                                                                              capsys):
+    # One stored float, viewed with a zero stride as 10**12 of them: a 2 KB file whose copy
+    # into memory would take 4 TB. It is counted as its copy, before anything is copied.
+    ckpt = small_checkpoint()
+    ckpt["metrics"] = {"val_acc": 0.5, "x": torch.zeros(1).expand(10**12)}
+    path = save(tmp_path / "claims.pt", ckpt)
+    assert (tmp_path / "claims.pt").stat().st_size < 100_000
+    assert main(["predict", path, image]) == 2
+    assert_one_line_error(capsys, "'metrics' entry holds 4,000,000,000,000 bytes")
+    # The same in the weights themselves: over the largest model's weights.
+    ckpt = small_checkpoint()
+    ckpt["state_dict"]["head.bias"] = torch.zeros(1).expand(10**12)
+    with pytest.raises(CheckpointError, match=r"its weights take 4,000,000,000,\d{3} bytes"):
+        ckpt_mod.load_checkpoint(save(tmp_path / "claims-weights.pt", ckpt))
+
+
+def test_a_pickle_of_many_small_objects_is_refused_unread(tmp_path, monkeypatch):
+    # Unpickling inflates a pickle's bytes about 150-fold in memory; its size is checked
+    # before torch reads it. Every real checkpoint's pickle is far under the limit.
+    ckpt = small_checkpoint()
+    ckpt["metrics"] = {"val_acc": 0.5, "lists": [[] for _ in range(20_000)]}
+    path = save(tmp_path / "lists.pt", ckpt)
+    monkeypatch.setattr(ckpt_mod, "MAX_PICKLE_BYTES", 10_000)
+    with pytest.raises(CheckpointError, match="pickled structure is .* over the limit of 10,000"):
+        ckpt_mod.load_checkpoint(path)
+    monkeypatch.undo()
+    assert ckpt_mod.load_checkpoint(path)["metrics"]["val_acc"] == 0.5

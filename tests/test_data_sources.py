@@ -20,6 +20,7 @@ from data_fixtures import (
     image_tree_files,
     pack,
     random_images,
+    write_official_folder,
     write_tree,
 )
 
@@ -455,3 +456,53 @@ def test_an_archive_holding_a_member_twice_is_refused(tmp_path, container):
                 zipfile.ZipFile(archive, "a") as out:
             out.writestr(name, blob)
     assert "holds 'train/cat/0.png' twice" in load_error(archive)
+
+
+@pytest.mark.parametrize("container", ["tar", "zip"])
+def test_an_archive_of_too_many_members_is_refused(tmp_path, monkeypatch, container):
+    # tarfile keeps every header it reads: 400,000 empty folder headers gzip to under 1 MB.
+    monkeypatch.setattr(archives, "MAX_ARCHIVE_MEMBERS", 15)
+    files, _ = image_tree_files(train_per_class=1, test_per_class=1)  # 20 files
+    message = load_error(pack(files, tmp_path / f"tree.{container}"))
+    assert "holds more than 15 members" in message
+
+
+def test_images_that_would_decode_past_the_limit_are_refused_before_decoding(tmp_path,
+                                                                              monkeypatch):
+    # Read bytes do not bound the decoded size: a 69-byte PNG is 48 KB at 128 pixels.
+    from cifar_inception.data import common
+
+    monkeypatch.setattr(common, "MAX_DECODED_BYTES", 20 * 32 * 32 * 3)
+    decoded = []
+    monkeypatch.setattr(trees, "_decode_image",
+                        lambda blob, name, spec: decoded.append(name) or np.zeros((32, 32, 3)))
+    files, _ = image_tree_files(train_per_class=2, test_per_class=1)  # 30 images
+    message = load_error(make_source(tmp_path, files, "folder"))
+    assert "21 images of 32x32 pixels would take" in message
+    assert "smaller --image-size" in message
+    assert len(decoded) <= 20  # refused when the 21st arrives, not after decoding them all
+
+
+def test_the_official_batches_at_a_size_past_the_limit_are_refused_before_resizing(
+        tmp_path, monkeypatch):
+    from cifar_inception.data import common
+
+    folder = tmp_path / "official"
+    write_official_folder(folder, per_batch=4, test_count=4)  # 24 images
+    monkeypatch.setattr(common, "MAX_DECODED_BYTES", 24 * 64 * 64 * 3 - 1)
+    with pytest.raises(DataError, match="24 images of 64x64 pixels would take"):
+        data.load_dataset("cifar10", folder, image_size=64, download=False, progress=False)
+    monkeypatch.setattr(common, "MAX_DECODED_BYTES", 24 * 64 * 64 * 3)
+    loaded = data.load_dataset("cifar10", folder, image_size=64, download=False, progress=False)
+    assert loaded.train_images.shape[1:] == (64, 64, 3)
+
+
+def test_a_tree_of_more_classes_than_a_model_may_have_is_refused(tmp_path, monkeypatch):
+    # Trained, its checkpoint could never be loaded again (checkpoints allow MAX_CLASSES).
+    monkeypatch.setattr(trees, "MAX_CLASSES", 3)
+    files = {f"{split}/class{c}/0.png": encode_image(random_images(1, c)[0])
+             for split in ("train", "test") for c in range(4)}
+    with pytest.raises(DataError, match="train/ has 4 class folders; a dataset may have at "
+                                        "most 3"):
+        data.load_dataset("image-folder", make_source(tmp_path, files, "folder"), download=False,
+                          progress=False)

@@ -104,6 +104,15 @@ def test_a_seed_model_at_another_size_is_refused_in_one_line_before_the_data(tmp
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_option_out_of_range_is_refused_in_one_line_before_the_data(tmp_path, capsys):
+    missing = tmp_path / "no-data-here"  # the data is never looked for
+    assert main(["train", "googlenet", "--option", "width=inf", "--data-dir", str(missing),
+                 "--output", str(tmp_path / "runs"), "--no-download"]) == 2
+    assert capsys.readouterr().err == ("cifar-inception: error: width must be a number in "
+                                       "(0, 4], not inf\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_image_size_out_of_the_data_bounds_is_refused_in_one_line(tmp_path, capsys):
     assert main(["train", TINY, "--image-size", "600", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -58,6 +59,32 @@ def test_truncated_image_is_named():
     blob = encode(Image.fromarray(rgb_array(64, 64)))
     with pytest.raises(ImageError, match="cut.png: corrupt or truncated"):
         open_image(blob[: len(blob) // 2], name="cut.png")
+
+
+def tiff_with_double_strip_offsets() -> bytes:
+    """A 17x13 16-bit greyscale TIFF whose StripOffsets tag is stored as a DOUBLE (type 12)
+    where TIFF allows only integers: Pillow's decoder fails on it with a TypeError."""
+    width, height, entries = 17, 13, 9
+    pixels = bytes(width * height * 2)
+    ifd_at = 8
+    double_at = ifd_at + 2 + 12 * entries + 4  # after the directory and its next-IFD link
+    pixels_at = double_at + 8
+
+    def entry(tag: int, kind: int, value: int) -> bytes:  # kind 3: SHORT, 4: LONG, 12: DOUBLE
+        field = struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value)
+        return struct.pack("<HHI", tag, kind, 1) + field
+
+    directory = [entry(256, 4, width), entry(257, 4, height), entry(258, 3, 16),
+                 entry(259, 3, 1), entry(262, 3, 1), entry(273, 12, double_at),
+                 entry(278, 4, height), entry(279, 4, len(pixels)), entry(284, 3, 1)]
+    return (b"II*\x00" + struct.pack("<IH", ifd_at, entries) + b"".join(directory)
+            + struct.pack("<I", 0) + struct.pack("<d", float(pixels_at)) + pixels)
+
+
+def test_a_decoder_failing_with_an_unexpected_exception_is_a_corrupt_image():
+    # Not only OSError and ValueError: any failure of Pillow's decoders but MemoryError.
+    with pytest.raises(ImageError, match="odd.tif: corrupt or truncated image"):
+        open_image(tiff_with_double_strip_offsets(), name="odd.tif")
 
 
 def test_truncated_jpeg_is_named():

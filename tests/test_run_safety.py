@@ -134,6 +134,8 @@ def test_stale_temporaries_are_removed_on_resume(tmp_path, tree):
     (["train", TINY, "--seed", "99999999999999999999"], "seed"),
     (["train", TINY, "--lr", "nan"], "learning rate"),
     (["serve", "nothing.pt", "--max-upload-mb", "inf"], "max-upload-mb"),
+    (["serve", "nothing.pt", "--max-upload-mb", "1e308"], "max-upload-mb"),
+    (["summary", "googlenet", "--num-classes", "100000000000000000000"], "num_classes"),
 ])
 def test_impossible_values_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as info:  # argparse's own one-line errors exit 2 too

@@ -427,7 +427,7 @@ def test_redirects_never_echo_the_host_header(client):
     assert "evil.example" not in response.headers.get("location", "")
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "ten"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0", "ten", "1e308", "257"])
 def test_cli_serve_refuses_a_non_finite_upload_limit(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["serve", str(tmp_path / "model.pt"), f"--max-upload-mb={value}"])
@@ -557,3 +557,11 @@ def test_uploads_over_the_budget_get_503_and_are_released(classifier):
         assert (budget.used_bytes, budget.uploads) == (0, 0)  # every hold was given back
         assert client.post("/api/predict", files=upload).status_code == 200
         assert client.get("/api/model").json()["limits"]["max_concurrent_uploads"] == 2
+
+
+def test_the_cli_upload_limit_is_the_servers_upload_budget():
+    # serve_cmd cannot import serve.app (the [serve] extra) to read it: the two must agree.
+    from cifar_inception.cli.serve_cmd import MAX_UPLOAD_MB
+    from cifar_inception.serve.app import UPLOAD_BUDGET_BYTES
+
+    assert MAX_UPLOAD_MB * 2**20 == UPLOAD_BUDGET_BYTES

@@ -37,6 +37,7 @@ import torch
 
 from cifar_inception.data.specs import (
     DEFAULT_IMAGE_SIZE,
+    MAX_CLASSES,
     MAX_IMAGE_SIZE,
     MIN_IMAGE_SIZE,
 )
@@ -59,14 +60,16 @@ RUN_CONFIG = CONFIG_FILE  # written by train beside the checkpoints
 
 # Bounds on what a checkpoint may ask a loader to build, checked before any weight is
 # allocated: a header saying num_classes = 10**9 must not make us allocate half a terabyte.
-MAX_CLASSES = 1000
 MAX_PARAMETERS = 1_000_000_000  # the largest registered model has about 232 million
+MAX_WEIGHT_BYTES = 8 * MAX_PARAMETERS  # as float64, the widest a weight is stored
 # Bounds on what a checkpoint may hold besides its weights, checked before any of it is
 # read: a 3 MB file must not inflate to gigabytes. torch.save stores every record
 # uncompressed, so a record's size in the zip is its size in the file. The pickled structure
-# (names, numbers, lists) of a real checkpoint is a few hundred kilobytes; the optimiser keeps
-# at most two tensors per weight (Adam's moments); RNG states and metrics are small.
-MAX_PICKLE_BYTES = 64 << 20
+# (names, numbers, lists) of a real checkpoint is under 100 KB (67 KB for the shipped
+# Inception-v3 weights), and unpickling inflates it about 150-fold in memory, so 2 MB bounds
+# that to some 300 MB; the optimiser keeps at most two tensors per weight (Adam's moments);
+# RNG states and metrics are small.
+MAX_PICKLE_BYTES = 2 << 20
 OPTIMIZER_COPIES = 2
 MAX_SMALL_TENSOR_BYTES = 16 << 20
 # What a model option may be: the JSON scalars the command line's KEY=VALUE gives.
@@ -192,9 +195,11 @@ def read_into_memory(obj: Any) -> None:
 
 
 def tensor_bytes(obj: Any) -> int:
-    """Bytes of the tensor storages inside nested dicts, lists and tuples, each object
-    counted once (walked without recursion: a deeply nested or self-referencing pickle must
-    neither overflow the stack nor loop)."""
+    """Bytes that copies of the tensors inside nested dicts, lists and tuples take, each
+    object counted once (walked without recursion: a deeply nested or self-referencing pickle
+    must neither overflow the stack nor loop). A tensor's copy, not its storage, is counted:
+    a view with a zero stride claims 10**12 elements of one stored float, and copying it
+    into memory would allocate all of them."""
     total, pending, seen = 0, [obj], set()
     while pending:
         item = pending.pop()
@@ -202,7 +207,7 @@ def tensor_bytes(obj: Any) -> int:
             continue
         seen.add(id(item))
         if isinstance(item, torch.Tensor):
-            total += item.untyped_storage().nbytes()
+            total += max(item.untyped_storage().nbytes(), item.numel() * item.element_size())
         elif isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, (list, tuple)):
@@ -211,9 +216,13 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def check_tensor_bytes(ckpt: dict, *, where: str = "checkpoint") -> None:
-    """Refuse a checkpoint whose tensors besides its weights outweigh what training keeps:
-    the optimiser's copies of the weights and small RNG states and metrics."""
+    """Refuse a checkpoint whose weights outweigh the largest model's, or whose tensors
+    besides them outweigh what training keeps: the optimiser's copies of the weights and
+    small RNG states and metrics. Checked before anything is copied into memory."""
     weights = tensor_bytes(ckpt.get("state_dict"))
+    if weights > MAX_WEIGHT_BYTES:
+        raise CheckpointError(f"{where}: refused: its weights take {weights:,} bytes, over the "
+                              f"limit of {MAX_WEIGHT_BYTES:,}")
     allowed = OPTIMIZER_COPIES * weights + MAX_SMALL_TENSOR_BYTES
     for key, value in ckpt.items():
         if key == "state_dict":

@@ -62,10 +62,16 @@ def image_header(source: str | os.PathLike | bytes, *,
                 return image.size[0], image.size[1], alpha
         except UnidentifiedImageError:
             raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _DECODER_ERRORS
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
 
 
+# _DECODER_ERRORS: Pillow's decoders fail on crafted files with more than OSError and
+# ValueError (a TIFF whose strip offsets are stored as doubles raises TypeError; others raise
+# struct.error, IndexError or SyntaxError), so any exception but MemoryError while a file is
+# opened and decoded means "not a readable image".
 _NOT_AN_IMAGE = "not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or TIFF)"
 
 
@@ -98,7 +104,9 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
             raise ImageError(f"{label}: refused as a possible decompression bomb") from None
         except UnidentifiedImageError:
             raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
-        except (OSError, ValueError, SyntaxError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - see _DECODER_ERRORS
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
     return image
 

@@ -49,6 +49,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+# The server's upload budget for all requests in flight together (UPLOAD_BUDGET_BYTES in
+# serve.app, which needs the [serve] extra to import), in MiB: no larger request is accepted.
+MAX_UPLOAD_MB = 256
+
+
+def upload_mb(text: str) -> float:
+    """argparse type: a request size in MiB, above 0 and at most :data:`MAX_UPLOAD_MB`."""
+    value = positive_float(text)
+    if value > MAX_UPLOAD_MB:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_UPLOAD_MB} (the server's "
+                                         f"upload budget for all requests together), not {text}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = add_command(subparsers, "serve", run,
                          help="serve a web demo page and JSON API for a trained model",
@@ -61,8 +75,9 @@ def register(subparsers) -> None:
                         help="address to listen on (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=8000,
                         help="port to listen on; 0 picks a free one (default: 8000)")
-    parser.add_argument("--max-upload-mb", type=positive_float, default=10.0, metavar="MB",
-                        help="largest request body accepted, in MiB (default: 10)")
+    parser.add_argument("--max-upload-mb", type=upload_mb, default=10.0, metavar="MB",
+                        help=f"largest request body accepted, in MiB, at most {MAX_UPLOAD_MB} "
+                             "(default: 10)")
     parser.add_argument("--max-files", type=positive_int, default=64, metavar="N",
                         help="most image files in one request (default: 64)")
     add_device_arg(parser, "for a PyTorch checkpoint")

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cifar_inception.data.common import one_line
+from cifar_inception.data.common import MAX_ARCHIVE_MEMBERS, one_line
 from cifar_inception.errors import DataError
 
 __all__ = ["STREAM_ERRORS", "FileEntry", "archive_error", "archive_files", "archive_type",
@@ -86,7 +86,10 @@ def tar_members(path: Path,
     """
     try:
         with _open_tar(path) as (stream, tar):
-            for member in tar:
+            for count, member in enumerate(tar, start=1):
+                if count > MAX_ARCHIVE_MEMBERS:
+                    raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, "
+                                    "far more than a dataset of small images")
                 parts = _member_parts(member.name, label)
                 _refuse_special_member(member, label)
                 yield tar, member, parts
@@ -207,6 +210,9 @@ def _zip_files(path: Path) -> Iterator[FileEntry]:
         raise DataError(f"{label}: not a zip file, or a truncated one "
                         f"({one_line(exc)})") from None
     with archive:
+        if len(archive.infolist()) > MAX_ARCHIVE_MEMBERS:
+            raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, far "
+                            "more than a dataset of small images")
         for info in archive.infolist():
             name = info.filename.replace("\\", "/")
             if info.is_dir():

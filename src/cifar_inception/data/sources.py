@@ -26,6 +26,7 @@ from cifar_inception.data.common import (
     MAX_IMAGE_BYTES,
     MAX_SOURCE_BYTES,
     SPLITS,
+    check_decoded_size,
 )
 from cifar_inception.data.specs import DatasetSpec
 from cifar_inception.data.trees import ImageDecoder, TreeLayout
@@ -144,6 +145,8 @@ def decode_source(source: Source, wanted: Wanted, *, progress: bool) -> Decoded:
 
 def _batches_decoded(blobs: dict[str, bytes], label: str, spec: DatasetSpec) -> Decoded:
     arrays, classes = parse_batches(blobs, label, spec)
+    check_decoded_size(sum(len(arrays[f"{split}_images"]) for split in SPLITS), spec.image_size,
+                       label)
     return Decoded(_resized(arrays, spec.image_size), "batches", classes)
 
 
@@ -190,6 +193,7 @@ def _read_entries(files: Iterable[FileEntry], label: str, wanted: Wanted, *,
                     raise DataError(f"{label}: {'/'.join(parts)} is {size:,} bytes, too large "
                                     "for a small image")
                 budget.check(size)
+                check_decoded_size(layout.count, wanted.tree.image_size, label)
                 decoder.add("/".join(parts), budget.charge(read(MAX_IMAGE_BYTES)))
         if batches:
             spec = wanted.batches

@@ -15,12 +15,16 @@ from dataclasses import dataclass, replace
 from cifar_inception.errors import DataError
 
 __all__ = [
-    "CIFAR10", "CIFAR100", "CIFAR100_COARSE", "DEFAULT_IMAGE_SIZE", "IMAGE_FOLDER", "SPECS",
+    "CIFAR10", "CIFAR100", "CIFAR100_COARSE", "DEFAULT_IMAGE_SIZE", "IMAGE_FOLDER", "MAX_CLASSES",
+    "SPECS",
     "DatasetSpec", "check_image_size", "dataset_names", "get_spec",
 ]
 
 DEFAULT_IMAGE_SIZE = 32
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 512
+# The most classes a dataset, a model or a checkpoint may have (ImageNet's 1,000): a model of
+# 10**9 classes would ask for half a terabyte.
+MAX_CLASSES = 1000
 
 
 @dataclass(frozen=True)

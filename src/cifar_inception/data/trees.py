@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cifar_inception.data.common import SPLITS, progress_bar
-from cifar_inception.data.specs import CIFAR10, DatasetSpec
+from cifar_inception.data.specs import CIFAR10, MAX_CLASSES, DatasetSpec
 from cifar_inception.errors import DataError
 from cifar_inception.images import IMAGE_SUFFIXES, ImageError, image_header, load_cifar_array
 
@@ -99,12 +99,15 @@ class TreeLayout:
         if not problems and len(classes) < MIN_CLASSES:
             problems.append(f"train/ has {len(classes)} class folder; a dataset needs "
                             f"{MIN_CLASSES} or more")
+        if len(classes) > MAX_CLASSES:
+            problems.append(f"train/ has {len(classes):,} class folders; a dataset may have "
+                            f"at most {MAX_CLASSES:,}")
         if problems:
             shown = problems[:_MAX_PROBLEMS]
             more = len(problems) - len(shown)
             raise DataError(f"{self.label}: " + "; ".join(shown)
                             + (f"; and {more} more" if more else "")
-                            + f" (the classes are {', '.join(classes)})")
+                            + f" (the classes are {_named(classes)})")
         return tuple(classes)
 
     def assemble(self, images: np.ndarray,
@@ -125,6 +128,13 @@ class TreeLayout:
 
     def _or_batches(self) -> str:
         return f", or the {self.spec.batches_dir} files" if self.spec.has_batches else ""
+
+
+def _named(classes: tuple[str, ...], shown: int = 20) -> str:
+    """The class names for a message: the first ``shown`` of a long list, and how many."""
+    if len(classes) <= shown:
+        return ", ".join(classes)
+    return f"{', '.join(classes[:shown])}, ... ({len(classes):,} in all)"
 
 
 def _folder_classes(found: Counter) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from cifar_inception.data.specs import MAX_CLASSES
 from cifar_inception.errors import ModelError
 from cifar_inception.models.blocks import CIFAR_ONLY, ImageSizes
 
@@ -130,8 +131,10 @@ def option_value(text: str) -> object:
 def create_model(name: str, num_classes: int = 10, **options) -> nn.Module:
     """Build a registered model. Unknown names and options fail with a one-line ModelError."""
     builder = get_builder(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"num_classes must be a positive integer, not {num_classes!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or \
+            not 1 <= num_classes <= MAX_CLASSES:
+        raise ModelError(f"num_classes must be a whole number from 1 to {MAX_CLASSES:,}, "
+                         f"not {num_classes!r}")
     check_model_options(name, options)
     return builder(num_classes=num_classes, **options)
 

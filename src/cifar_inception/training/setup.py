@@ -75,12 +75,18 @@ def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[int, bool, str]:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Refuse an unknown model name or option, or an image size the model does not take,
-    at once, before the data is loaded."""
-    from cifar_inception.models.registry import check_image_size, check_model_options
+    """Refuse an unknown model name or option, an option's value out of its range, or an
+    image size the model does not take, at once, before the data is loaded."""
+    from cifar_inception.models.registry import (
+        check_image_size,
+        check_model_options,
+        create_model,
+    )
 
     check_model_options(config.model, config.model_options)
     check_image_size(config.model, config.image_size)
+    with torch.device("meta"):  # the builder checks the values; shapes only, no memory
+        create_model(config.model, **config.model_options)
     if config.weights is not None:
         start_weights(config)
 
