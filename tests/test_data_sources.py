@@ -506,3 +506,15 @@ def test_a_tree_of_more_classes_than_a_model_may_have_is_refused(tmp_path, monke
                                         "most 3"):
         data.load_dataset("image-folder", make_source(tmp_path, files, "folder"), download=False,
                           progress=False)
+
+
+def test_a_tar_unpacking_past_the_limit_is_refused_before_it_is_unpacked(tmp_path,
+                                                                         monkeypatch):
+    # A member outside the tree is skipped, but skipping it in a compressed tar decompresses
+    # it: 100 GB of zeros compress to some 100 MB. Its size is in its header.
+    files, expected = image_tree_files(train_per_class=1, test_per_class=1)
+    archive = pack({**files, "extra/zeros.bin": bytes(200_000)}, tmp_path / "tree.tar.gz")
+    monkeypatch.setattr(archives, "MAX_UNPACKED_BYTES", 150_000)
+    assert "unpacks to more than" in load_error(archive)
+    monkeypatch.setattr(archives, "MAX_UNPACKED_BYTES", 400_000)
+    assert_arrays_equal(load_cifar10(archive, download=False, progress=False), expected)

@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cifar_inception.data.common import MAX_ARCHIVE_MEMBERS, one_line
+from cifar_inception.data.common import MAX_ARCHIVE_MEMBERS, MAX_UNPACKED_BYTES, one_line
 from cifar_inception.errors import DataError
 
 __all__ = ["STREAM_ERRORS", "FileEntry", "archive_error", "archive_files", "archive_type",
@@ -90,6 +90,8 @@ def tar_members(path: Path,
                 if count > MAX_ARCHIVE_MEMBERS:
                     raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, "
                                     "far more than a dataset of small images")
+                if member.offset_data + member.size > MAX_UNPACKED_BYTES:
+                    raise _unpacks_too_large(label)
                 parts = _member_parts(member.name, label)
                 _refuse_special_member(member, label)
                 yield tar, member, parts
@@ -179,7 +181,13 @@ def _check_tar_end(stream: _TarStream, tar: tarfile.TarFile, label: str) -> None
         raise DataError(f"{label}: truncated or corrupt archive (it stops, or turns to "
                         f"garbage, after {len(tar.members):,} members)")
     while stream.raw.read(1 << 20):
-        pass
+        if stream.raw.tell() > MAX_UNPACKED_BYTES:
+            raise _unpacks_too_large(label)
+
+
+def _unpacks_too_large(label: str) -> DataError:
+    return DataError(f"{label}: unpacks to more than {MAX_UNPACKED_BYTES / 2**30:.0f} GiB, far "
+                     "more than a dataset of small images")
 
 
 def archive_error(label: str, exc: BaseException) -> DataError:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from cifar_inception.errors import DataError
 
 __all__ = ["APP_NAME", "ENV_CACHE", "ENV_DATA", "MAX_ARCHIVE_MEMBERS", "MAX_BATCH_BYTES",
+           "MAX_UNPACKED_BYTES",
            "MAX_DECODED_BYTES", "MAX_IMAGE_BYTES", "MAX_SOURCE_BYTES", "SPLITS",
            "check_decoded_size", "one_line", "progress_bar"]
 
@@ -33,6 +34,10 @@ MAX_DECODED_BYTES = 3 << 30
 # Members of one archive, folders included: tarfile keeps every header it has read (about
 # 400 bytes each), and 400,000 empty folder headers gzip to under a megabyte.
 MAX_ARCHIVE_MEMBERS = 1_000_000
+# What a compressed tar may unpack to, read or skipped: every byte of it is decompressed to
+# reach the next member (CIFAR-10's official tar is 178 MB unpacked), and 100 GB of zeros
+# compress to some 100 MB.
+MAX_UNPACKED_BYTES = 2 << 30
 
 
 def check_decoded_size(images: int, size: int, label: str) -> None:
