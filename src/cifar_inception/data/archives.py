@@ -87,11 +87,7 @@ def tar_members(path: Path,
     try:
         with _open_tar(path) as (stream, tar):
             for count, member in enumerate(tar, start=1):
-                if count > MAX_ARCHIVE_MEMBERS:
-                    raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, "
-                                    "far more than a dataset of small images")
-                if member.offset_data + member.size > MAX_UNPACKED_BYTES:
-                    raise _unpacks_too_large(label)
+                _check_bounds(count, member.offset_data + member.size, label)
                 parts = _member_parts(member.name, label)
                 _refuse_special_member(member, label)
                 yield tar, member, parts
@@ -181,13 +177,19 @@ def _check_tar_end(stream: _TarStream, tar: tarfile.TarFile, label: str) -> None
         raise DataError(f"{label}: truncated or corrupt archive (it stops, or turns to "
                         f"garbage, after {len(tar.members):,} members)")
     while stream.raw.read(1 << 20):
-        if stream.raw.tell() > MAX_UNPACKED_BYTES:
-            raise _unpacks_too_large(label)
+        _check_bounds(0, stream.raw.tell(), label)
 
 
-def _unpacks_too_large(label: str) -> DataError:
-    return DataError(f"{label}: unpacks to more than {MAX_UNPACKED_BYTES / 2**30:.0f} GiB, far "
-                     "more than a dataset of small images")
+def _check_bounds(members: int, unpacked_bytes: int, label: str) -> None:
+    """Refuse an archive past :data:`MAX_ARCHIVE_MEMBERS` members or, unpacked up to the end
+    of a member, past :data:`MAX_UNPACKED_BYTES`: known from the headers, before the bytes
+    are read (a zip's members are read only when wanted, so for a zip only the count)."""
+    if members > MAX_ARCHIVE_MEMBERS:
+        raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, far more "
+                        "than a dataset of small images")
+    if unpacked_bytes > MAX_UNPACKED_BYTES:
+        raise DataError(f"{label}: unpacks to more than {MAX_UNPACKED_BYTES / 2**30:.0f} GiB, "
+                        "far more than a dataset of small images")
 
 
 def archive_error(label: str, exc: BaseException) -> DataError:
@@ -218,9 +220,7 @@ def _zip_files(path: Path) -> Iterator[FileEntry]:
         raise DataError(f"{label}: not a zip file, or a truncated one "
                         f"({one_line(exc)})") from None
     with archive:
-        if len(archive.infolist()) > MAX_ARCHIVE_MEMBERS:
-            raise DataError(f"{label}: holds more than {MAX_ARCHIVE_MEMBERS:,} members, far "
-                            "more than a dataset of small images")
+        _check_bounds(len(archive.infolist()), 0, label)
         for info in archive.infolist():
             name = info.filename.replace("\\", "/")
             if info.is_dir():

@@ -8,9 +8,8 @@ from __future__ import annotations
 from cifar_inception.errors import DataError
 
 __all__ = ["APP_NAME", "ENV_CACHE", "ENV_DATA", "MAX_ARCHIVE_MEMBERS", "MAX_BATCH_BYTES",
-           "MAX_UNPACKED_BYTES",
-           "MAX_DECODED_BYTES", "MAX_IMAGE_BYTES", "MAX_SOURCE_BYTES", "SPLITS",
-           "check_decoded_size", "one_line", "progress_bar"]
+           "MAX_DECODED_BYTES", "MAX_IMAGE_BYTES", "MAX_SOURCE_BYTES", "MAX_UNPACKED_BYTES",
+           "SPLITS", "check_decoded_size", "one_line", "progress_bar"]
 
 ENV_DATA = "CIFAR_INCEPTION_DATA"
 ENV_CACHE = "CIFAR_INCEPTION_CACHE"

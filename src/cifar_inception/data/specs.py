@@ -16,8 +16,7 @@ from cifar_inception.errors import DataError
 
 __all__ = [
     "CIFAR10", "CIFAR100", "CIFAR100_COARSE", "DEFAULT_IMAGE_SIZE", "IMAGE_FOLDER", "MAX_CLASSES",
-    "SPECS",
-    "DatasetSpec", "check_image_size", "dataset_names", "get_spec",
+    "SPECS", "DatasetSpec", "check_image_size", "dataset_names", "get_spec",
 ]
 
 DEFAULT_IMAGE_SIZE = 32
