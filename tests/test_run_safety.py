@@ -90,6 +90,22 @@ def test_run_that_died_before_its_first_checkpoint_starts_again(tmp_path, tree, 
     assert epochs_logged(run) == [1, 2]
 
 
+# 2b. A run that got further and lost its last.pt since (deleted to save space) is not a run
+# that died in its first epoch: starting it again would delete its results. Refused.
+@pytest.mark.parametrize("again", ["same command", "resume"])
+def test_a_run_with_results_but_no_last_checkpoint_is_not_started_again(tmp_path, tree, again,
+                                                                        capsys):
+    assert main(train_argv(tree, tmp_path)) == 0
+    run = tmp_path / "run"
+    (run / "last.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"}
+    argv = train_argv(tree, tmp_path) if again == "same command" else ["train", "--resume",
+                                                                        str(run)]
+    assert main(argv) == 2
+    one_error_line(capsys.readouterr().err, "holds a run's results (2 epochs)", "no last.pt")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != ".lock"} == before
+
+
 # 3. Two processes on one run folder: the second is refused at once, nothing is logged twice.
 def test_second_run_on_a_locked_folder_is_refused(tmp_path, tree, capsys):
     argv = train_argv(tree, tmp_path, "--stop-after-epochs", "1")

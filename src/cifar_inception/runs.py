@@ -69,6 +69,7 @@ def resume_target(run: str | os.PathLike) -> ResumeTarget:
         if (path / LAST).is_file():
             return ResumeTarget(path, path / LAST)
         if (path / CONFIG_FILE).is_file():  # died in its first epoch: start it again
+            check_restartable(path)
             return ResumeTarget(path, None)
     raise RunFolderError(f"{run}: nothing to resume (no {LAST})")
 
@@ -92,6 +93,7 @@ def new_run_folder(out_dir: str | os.PathLike, name: str | None, model: str) -> 
             if foreign:
                 raise RunFolderError(f"{path} exists and holds files that are not a run's "
                                      f"({', '.join(foreign[:3])}); choose another --name")
+            check_restartable(path)
     else:
         base = f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
         path, count = root / base, 2
@@ -107,6 +109,20 @@ def check_run_name(name: str) -> None:
     if name in (".", "..") or any(sep in name for sep in separators):
         raise RunFolderError(f"--name {name!r}: a run name is one folder name inside "
                              "--output, without '/', '\\' or '..'")
+
+
+def check_restartable(folder: Path) -> None:
+    """Refuse to start again a folder without last.pt that holds more than a run that died
+    in its first epoch leaves (an epoch's end writes its metrics row, then best.pt, then
+    last.pt): an eval.json, or rows of two epochs or more, mean the run got further and its
+    last.pt was removed since, and starting again would delete those results."""
+    epochs = len(read_history(folder))
+    if epochs > 1 or (folder / EVAL_FILE).exists():
+        done = f"{epochs} epochs" + (f" and a test ({EVAL_FILE})" if (folder / EVAL_FILE).exists()
+                                     else "")
+        raise RunFolderError(f"{folder} holds a run's results ({done}) but no {LAST} to "
+                             f"continue from; starting it again would delete them: choose "
+                             f"another --name or --output")
 
 
 def clear_for_restart(folder: Path) -> None:
