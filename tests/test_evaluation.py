@@ -133,6 +133,20 @@ def test_eval_json_is_written_beside_the_checkpoint(tmp_path):
     assert (run / "eval.json").stat().st_size > 0
 
 
+def test_evaluating_another_checkpoint_keeps_the_runs_eval_json(tmp_path):
+    # eval.json is the run's test of best.pt; evaluating last.pt must not replace it.
+    run = tmp_path / "run"
+    write_lookup_checkpoint(run / "best.pt")
+    write_lookup_checkpoint(run / "last.pt")
+    evaluate(run, lookup_data())
+    best = (run / "eval.json").read_bytes()
+    result = evaluate(run / "last.pt", lookup_data())
+    assert (run / "eval.json").read_bytes() == best
+    assert json.loads((run / "eval-last.json").read_text()) == result
+    evaluate(run, lookup_data(), tta=True)  # best.pt again: its own file is replaced
+    assert json.loads((run / "eval.json").read_text())["tta"] is True
+
+
 def test_no_top5_with_five_classes_or_fewer():
     log_probs = torch.log_softmax(torch.tensor([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]]), 1)
     metrics = classification_metrics(log_probs, torch.tensor([0, 0]), ("a", "b", "c"))

@@ -293,6 +293,9 @@ def test_export_refuses_bad_requests(run_dir, tmp_path):
         export_onnx(tmp_path / "missing.pt")
     with pytest.raises(CifarInceptionError, match="refusing to overwrite the checkpoint"):
         export_model(run_dir, run_dir / "best.pt", fmt="onnx")
+    for name in ("last.pt", "config.json", "metrics.jsonl"):  # the run could not resume
+        with pytest.raises(CifarInceptionError, match=f"{name} is a run folder's own file"):
+            export_model(run_dir, tmp_path / name, fmt="torchscript")
     with pytest.raises(CifarInceptionError, match="opset must be from 18"):
         export_onnx(run_dir, tmp_path / "old.onnx", opset=11)
     with pytest.raises(CifarInceptionError, match="unknown export format"):

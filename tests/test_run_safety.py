@@ -222,8 +222,8 @@ def test_a_lock_that_is_not_a_regular_file_is_refused(tmp_path, tree, capsys):
     one_error_line(capsys.readouterr().err, ".lock", "not a regular file")
 
 
-# 9. A run name is one folder inside --output, never a path out of it.
-@pytest.mark.parametrize("name", ["../../x", "..", "/tmp/x", "a/b"])
+# 9. A run name is one folder inside --output, never a path out of it, and shows on one line.
+@pytest.mark.parametrize("name", ["../../x", "..", "/tmp/x", "a/b", "two\nlines", "tab\there"])
 def test_run_names_stay_inside_output(tmp_path, tree, name, capsys):
     runs = tmp_path / "deep" / "runs"
     argv = train_argv(tree, runs)

@@ -205,5 +205,5 @@ def evaluate(checkpoint_or_run: str | os.PathLike, data: Any = None, *, tta: boo
     result.update(tta=tta, views=len(views_for(tta, tta_views)),
                   num_images=int(labels.shape[0]), checkpoint=str(path))
     if write:
-        atomic_write_json(run.eval, result)
+        atomic_write_json(run.eval_file_for(path), result)
     return result

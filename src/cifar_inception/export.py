@@ -50,6 +50,7 @@ from cifar_inception.inference import (  # noqa: F401  (re-exported: part of thi
     read_onnx_metadata,
     run_test_metrics,
 )
+from cifar_inception.runs import RUN_FILES
 
 METADATA_FILE = "cifar_inception.json"  # the extra file in .pt2 and TorchScript archives
 MIN_OPSET = 18
@@ -256,6 +257,9 @@ def export_model(checkpoint_path: str | os.PathLike, out_path: str | os.PathLike
     out = Path(out_path) if out_path is not None else default_output(source, fmt)
     if out.exists() and out.resolve() == source.resolve():
         raise CifarInceptionError(f"{out}: refusing to overwrite the checkpoint being exported")
+    if out.name in RUN_FILES:  # e.g. -o RUN/last.pt: the run could no longer be resumed
+        raise CifarInceptionError(f"{out}: {out.name} is a run folder's own file name; give "
+                                  "the export another name")
     if out.is_dir():
         raise CifarInceptionError(f"{out}: is a folder; give the output file name")
 

@@ -104,11 +104,14 @@ def new_run_folder(out_dir: str | os.PathLike, name: str | None, model: str) -> 
 
 
 def check_run_name(name: str) -> None:
-    """Refuse a --name that would put the run outside --output: a path, '..', or absolute."""
+    """Refuse a --name that would put the run outside --output (a path, '..', or absolute)
+    or that no message could show on one line (a newline, a tab)."""
     separators = {"/", "\\", os.sep, os.altsep or "/", "\0"}
     if name in (".", "..") or any(sep in name for sep in separators):
         raise RunFolderError(f"--name {name!r}: a run name is one folder name inside "
                              "--output, without '/', '\\' or '..'")
+    if not name.isprintable():  # a newline would break every message that names the folder
+        raise RunFolderError(f"--name {name!r}: a run name holds no control characters")
 
 
 def check_restartable(folder: Path) -> None:
@@ -407,6 +410,15 @@ class RunFolder:
     @property
     def eval(self) -> Path:
         return self.path / EVAL_FILE
+
+    def eval_file_for(self, checkpoint: str | os.PathLike) -> Path:
+        """Where ``evaluate`` writes a checkpoint's results: eval.json, unless it holds
+        another checkpoint's (a run's final test of best.pt, which evaluating last.pt must
+        not replace): then ``eval-NAME.json`` beside it."""
+        evaluation = self.read_eval()
+        if evaluation is None or eval_is_for(evaluation, checkpoint):
+            return self.eval
+        return self.path / f"eval-{Path(checkpoint).stem}.json"
 
     def read_config(self) -> dict:
         """config.json as a dict, {} when there is none; CifarInceptionError if unreadable."""

@@ -17,7 +17,8 @@ DESCRIPTION = """\
 Evaluate a trained model on the CIFAR-10 test set: loss (cross-entropy), top-1 and top-5
 accuracy, accuracy per class and the confusion matrix. RUN_OR_CHECKPOINT is a run folder
 (its best.pt is used) or a .pt checkpoint. The results are written to eval.json beside the
-checkpoint. The data set is the one the run was trained on unless --data-dir says otherwise.
+checkpoint (to eval-NAME.json when eval.json holds another checkpoint's, as a run's test of
+its best.pt). The data set is the one the run was trained on unless --data-dir says otherwise.
 --weights NAME evaluates shipped (or downloaded) weights instead, and writes no eval.json.
 
 --tta averages the softmax probabilities of six views of each image: the image and its
@@ -104,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
     print(to_json(result, indent=2) if args.json else terminal_text(format_table(result)))
     if write:
         # On stderr with --json, so that stdout stays one JSON document.
-        written = RunFolder.holding(result["checkpoint"]).eval
+        written = RunFolder.holding(result["checkpoint"]).eval_file_for(result["checkpoint"])
         print(f"wrote {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
