@@ -336,3 +336,15 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tree, capsys):
     assert main(train_argv(tree, tmp_path, "--epochs", "1")) == 0
     err = capsys.readouterr().err
     assert "%|" not in err and "\r" not in err, err
+
+
+# 12. Unnamed runs started in the same second each get a folder of their own: the folder is
+# created, not only looked for, so two processes cannot both take the first free name.
+def test_unnamed_runs_in_one_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    import cifar_inception.runs as runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20261207-120000")
+    made = [runs.new_run_folder(tmp_path, None, "tiny") for _ in range(3)]
+    assert [p.name for p in made] == ["tiny-20261207-120000", "tiny-20261207-120000-2",
+                                      "tiny-20261207-120000-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in made)

@@ -94,13 +94,16 @@ def new_run_folder(out_dir: str | os.PathLike, name: str | None, model: str) -> 
                 raise RunFolderError(f"{path} exists and holds files that are not a run's "
                                      f"({', '.join(foreign[:3])}); choose another --name")
             check_restartable(path)
-    else:
-        base = f"{model}-{time.strftime('%Y%m%d-%H%M%S')}"
-        path, count = root / base, 2
-        while path.exists():
-            path, count = root / f"{base}-{count}", count + 1
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    base, count = f"{model}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    while True:
+        path = root / (base if count == 1 else f"{base}-{count}")
+        try:  # created, not only looked for: two runs started in one second get two folders
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            count += 1
 
 
 def check_run_name(name: str) -> None:
