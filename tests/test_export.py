@@ -400,9 +400,10 @@ def test_onnx_with_another_input_signature_is_refused_in_one_line(
     assert "foreign.onnx" in err and "its input is" in err
 
 
-def handmade_onnx(path, *, metadata, reshape_to=(-1, 10)):
+def handmade_onnx(path, *, metadata, reshape_to=(-1, 10), declared=("N", 10)):
     """A uint8 NHWC model with the export's interface, whose Reshape is ``reshape_to``: a
-    shape the image does not fit makes it fail only when run."""
+    shape the image does not fit makes it fail only when run. ``declared``: the outputs'
+    shape as the file declares it."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
@@ -412,8 +413,8 @@ def handmade_onnx(path, *, metadata, reshape_to=(-1, 10)):
     graph = helper.make_graph(
         nodes, "handmade",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 32, 32, 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, list(declared)),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, list(declared))],
         [shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -451,3 +452,29 @@ def test_an_onnx_model_that_fails_when_run_gives_one_line(tmp_path, capsys):
     assert main(["predict", str(path), str(picture)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "fails when run" in err
+
+
+def test_onnx_metadata_nested_past_the_parser_is_refused_in_one_line(tmp_path, capsys):
+    deep = "[" * 100_000 + "]" * 100_000  # exhausts json's recursion: RecursionError
+    path = handmade_onnx(tmp_path / "deep.onnx", metadata={"options": deep})
+    with pytest.raises(CheckpointError, match="its metadata 'options' is not valid JSON"):
+        OnnxClassifier(path)
+    huge = handmade_onnx(tmp_path / "huge.onnx", metadata={"options": " " * (2 << 20) + "{}"})
+    with pytest.raises(CheckpointError, match="its metadata 'options' is over"):
+        OnnxClassifier(huge)
+
+
+def test_onnx_outputs_of_another_shape_are_refused_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    scalar = handmade_onnx(tmp_path / "scalar.onnx", metadata={}, declared=())
+    with pytest.raises(CheckpointError, match="has the shape .*, not \\[N, classes\\]"):
+        OnnxClassifier(scalar)
+    # Declared (N, 10), but the graph answers (N, 3072) when run.
+    wide = handmade_onnx(tmp_path / "wide.onnx", metadata={}, reshape_to=(-1, 32 * 32 * 3))
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(picture)
+    assert main(["predict", str(wide), str(picture)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "answers 1 images with an array of shape (1, 3072), not (1, 10)" in err

@@ -43,6 +43,9 @@ EXPORT_FORMAT = "cifar-inception-export/1"
 # Metadata values that are JSON; the others are plain strings (readable in any ONNX viewer).
 JSON_KEYS = ("options", "num_classes", "classes", "mean", "std", "params", "metrics",
              "image_size")
+# The longest JSON value read (1,000 class names take some 30 KB): a value nested 100,000
+# deep would exhaust the parser's recursion, a huge one the memory.
+MAX_METADATA_CHARS = 1 << 20
 # The type each of those values must have, as the rest of the package uses them: a string
 # for "params" would break every formatted print of it.
 METADATA_TYPES = {
@@ -118,7 +121,12 @@ def predict_in_batches(run_batch: Callable[[np.ndarray], Any], images: np.ndarra
     out = np.empty((len(images), num_classes), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size]
-        out[start:start + len(batch)] = run_batch(batch)
+        result = np.asarray(run_batch(batch))
+        if result.shape != (len(batch), num_classes):  # a file's graph may answer anything
+            raise CheckpointError(f"{source}: the model answers {len(batch)} images with an "
+                                  f"array of shape {result.shape}, not ({len(batch)}, "
+                                  f"{num_classes})")
+        out[start:start + len(batch)] = result
     return check_finite(out, source)
 
 
@@ -246,9 +254,12 @@ def read_onnx_metadata(metadata_props: dict[str, str], *, where: str) -> dict[st
     meta: dict[str, Any] = dict(metadata_props)
     for key in JSON_KEYS:
         if key in meta:
+            if len(meta[key]) > MAX_METADATA_CHARS:
+                raise CheckpointError(f"{where}: its metadata '{key}' is over "
+                                      f"{MAX_METADATA_CHARS:,} characters")
             try:
                 meta[key] = json.loads(meta[key])
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: '[' nested 100,000 deep
                 raise CheckpointError(f"{where}: its metadata '{key}' is not valid JSON") from None
     classes = meta.get("classes")
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
@@ -331,7 +342,11 @@ class OnnxClassifier:
                 f"{self.path}: its input is {found.type} {shape}, not the uint8 "
                 f"[N, S, S, 3] (any N, an image side S, channels last) that cifar-inception "
                 f"exports")
-        width = outputs[OUTPUT_NAMES[1]][-1]
+        declared = outputs[OUTPUT_NAMES[1]]
+        if declared is not None and len(declared) != 2:
+            raise CheckpointError(f"{self.path}: its output '{OUTPUT_NAMES[1]}' has the shape "
+                                  f"{declared}, not [N, classes]")
+        width = declared[-1] if declared else None
         if isinstance(width, int) and width != num_classes:
             raise CheckpointError(f"{self.path}: the model has {width} outputs but its "
                                   f"metadata names {num_classes} classes")

@@ -77,7 +77,8 @@ def read_cache(path: Path, checksum: str, image_size: int
                 layout, source = str(stored["layout"]), str(stored["source"])
                 classes = tuple(str(stored["classes"]).split("\n"))
             problem = _content_problem(arrays, source, checksum, len(classes))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile,
+            RuntimeError, NotImplementedError) as exc:  # zipfile: "encrypted", "compression"
         problem = f"is unreadable ({one_line(exc)})"
     if problem is not None:
         warnings.warn(f"the cached arrays {path} {problem}; decoding the source again",

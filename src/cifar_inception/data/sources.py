@@ -270,8 +270,11 @@ def source_checksum(source: Source, wanted: Wanted) -> str:
                  for name in wanted.batches.batch_files]
     else:
         stats = [(rel, path, st) for rel, path, _, st in _folder_tree_listing(source.path)]
+    # The inode's change time too: `cp -p`, `rsync -t` or `tar x` give other bytes the old
+    # size and modification time, but no program can set the change time.
     fingerprint = hashlib.sha256(json.dumps(
-        [(rel, st.st_size, st.st_mtime_ns) for rel, _, st in stats]).encode()).hexdigest()
+        [(rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+         for rel, _, st in stats]).encode()).hexdigest()
     memo_path = cache_dir() / "checksums.json"
     memo = _read_memo(memo_path)
     key = str(source.path.resolve())
