@@ -71,6 +71,7 @@ def server(archives):
         "/wrong.tar.gz": (bytes(reversed(good)), len(good)),
         "/link.tar.gz": (archives["link"], len(archives["link"])),
         "/escape.tar.gz": (archives["escape"], len(archives["escape"])),
+        "/huge.tar.gz": (bytes(3 << 20), 3 << 20),
     }
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -167,6 +168,16 @@ def test_truncated_download_is_removed(tmp_path, monkeypatch, server, archives):
     folder = user_folder(tmp_path)
     message = download_error(folder)
     assert "truncated" in message or "MD5" in message
+    assert os.listdir(folder) == ["notes.txt"]
+
+
+def test_a_download_past_its_size_limit_is_stopped_and_removed(tmp_path, monkeypatch, server):
+    # The hash is known only at the end: a server streaming without end would fill the disk.
+    monkeypatch.setattr(download, "MAX_ARCHIVE_DOWNLOAD_BYTES", 1 << 20)
+    serve(monkeypatch, server, "huge.tar.gz")
+    folder = user_folder(tmp_path)
+    message = download_error(folder)
+    assert "passed 1,048,576 bytes" in message and "stopped and removed" in message
     assert os.listdir(folder) == ["notes.txt"]
 
 

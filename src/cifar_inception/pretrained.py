@@ -37,7 +37,10 @@ MANIFEST = "manifest.json"
 DEFAULT = "default"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".onnx")
 WEIGHTS_CACHE = "weights"  # below the user cache folder: weights downloaded from a URL
-_URL_WITH_HASH = re.compile(r"(https?://[^#\s]+)#sha256=([0-9a-fA-F]{64})")
+# The most a weights URL may bring: a checkpoint of the largest model a checkpoint may hold
+# (a billion float32 weights) with room for its record.
+MAX_WEIGHTS_DOWNLOAD_BYTES = 4 << 30
+_URL_WITH_HASH = re.compile(r"(https?://[^#\s]+)#sha256=([0-9a-f]{64})", re.IGNORECASE)
 
 __all__ = ["Weights", "list_weights", "get_weights", "default_weights", "resolve_weights",
            "weights_path", "sha256_of"]
@@ -181,7 +184,7 @@ def _download(spec: str, *, progress: bool) -> Path:
     url, digest = match.group(1), match.group(2).lower()
     name = f"{digest[:16]}-{_file_name(url)}"
     return fetch_file(url, cache_dir() / WEIGHTS_CACHE, name=name, known_hash=f"sha256:{digest}",
-                      what="weights", progress=progress,
+                      what="weights", progress=progress, max_bytes=MAX_WEIGHTS_DOWNLOAD_BYTES,
                       advice="check the address, or download the file yourself and pass its "
                              "path")
 

@@ -21,7 +21,12 @@ from cifar_inception.data.common import MAX_BATCH_BYTES, one_line, progress_bar
 from cifar_inception.data.specs import CIFAR10, DatasetSpec
 from cifar_inception.errors import DataError
 
-__all__ = ["download_cifar10", "download_dataset", "extract_official_archive", "fetch_file"]
+__all__ = ["MAX_ARCHIVE_DOWNLOAD_BYTES", "download_cifar10", "download_dataset",
+           "extract_official_archive", "fetch_file"]
+
+# The most a dataset's archive download may bring (the official CIFAR archives are 161 to
+# 163 MB): the hash is checked only at the end, and a server may stream without end.
+MAX_ARCHIVE_DOWNLOAD_BYTES = 1 << 30
 
 
 def download_dataset(spec: DatasetSpec, folder: str | os.PathLike, *, url: str | None = None,
@@ -38,6 +43,7 @@ def download_dataset(spec: DatasetSpec, folder: str | os.PathLike, *, url: str |
     return fetch_file(
         url or mirror or spec.url, folder, name=spec.archive_name,
         known_hash=f"md5:{md5 or spec.md5}", what=spec.title, progress=progress,
+        max_bytes=MAX_ARCHIVE_DOWNLOAD_BYTES,
         advice=f"without internet, fetch {spec.archive_name} (or an image-folder copy) "
                "elsewhere and pass --data-dir PATH")
 
@@ -49,12 +55,14 @@ def download_cifar10(folder: str | os.PathLike, *, url: str | None = None,
 
 
 def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: str, what: str,
-               advice: str, progress: bool = True) -> Path:
+               advice: str, max_bytes: int, progress: bool = True) -> Path:
     """Download ``url`` into ``folder``/``name`` unless a file with that hash is there.
 
     ``known_hash`` is ``md5:HEX`` or ``sha256:HEX``. The file arrives under a temporary name
-    and is renamed only once its hash matches; a mismatching or broken download is removed.
-    Every failure is a one-line :class:`DataError` that ends with ``advice``.
+    and is renamed only once its hash matches; a mismatching or broken download is removed,
+    and so is one that passes ``max_bytes`` (stopped there: the hash is known only at the
+    end, and a server may send without end). Every failure is a one-line
+    :class:`DataError` that ends with ``advice``.
     """
     import pooch
     import requests
@@ -73,7 +81,10 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
     logger.setLevel(logging.WARNING)  # our own bar says what happens
     try:
         path = pooch.retrieve(url, known_hash=known_hash, fname=name, path=folder,
-                              progressbar=bar if bar is not None else False)
+                              downloader=_capped_download(max_bytes, bar))
+    except _TooLarge:
+        raise DataError(f"the download from {url} passed {max_bytes:,} bytes, more than "
+                        f"{what} can be; it was stopped and removed; {advice}") from None
     except ValueError as exc:
         if "does not match" in str(exc):
             got = re.search(r"got ([0-9a-f]{32,64})", str(exc))
@@ -140,6 +151,40 @@ def extract_official_archive(archive: str | os.PathLike, folder: str | os.PathLi
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # our own scratch folder only
     return target
+
+
+class _TooLarge(Exception):
+    """A download passed its size limit (caught in :func:`fetch_file`)."""
+
+
+class _CappedFile:
+    """The file a download is written to, refusing to grow past ``limit`` bytes."""
+
+    def __init__(self, raw, limit: int) -> None:  # noqa: ANN001 - a binary file object
+        self.raw, self.limit, self.written = raw, limit, 0
+
+    def write(self, chunk: bytes) -> int:
+        self.written += len(chunk)
+        if self.written > self.limit:
+            raise _TooLarge
+        return self.raw.write(chunk)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _capped_download(limit: int, bar: _DownloadBar | None):  # noqa: ANN202
+    """A pooch downloader that writes through :class:`_CappedFile` (pooch removes the
+    temporary file when it raises)."""
+    import pooch
+
+    http = pooch.HTTPDownloader(progressbar=bar if bar is not None else False)
+
+    def download(url: str, output_file: str, known: object) -> None:
+        with open(output_file, "w+b") as raw:
+            http(url, _CappedFile(raw, limit), known)
+
+    return download
 
 
 class _DownloadBar:
