@@ -291,6 +291,9 @@ class OnnxClassifier:
             what = "not a regular file" if self.path.exists() else "no such ONNX file"
             raise CheckpointError(f"{self.path}: {what}")
         options = ort.SessionOptions()
+        # Errors only: a file's odd graph makes ONNX Runtime print coloured warnings on
+        # stderr, beside the one line this package says about it.
+        options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
         try:
