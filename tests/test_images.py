@@ -178,6 +178,15 @@ def test_float_greyscale_is_scaled_by_its_maximum():
     assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 64, 255]
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_float_image_with_pixels_that_are_not_numbers_is_refused(value):
+    # Its extrema skip a NaN, and a cast to 8 bits would make it black with a warning.
+    pixels = np.zeros((40, 40), np.float32)
+    pixels[3, 5] = value
+    with pytest.raises(ImageError, match="odd.tif: its pixels include values that are not"):
+        open_image(encode(Image.fromarray(pixels, mode="F"), "TIFF"), name="odd.tif")
+
+
 def test_cmyk_becomes_rgb():
     cmyk = Image.new("CMYK", (2, 2), (0, 255, 255, 0))  # no cyan, full magenta and yellow: red
     assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [255, 0, 0]

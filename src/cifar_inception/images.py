@@ -95,6 +95,9 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
                     "(possible decompression bomb)"
                 )
             image.load()
+            if image.mode == "F" and not _all_finite(image):
+                raise ImageError(f"{label}: its pixels include values that are not finite "
+                                 "numbers (NaN or infinity)")
             if "exif" in image.info:
                 # Phone photos store their rotation in EXIF; show them upright, as a viewer does.
                 ImageOps.exif_transpose(image, in_place=True)
@@ -146,6 +149,15 @@ def _composite_on_white(image: Image.Image, chunk: int = 1 << 20) -> Image.Image
 
 
 _WIDE_GREY = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16- and 32-bit greyscale
+
+
+def _all_finite(image: Image.Image, chunk: int = 1 << 20) -> bool:
+    """Whether a 32-bit float image holds numbers only, read a band of about ``chunk``
+    pixels at a time (its extrema skip a NaN)."""
+    width, height = image.size
+    rows = max(1, chunk // max(width, 1))
+    return all(np.isfinite(np.asarray(image.crop((0, y, width, min(y + rows, height))))).all()
+               for y in range(0, height, rows))
 
 
 def _scale_to_grey(image: Image.Image, chunk: int = 1 << 20) -> Image.Image:
