@@ -63,3 +63,23 @@ def test_freed_memory_is_kept_for_reuse_under_glibc():
     assert reuse_freed_memory() is True
     big = torch.ones(16 << 20)  # 64 MB: over glibc's mmap threshold, now from the heap
     assert float(big.sum()) == 16 << 20
+
+
+@pytest.mark.parametrize("asked, used, said", [
+    (4096, 2, "2 threads per process (--threads 4096, cut to the cores this process may use)"),
+    (1, 1, "1 thread per process (--threads)"),
+])
+def test_threads_asked_for_are_at_most_the_usable_cores(monkeypatch, asked, used, said):
+    # 4,096 threads on 2 cores wait on each other: a step of 0.1 s took minutes.
+    import cifar_inception.training.setup as setup
+    from cifar_inception.distributed import DistContext
+    from cifar_inception.recipes import build_config
+
+    monkeypatch.setattr(setup, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        threads, _, line = setup.fit_cpu(build_config("test-tiny", "default",
+                                                      num_threads=asked), DistContext())
+        assert threads == used == torch.get_num_threads() and said in line
+    finally:
+        torch.set_num_threads(before)

@@ -113,6 +113,12 @@ def test_a_model_option_out_of_range_is_refused_in_one_line_before_the_data(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_width_given_twice_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["train", "googlenet", "--width", "0.5", "--option", "width=0.25",
+                 "--data-dir", str(tmp_path / "no-data-here"), "--no-download"]) == 2
+    assert "the width is given twice" in capsys.readouterr().err
+
+
 def test_an_image_size_out_of_the_data_bounds_is_refused_in_one_line(tmp_path, capsys):
     assert main(["train", TINY, "--image-size", "600", "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err

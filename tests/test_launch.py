@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_inception.errors import TrainingError
+from cifar_inception.errors import CifarInceptionError, TrainingError
 from cifar_inception.launch import under_launcher
 from cifar_inception.recipes import build_config
 from cifar_inception.training import resume_config, train, train_in_processes
@@ -114,3 +114,21 @@ def test_one_process_unless_more_are_asked_for(tmp_path):
     result = train(config, easy_data(n_train=200, n_test=40), log=lambda _: None)
     record = json.loads((result.run_dir / "config.json").read_text())
     assert record["plan"]["processes"] == 1 and record["hardware"]["world_size"] == 1
+
+
+@pytest.mark.parametrize("processes, batch, cores, message", [
+    (3, 64, 4, "batch size 64 is not divisible by the 3 processes"),
+    (3, 63, 2, "--processes 3: more than the 2 cores"),
+])
+def test_processes_that_cannot_train_are_refused_before_any_starts(tmp_path, monkeypatch,
+                                                                  processes, batch, cores,
+                                                                  message):
+    import cifar_inception.training.ranks as ranks
+
+    monkeypatch.setattr(ranks, "usable_cores", lambda: cores)
+    started = []
+    monkeypatch.setattr(ranks, "run_ranks", lambda *args: started.append(args) or [0])
+    config = config_for(tmp_path, processes=processes, batch_size=batch)
+    with pytest.raises(CifarInceptionError, match=message):
+        train_in_processes(config, easy_data(n_train=200, n_test=40))
+    assert not started and not (tmp_path / "runs").exists()

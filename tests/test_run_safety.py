@@ -348,3 +348,38 @@ def test_unnamed_runs_in_one_second_get_folders_of_their_own(tmp_path, monkeypat
     assert [p.name for p in made] == ["tiny-20261207-120000", "tiny-20261207-120000-2",
                                       "tiny-20261207-120000-3"]
     assert all(p.is_dir() and not any(p.iterdir()) for p in made)
+
+
+# 13. Resumed on other data (--data-dir may change between sittings): other classes, whose
+# head would not fit (a size-mismatch traceback before), or other images: refused, one line.
+def write_random_tree(root: Path, classes: tuple[str, ...], seed: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", 20), ("test", 4)):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    return root
+
+
+@pytest.mark.parametrize("other, message", [
+    (("ant", "bee", "cow", "dog"), "this run was trained on 3 classes (ant, bee, cow)"),
+    (("ant", "bee", "cow"), "trained on other training images"),
+])
+def test_resume_on_other_data_is_refused(tmp_path, other, message, capsys):
+    first = write_random_tree(tmp_path / "first", ("ant", "bee", "cow"), seed=0)
+    second = write_random_tree(tmp_path / "second", other, seed=1)
+    run = tmp_path / "runs" / "run"
+    assert main(["train", TINY, "--data-dir", str(first), "--epochs", "2", "--batch-size",
+                 "10", "--val-size", "6", "--output", str(run.parent), "--name", "run",
+                 "--threads", "1", "--no-test", "--stop-after-epochs", "1"]) == 0
+    assert main(["train", "--resume", str(run), "--data-dir", str(second)]) == 2
+    one_error_line(capsys.readouterr().err, message)
+    assert epochs_logged(run) == [1]
+    assert main(["train", "--resume", str(run), "--data-dir", str(first)]) == 0
+    assert epochs_logged(run) == [1, 2]

@@ -58,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def collect_overrides(args: argparse.Namespace) -> dict:
     """The options given on the command line, and only those (None means 'not given')."""
+    from cifar_inception.errors import ModelError
     from cifar_inception.models.registry import parse_options
     from cifar_inception.options import given_options
     from cifar_inception.recipes import TrainConfig
@@ -69,6 +70,9 @@ def collect_overrides(args: argparse.Namespace) -> dict:
         overrides["download"] = False
     options = parse_options(args.options)
     if args.width is not None:
+        if "width" in options:
+            raise ModelError("the width is given twice (--width and --option width=); give "
+                             "one")
         options["width"] = args.width
     if options:
         overrides["model_options"] = options

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from cifar_inception.devices import usable_cores
+from cifar_inception.distributed import DistContext, per_rank_batch
 from cifar_inception.errors import TrainingError
 from cifar_inception.launch import RankFailed, run_ranks, under_launcher
 from cifar_inception.recipes import TrainConfig, validate
@@ -33,6 +35,16 @@ def splits_into_processes(config: TrainConfig) -> bool:
     """Whether ``config`` asks for several processes (``--processes``), outside a launcher
     (in a rank, torchrun's or ours, nothing is launched again)."""
     return config.processes is not None and config.processes > 1 and not under_launcher()
+
+
+def check_processes(processes: int, batch_size: int) -> None:
+    """Refuse, before any process starts, more processes than cores (each trains on cores
+    of its own) or a global batch that they cannot share evenly."""
+    cores = usable_cores()
+    if processes > cores:
+        raise TrainingError(f"--processes {processes}: more than the {cores} cores this "
+                            "process may use; each process needs a core of its own")
+    per_rank_batch(batch_size, DistContext(world_size=processes))
 
 
 def train_in_processes(config: TrainConfig, data: Any = None, *,
@@ -48,6 +60,7 @@ def train_in_processes(config: TrainConfig, data: Any = None, *,
     started_at = time.time() if started_at is None else started_at
     validate(config)
     check_model(config)
+    check_processes(config.processes, config.batch_size)
     if data is None:
         from cifar_inception.data import load_dataset
 
