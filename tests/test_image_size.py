@@ -113,6 +113,15 @@ def test_a_model_option_out_of_range_is_refused_in_one_line_before_the_data(tmp_
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_model_larger_than_a_checkpoint_may_hold_is_refused_before_the_data(tmp_path,
+                                                                             capsys):
+    assert main(["train", "inception-cpu", "--option", "widths=4096/4096/4096", "--option",
+                 "depths=8/8/8", "--data-dir", str(tmp_path / "no-data-here"),
+                 "--no-download"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "over the 1,000,000,000 a checkpoint may hold" in err
+
+
 def test_a_width_given_twice_is_refused_in_one_line(tmp_path, capsys):
     assert main(["train", "googlenet", "--width", "0.5", "--option", "width=0.25",
                  "--data-dir", str(tmp_path / "no-data-here"), "--no-download"]) == 2

@@ -18,7 +18,7 @@ from cifar_inception.budget import RunPlan
 from cifar_inception.checkpoint import make_checkpoint
 from cifar_inception.devices import cpu_precision, reuse_freed_memory, usable_cores
 from cifar_inception.distributed import DistContext
-from cifar_inception.errors import TrainingError
+from cifar_inception.errors import ModelError, TrainingError
 from cifar_inception.models import create_model, hooks
 from cifar_inception.recipes import TrainConfig
 from cifar_inception.training.optim import (
@@ -83,8 +83,10 @@ def fit_cpu(config: TrainConfig, ctx: DistContext) -> tuple[int, bool, str]:
 
 
 def check_model(config: TrainConfig) -> None:
-    """Refuse an unknown model name or option, an option's value out of its range, or an
-    image size the model does not take, at once, before the data is loaded."""
+    """Refuse an unknown model name or option, an option's value out of its range, a model
+    larger than a checkpoint may hold, or an image size the model does not take, at once,
+    before the data is loaded."""
+    from cifar_inception.checkpoint import MAX_PARAMETERS
     from cifar_inception.models.registry import (
         check_image_size,
         check_model_options,
@@ -94,7 +96,11 @@ def check_model(config: TrainConfig) -> None:
     check_model_options(config.model, config.model_options)
     check_image_size(config.model, config.image_size)
     with torch.device("meta"):  # the builder checks the values; shapes only, no memory
-        create_model(config.model, **config.model_options)
+        model = create_model(config.model, **config.model_options)
+    size = sum(p.numel() for p in model.parameters())
+    if size > MAX_PARAMETERS:  # options such as widths=4096/4096/4096 ask for 49 G
+        raise ModelError(f"{config.model} with {config.model_options} has {size:,} "
+                         f"parameters, over the {MAX_PARAMETERS:,} a checkpoint may hold")
     if config.weights is not None:
         start_weights(config)
 
