@@ -83,3 +83,12 @@ def test_threads_asked_for_are_at_most_the_usable_cores(monkeypatch, asked, used
         assert threads == used == torch.get_num_threads() and said in line
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_cuda_device_this_machine_lacks_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(CifarInceptionError, match="'cuda:7' asked for, but this machine has "
+                                                  "1 CUDA device"):
+        pick_device("cuda:7")

@@ -30,9 +30,15 @@ def pick_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CifarInceptionError(f"device {device!r} asked for, but CUDA is not available")
     try:
-        return torch.device(device)
+        chosen = torch.device(device)
     except RuntimeError:
         raise CifarInceptionError(f"unknown device {device!r}") from None
+    if chosen.type == "cuda" and chosen.index is not None \
+            and chosen.index >= torch.cuda.device_count():
+        # torch would fail later, at the first tensor moved there, with its own traceback.
+        raise CifarInceptionError(f"device {device!r} asked for, but this machine has "
+                                  f"{torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 def usable_cores() -> int:
