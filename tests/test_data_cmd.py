@@ -113,6 +113,7 @@ def test_grid_is_written(tmp_path, capsys):
     (["--data-dir", "{tmp}/tree.zip", "--image-size", "4"], "image size"),
     (["--data-dir", "{tmp}/tree.zip", "--val-size", "0", "--grid", "{tmp}/grid.xyz"],
      "cannot write a figure"),
+    (["--data-dir", "{tmp}/tree.zip", "--grid", "{tmp}/empty"], "is a folder"),
 ])
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, fragment):
     (tmp_path / "empty").mkdir()
@@ -125,6 +126,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, fragment):
     assert len(lines) == 1 and lines[0].startswith("cifar-inception: error: ")
     assert fragment in lines[0]
     assert "Traceback" not in err
+    if "--grid" in argv:  # refused before the data is loaded and described
+        assert out == ""
 
 
 def test_help_lists_the_options(capsys):

@@ -22,6 +22,22 @@ SCALE = 3        # screen pixels per image pixel
 DPI = 100
 
 
+def check_figure_path(path: str | os.PathLike) -> Path:
+    """``path`` as a figure's file: not a folder, and with a suffix matplotlib writes (.png,
+    .pdf, .svg, ...). Checked before the work that draws it."""
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if path.is_dir():
+        raise CifarInceptionError(f"{path}: is a folder; give the figure's file name")
+    supported = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in supported:
+        choices = ", ".join("." + name for name in sorted(supported))
+        raise CifarInceptionError(f"{path}: cannot write a figure as "
+                                  f"{path.suffix or 'a file without a suffix'} (use {choices})")
+    return path
+
+
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                path: str | os.PathLike, per_class: int = 10, seed: int = 0) -> Path:
     """Write a figure of ``per_class`` random images of each class, one labelled row per class.
@@ -31,7 +47,7 @@ def class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
     it is written atomically. Returns the path.
     """
     images, labels = np.asarray(images), np.asarray(labels)
-    path = Path(path)
+    path = check_figure_path(path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise CifarInceptionError(f"expected uint8 images of shape (N, H, W, 3), got "
                                   f"{images.dtype} {images.shape}")
@@ -43,11 +59,6 @@ def class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
     mosaic = _mosaic(images, labels, len(classes), per_class, seed)
     figure = _figure(mosaic, classes, images.shape[1])
     file_format = path.suffix.lower().lstrip(".")
-    supported = figure.canvas.get_supported_filetypes()
-    if file_format not in supported:
-        choices = ", ".join("." + name for name in sorted(supported))
-        raise CifarInceptionError(f"{path}: cannot write a figure as "
-                                  f"{path.suffix or 'a file without a suffix'} (use {choices})")
     buffer = io.BytesIO()
     figure.savefig(buffer, format=file_format, dpi=DPI, bbox_inches="tight", pad_inches=0.05,
                    facecolor="white")

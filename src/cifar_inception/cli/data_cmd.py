@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cifar_inception.data import channel_stats, load_dataset, split_train_val
 
+    if args.grid:  # a bad path is refused before the data is loaded and described
+        from cifar_inception.plots import check_figure_path
+
+        check_figure_path(args.grid)
     data = load_dataset(args.dataset, args.data_dir, image_size=args.image_size,
                         download=not args.no_download, progress=sys.stderr.isatty())
     train_x, train_y, _, val_y = split_train_val(data.train_images, data.train_labels,
