@@ -176,6 +176,8 @@ def test_resume_rebuilds_a_broken_record(tmp_path, tree, record, capsys):
     assert "config.json" in out and "rebuilding it" in out
     assert "ignored 1 line" in out
     rebuilt = json.loads((run / "config.json").read_text())
+    assert (run / "config.json.broken").read_text() == record  # kept, not written over
+    assert "kept as" in out
     assert rebuilt["versions"]["torch"] and rebuilt["hardware"]["device"] == "cpu"
     assert rebuilt["config"]["model"] == TINY and len(rebuilt["resumed"]) == 1
     assert epochs_logged(run) == [1, 2]

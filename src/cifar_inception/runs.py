@@ -131,6 +131,19 @@ def check_restartable(folder: Path) -> None:
                              f"another --name or --output")
 
 
+def keep_broken_record(folder: Path) -> Path | None:
+    """Move a config.json that is to be rebuilt (unreadable, or no run record) aside, as
+    config.json.broken (replacing an older one), rather than writing over it: it may be a
+    file of the user's. The path it was kept at, or None when there was none."""
+    path = folder / CONFIG_FILE
+    kept = path.with_name(CONFIG_FILE + ".broken")
+    try:
+        os.replace(path, kept)
+    except FileNotFoundError:
+        return None
+    return kept
+
+
 def clear_for_restart(folder: Path) -> None:
     """Remove what a run that is started again would otherwise mix with its new results."""
     for name in (METRICS_FILE, BEST, EVAL_FILE):

@@ -22,6 +22,7 @@ from cifar_inception.runs import (
     CONFIG_FILE,
     EVAL_FILE,
     clear_for_restart,
+    keep_broken_record,
     locked,
     new_run_folder,
     read_record,
@@ -47,6 +48,10 @@ def open_run_dir(loop: Loop, resume: str | os.PathLike | None, ckpt: dict | None
     if record is None:  # new, started again, or a record that must be rebuilt
         if ckpt is None:
             clear_for_restart(run_dir)
+        else:
+            kept = keep_broken_record(run_dir)
+            if kept is not None:
+                emit(f"warning: the old {CONFIG_FILE} is kept as {kept}")
         record = run_record(loop.config, loop.prepared, loop.model, loop.aux_weights,
                             loop.device, loop.ctx)
     if ckpt is not None:
