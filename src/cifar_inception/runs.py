@@ -122,10 +122,9 @@ def check_restartable(folder: Path) -> None:
     in its first epoch leaves (an epoch's end writes its metrics row, then best.pt, then
     last.pt): an eval.json, or rows of two epochs or more, mean the run got further and its
     last.pt was removed since, and starting again would delete those results."""
-    epochs = len(read_history(folder))
-    if epochs > 1 or (folder / EVAL_FILE).exists():
-        done = f"{epochs} epochs" + (f" and a test ({EVAL_FILE})" if (folder / EVAL_FILE).exists()
-                                     else "")
+    epochs, tested = len(read_history(folder)), (folder / EVAL_FILE).exists()
+    if epochs > 1 or tested:
+        done = f"{epochs} epochs" + (f" and a test ({EVAL_FILE})" if tested else "")
         raise RunFolderError(f"{folder} holds a run's results ({done}) but no {LAST} to "
                              f"continue from; starting it again would delete them: choose "
                              f"another --name or --output")
