@@ -44,6 +44,14 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "shared.html").stat().st_mode & 0o777 == 0o644
 
 
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    private = tmp_path / "eval.json"
+    private.write_text("{}")
+    private.chmod(0o600)  # the user made it private: a rewrite must not publish it
+    atomic_write_text(private, '{"test_top1": 0.9}')
+    assert private.stat().st_mode & 0o777 == 0o600 and "0.9" in private.read_text()
+
+
 def test_read_jsonl_skips_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, {"epoch": 1})

@@ -55,14 +55,22 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, _mode_for(path))
         check_replaceable(path)  # what the caller wrote may have taken a while
         os.replace(tmp, path)
     except BaseException:
         # The destination is untouched; only our own temporary file goes.
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions of the file a write replaces (a user's private eval.json stays
+    private), else those a plain open() would give (mkstemp's are 0600)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_current_umask()
 
 
 def _current_umask() -> int:
