@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -194,8 +195,10 @@ def test_unchanged_source_is_neither_rehashed_nor_reread(tmp_path, monkeypatch):
     # Other bytes of the same size, the modification time put back (as `cp -p` or `rsync -t`
     # leave them): the inode's change time gives them away, and the damage is found.
     stat = archive.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity (a few ms at worst)
     archive.write_bytes(np.random.default_rng(0).bytes(stat.st_size))
     os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert archive.stat().st_ctime_ns != stat.st_ctime_ns
     with pytest.raises(DataError, match="corrupt"):
         load_cifar10(archive, progress=False)
 
