@@ -352,8 +352,9 @@ def test_unnamed_runs_in_one_second_get_folders_of_their_own(tmp_path, monkeypat
     assert all(p.is_dir() and not any(p.iterdir()) for p in made)
 
 
-# 13. Resumed on other data (--data-dir may change between sittings): other classes, whose
-# head would not fit (a size-mismatch traceback before), or other images: refused, one line.
+# 13. Resumed on other data (--data-dir may change from one resume to the next): other
+# classes, whose head would not fit (a size-mismatch traceback before), or other images:
+# refused, in one line.
 def write_random_tree(root: Path, classes: tuple[str, ...], seed: int) -> Path:
     import numpy as np
     from PIL import Image

@@ -356,8 +356,8 @@ def load_start_weights(model: nn.Module, config: TrainConfig, prepared: DeviceDa
 
 def check_resumed_data(ckpt: dict, prepared: DeviceData) -> None:
     """Refuse to resume a run on other data than it trained on (``--data-dir`` may change
-    between sittings): other classes, whose head would not fit, or other training images,
-    whose statistics differ from those the run normalised with."""
+    from one resume to the next): other classes, whose head would not fit, or other
+    training images, whose statistics differ from those the run normalised with."""
     classes = list(ckpt["data"]["classes"])
     if classes != list(prepared.classes):
         raise TrainingError(f"this run was trained on {len(classes)} classes "
