@@ -339,3 +339,41 @@ def test_misclassified_figure_shows_at_most_what_exists(tmp_path):
     with pytest.raises(CifarInceptionError, match="must be from 1 to 200"):
         report_figures.plot_misclassified(images, labels, probs, ("a", "b", "c"), tmp_path / "m.png",
                                   count=10**6)
+
+
+@pytest.mark.parametrize("confusion", [[[4, 4], [4, 4]], [[4, 4, 4], [4], [0, 0, 0]], [],
+                                       [[10**25] * 10] * 10])
+def test_an_eval_json_whose_confusion_matrix_does_not_fit_is_recomputed(tmp_path, data_tree,
+                                                                       confusion):
+    run = write_run(tmp_path / "run", data_tree, fitting_eval=True)
+    damaged = json.loads((run / "eval.json").read_text())
+    damaged["confusion"] = confusion
+    (run / "eval.json").write_text(json.dumps(damaged))
+    data = report.gather(run, device="cpu")
+    assert "confusion matrix is not one of 10 classes" in data.evaluation_source
+    assert np.asarray(data.evaluation["confusion"]).shape == (10, 10)
+
+
+def test_damaged_metrics_rows_do_not_break_the_report(tmp_path, data_tree, capsys):
+    # Durations summing to inf, and losses that leave matplotlib no finite axis: left out.
+    rows = [dict(row) for row in METRICS]
+    rows[0].update(seconds=1e308, train_loss=1e308, val_loss=-1e308)
+    rows[1].update(seconds=1e308)
+    run = write_run(tmp_path / "run", data_tree, fitting_eval=True, metrics=rows)
+    out_dir = tmp_path / "out"
+    assert main(["report", str(run), "--data-dir", str(data_tree), "--no-download",
+                 "--output", str(out_dir), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "Training time" not in (out_dir / "report.html").read_text()
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    # matplotlib reads "$...$" as math text; an unknown command in it failed the figure.
+    from cifar_inception.plots import class_grid
+
+    classes = ("$\\undefined$", "5$", "plain")
+    report_figures.plot_confusion_matrix(np.eye(3, dtype=int) * 4, classes,
+                                         tmp_path / "confusion.png")
+    images = np.zeros((6, 8, 8, 3), np.uint8)
+    class_grid(images, np.array([0, 0, 1, 1, 2, 2]), classes, tmp_path / "grid.png",
+               per_class=2)
+    assert (tmp_path / "confusion.png").stat().st_size and (tmp_path / "grid.png").stat().st_size

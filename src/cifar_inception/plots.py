@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,16 @@ from cifar_inception.fileio import atomic_write_bytes
 GAP = 2          # white pixels between images
 SCALE = 3        # screen pixels per image pixel
 DPI = 100
+
+
+@contextmanager
+def plain_text() -> Iterator[None]:
+    """matplotlib drawing every label as written (a decorator too): a '$' in a class name
+    would otherwise start math text, and an unknown command in it fails the whole figure."""
+    import matplotlib
+
+    with matplotlib.rc_context({"text.parse_math": False}):
+        yield
 
 
 def check_figure_path(path: str | os.PathLike) -> Path:
@@ -38,6 +49,7 @@ def check_figure_path(path: str | os.PathLike) -> Path:
     return path
 
 
+@plain_text()
 def class_grid(images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
                path: str | os.PathLike, per_class: int = 10, seed: int = 0) -> Path:
     """Write a figure of ``per_class`` random images of each class, one labelled row per class.

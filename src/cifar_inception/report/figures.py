@@ -14,6 +14,7 @@ import numpy as np
 
 from cifar_inception.errors import CifarInceptionError
 from cifar_inception.fileio import atomic_write_bytes
+from cifar_inception.plots import plain_text
 from cifar_inception.report.gather import RunData
 from cifar_inception.runs import best_epoch
 
@@ -42,6 +43,12 @@ def save_figure(figure, path: Path) -> Path:
     return path
 
 
+# The largest magnitude drawn: a damaged metrics.jsonl's 1e308 leaves matplotlib no finite
+# axis to draw on (its transform fails); such a point is left out.
+MAX_PLOTTED = 1e12
+
+
+@plain_text()
 def plot_training_curves(metrics: list[dict], path: Path) -> Path:
     """Loss and accuracy per epoch, training against validation, the best epoch marked."""
     from matplotlib.ticker import FuncFormatter, MaxNLocator
@@ -55,7 +62,8 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path:
     for ax, key, title, scale in panels:
         for split, colour in (("train", TRAIN_COLOUR), ("val", VAL_COLOUR)):
             points = [(row["epoch"], row[f"{split}_{key}"] * scale) for row in metrics
-                      if row.get(f"{split}_{key}") is not None]
+                      if row.get(f"{split}_{key}") is not None
+                      and abs(row[f"{split}_{key}"] * scale) <= MAX_PLOTTED]
             if points:
                 xs, ys = zip(*points)
                 label = "training" if split == "train" else "validation"
@@ -78,7 +86,8 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path:
                     f"at epoch {best['epoch']}", transform=acc_ax.transAxes,
                     ha="right", va="bottom", fontsize=9, color="#444444",
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 2})
-    loss_ax.legend(loc="best", framealpha=0.9, edgecolor="none")
+    if loss_ax.get_lines():  # a legend without lines is a matplotlib warning
+        loss_ax.legend(loc="best", framealpha=0.9, edgecolor="none")
     if len(epochs) == 1:
         for ax in (loss_ax, acc_ax):
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
@@ -92,6 +101,7 @@ def plot_training_curves(metrics: list[dict], path: Path) -> Path:
 MAX_COUNTED_CLASSES = 20
 
 
+@plain_text()
 def plot_confusion_matrix(confusion: np.ndarray, classes: tuple[str, ...], path: Path) -> Path:
     """Counts in each cell; colour is the fraction of the true class (so rows compare)."""
     confusion = np.asarray(confusion, dtype=np.int64)
@@ -142,6 +152,7 @@ def check_misclassified_count(count: int) -> None:
                                   f"to {MAX_MISCLASSIFIED}, not {count!r}")
 
 
+@plain_text()
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                        classes: tuple[str, ...], path: Path, *, count: int = 40,
                        columns: int = 8) -> Path:

@@ -57,8 +57,8 @@ def predict_test_set(classifier: TorchClassifier, images: np.ndarray, *, progres
     return torch.cat(parts)
 
 
-def saved_evaluation(path: Path, checkpoint: Path,
-                     num_images: int) -> tuple[dict | None, str]:
+def saved_evaluation(path: Path, checkpoint: Path, num_images: int,
+                     num_classes: int) -> tuple[dict | None, str]:
     """eval.json when it describes this checkpoint on this test set; else None and why not."""
     if not path.is_file():
         return None, "computed for this report (the run has no eval.json)"
@@ -71,6 +71,12 @@ def saved_evaluation(path: Path, checkpoint: Path,
     if evaluation.get("num_images") != num_images:
         return None, (f"computed for this report (eval.json is for {evaluation.get('num_images')} "
                       f"test images, this data has {num_images:,})")
+    confusion = evaluation.get("confusion")
+    if not (isinstance(confusion, list) and len(confusion) == num_classes
+            and all(len(row) == num_classes for row in confusion)
+            and sum(map(sum, confusion)) == num_images):
+        return None, ("computed for this report (eval.json's confusion matrix is not one of "
+                      f"{num_classes} classes and {num_images:,} images)")
     if not eval_is_for(evaluation, checkpoint):
         return None, (f"computed for this report (eval.json is for "
                       f"{Path(str(evaluation['checkpoint'])).name}, "
@@ -120,7 +126,8 @@ def gather(run: str | os.PathLike, *, data_dir: str | os.PathLike | None = None,
 
     labels = torch.as_tensor(np.asarray(data.test_labels))
     log_probs = predict_test_set(classifier, data.test_images, progress=progress)
-    evaluation, evaluation_source = saved_evaluation(folder.eval, checkpoint, len(labels))
+    evaluation, evaluation_source = saved_evaluation(folder.eval, checkpoint, len(labels),
+                                                     len(data.classes))
     if evaluation is None:
         evaluation = classification_metrics(log_probs, labels, data.classes)
         evaluation.update(tta=False, num_images=len(labels), checkpoint=str(checkpoint))

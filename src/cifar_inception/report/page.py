@@ -7,6 +7,7 @@ import base64
 import datetime as _dt
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,10 @@ def metric_cards(data: RunData) -> str:
     if best is not None:
         sub = (f"validation accuracy {percent(best['val_acc'])}"
                if best.get("val_acc") is not None else "last epoch (no validation split)")
-        cards.append(card("Best epoch", f"{best['epoch']} of {data.metrics[-1]['epoch']}", sub))
+        last = max(row["epoch"] for row in data.metrics)  # rows a hand edit put out of order
+        cards.append(card("Best epoch", f"{best['epoch']} of {last}", sub))
         seconds = sum(row.get("seconds") or 0 for row in data.metrics)
-        if seconds:
+        if seconds and math.isfinite(seconds):  # two damaged rows of 1e308 sum to inf
             cards.append(card("Training time", format_duration(seconds),
                               f"{len(data.metrics)} epochs"))
     params = data.model_info.get("params")
