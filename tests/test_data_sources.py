@@ -518,3 +518,13 @@ def test_a_tar_unpacking_past_the_limit_is_refused_before_it_is_unpacked(tmp_pat
     assert "unpacks to more than" in load_error(archive)
     monkeypatch.setattr(archives, "MAX_UNPACKED_BYTES", 400_000)
     assert_arrays_equal(load_cifar10(archive, download=False, progress=False), expected)
+
+
+def test_a_class_folder_name_with_a_newline_is_refused(tmp_path):
+    # The cache and every message keep class names one per line.
+    files = {f"{split}/{name}/0.png": encode_image(random_images(1, index)[0])
+             for split in ("train", "test") for index, name in enumerate(("a\nb", "c"))}
+    with pytest.raises(DataError, match="class folder names with control characters") as info:
+        data.load_dataset("image-folder", make_source(tmp_path, files, "folder"),
+                          download=False, progress=False)
+    assert "\n" not in str(info.value)

@@ -234,6 +234,17 @@ def test_cli_escapes_control_characters_of_class_names(tmp_path, image_folder, c
     assert "\\x1b]0;owned\\x07plane" in out and "car\\x1b[2J" in out
 
 
+def test_a_file_name_with_a_newline_cannot_add_a_line_of_its_own(tmp_path, checkpoint_path,
+                                                                 capsys):
+    # "x.png\n  1. cat 99.99%" as a name would print a forged result line.
+    image = tmp_path / "x\n  1. airplane 99.99%.png"
+    Image.fromarray(rgb_noise((32, 32))).save(image)
+    assert main(["predict", str(checkpoint_path), str(image), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "x\\n  1. airplane 99.99%.png" in out
+    assert not any(line.startswith("  1. airplane 99.99%.png") for line in out.splitlines())
+
+
 def test_cli_prints_any_file_name_whatever_the_terminal_encoding(tmp_path, checkpoint_path,
                                                                  monkeypatch):
     import io

@@ -10,6 +10,7 @@ from collections.abc import Callable
 # file's text (a class name, a file name) could use to move the cursor, recolour or rewrite
 # the terminal, or to show text in another order than it is.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_OR_BREAK = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def add_command(subparsers: argparse._SubParsersAction, name: str,
@@ -65,8 +66,18 @@ def positive_int(text: str) -> int:
 
 def terminal_text(text: object) -> str:
     """``text`` for the terminal: control characters shown as escapes (``\\x1b``)."""
-    return _CONTROL.sub(lambda found: found.group().encode("unicode_escape").decode("ascii"),
-                        str(text))
+    return _CONTROL.sub(_escaped, str(text))
+
+
+def terminal_line(text: object) -> str:
+    """One value (a file or class name) for one line of the terminal: as
+    :func:`terminal_text`, and a newline or tab in it shown as ``\\n``, ``\\t``, so that a
+    crafted file name cannot add a line that looks like another result."""
+    return _CONTROL_OR_BREAK.sub(_escaped, str(text))
+
+
+def _escaped(found: re.Match) -> str:
+    return found.group().encode("unicode_escape").decode("ascii")
 
 
 WEIGHTS_HELP = ("trained weights instead of a run: a shipped name (see `cifar-inception "

@@ -10,7 +10,7 @@ from cifar_inception.cli.common import (
     add_device_arg,
     add_weights_arg,
     positive_int,
-    terminal_text,
+    terminal_line,
 )
 
 DESCRIPTION = """\
@@ -47,10 +47,10 @@ def register(subparsers) -> None:
 
 
 def format_prediction(result, width: int) -> str:
-    lines = [terminal_text(result.path)]
+    lines = [terminal_line(result.path)]
     for rank, (name, prob) in enumerate(result.top, start=1):
         bar = "#" * round(prob * 20)
-        lines.append(f"  {rank}. {terminal_text(name):<{width}} {prob * 100:6.2f}%  {bar}")
+        lines.append(f"  {rank}. {terminal_line(name):<{width}} {prob * 100:6.2f}%  {bar}")
     return "\n".join(lines)
 
 
@@ -70,13 +70,13 @@ def run(args: argparse.Namespace) -> int:
     if not source.is_run:  # say which weights answer, as they were not named by a path
         print(f"cifar-inception: using {source.describe()}",
               file=sys.stderr if args.json else sys.stdout, flush=True)
-    width = max(len(terminal_text(name)) for name in classifier.classes)
+    width = max(len(terminal_line(name)) for name in classifier.classes)
 
     results, failed = [], 0
     for result in iter_predictions(classifier, paths, top_k=args.top_k):
         if not result.ok:
             failed += 1
-            print(f"cifar-inception: skipped {terminal_text(result.error)}", file=sys.stderr)
+            print(f"cifar-inception: skipped {terminal_line(result.error)}", file=sys.stderr)
         if args.json:
             results.append(result.to_dict())
         elif result.ok:

@@ -99,6 +99,10 @@ class TreeLayout:
         if not problems and len(classes) < MIN_CLASSES:
             problems.append(f"train/ has {len(classes)} class folder; a dataset needs "
                             f"{MIN_CLASSES} or more")
+        unprintable = [c for c in classes if not c.isprintable()]
+        if unprintable:  # a newline would split one class name into two wherever it is kept
+            problems.append(f"class folder names with control characters "
+                            f"({', '.join(repr(c) for c in unprintable[:3])})")
         if len(classes) > MAX_CLASSES:
             problems.append(f"train/ has {len(classes):,} class folders; a dataset may have "
                             f"at most {MAX_CLASSES:,}")
@@ -131,10 +135,11 @@ class TreeLayout:
 
 
 def _named(classes: tuple[str, ...], shown: int = 20) -> str:
-    """The class names for a message: the first ``shown`` of a long list, and how many."""
-    if len(classes) <= shown:
-        return ", ".join(classes)
-    return f"{', '.join(classes[:shown])}, ... ({len(classes):,} in all)"
+    """The class names for a one-line message: the first ``shown`` of a long list, and how
+    many; a name with control characters as its repr."""
+    names = [c if c.isprintable() else repr(c) for c in classes[:shown]]
+    more = f", ... ({len(classes):,} in all)" if len(classes) > shown else ""
+    return ", ".join(names) + more
 
 
 def _folder_classes(found: Counter) -> tuple[str, ...]:
