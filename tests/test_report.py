@@ -377,3 +377,18 @@ def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
     class_grid(images, np.array([0, 0, 1, 1, 2, 2]), classes, tmp_path / "grid.png",
                per_class=2)
     assert (tmp_path / "confusion.png").stat().st_size and (tmp_path / "grid.png").stat().st_size
+
+
+@pytest.mark.parametrize("blocker", ["output-is-a-file", "page-is-a-folder"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_figure(tmp_path, data_tree,
+                                                                     blocker, capsys):
+    run = write_run(tmp_path / "run", data_tree, fitting_eval=True)
+    out_dir = tmp_path / "out"
+    if blocker == "output-is-a-file":
+        out_dir.write_text("mine")
+    else:
+        (out_dir / "report.html").mkdir(parents=True)
+    assert main(["report", str(run), "--data-dir", str(data_tree), "--no-download",
+                 "--output", str(out_dir), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not list(out_dir.glob("*.png")) if out_dir.is_dir() else out_dir.read_text() == "mine"

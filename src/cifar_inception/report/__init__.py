@@ -17,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifar_inception.fileio import atomic_write_text
+from cifar_inception.errors import CifarInceptionError
+from cifar_inception.fileio import atomic_write_text, check_replaceable
 from cifar_inception.report.figures import check_misclassified_count, draw_figures
 from cifar_inception.report.gather import RunData, gather
 from cifar_inception.report.page import render_html
@@ -40,8 +41,12 @@ def build_report(run: str | os.PathLike, *, data_dir: str | os.PathLike | None =
     check_misclassified_count(misclassified)  # before the test set is predicted
     data = gather(run, data_dir=data_dir, download=download, progress=progress, device=device)
     folder = Path(output) if output is not None else data.run / "report"
+    if folder.exists() and not folder.is_dir():
+        raise CifarInceptionError(f"{folder}: exists and is not a folder; the report is a "
+                                  "folder of figures and report.html")
+    page = folder / "report.html"
+    check_replaceable(page)  # before any figure is drawn: not a report half written
     folder.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(data, folder, misclassified=misclassified)
-    page = folder / "report.html"
     atomic_write_text(page, render_html(data, figures))
     return Report(folder=folder, html=page, figures=figures)
