@@ -185,6 +185,13 @@ def test_cli_text_output_and_exit_code(checkpoint_path, image_folder, capsys):
     assert all(line.strip()[:2] in ("1.", "2.") and "%" in line for line in ranked)
 
 
+def test_cli_json_says_the_top_k_it_gave(checkpoint_path, image_folder, capsys):
+    assert main(["predict", str(checkpoint_path), str(image_folder / "rgb.png"), "--json",
+                 "-k", "99999999999999999999", "--device", "cpu"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["top_k"] == len(CLASSES) == len(doc["results"][0]["predictions"])
+
+
 def test_cli_json_output(checkpoint_path, image_folder, capsys):
     status = main(["predict", str(checkpoint_path), str(image_folder / "rgb.png"),
                    str(image_folder / "corrupt.png"), str(image_folder / "tiny.bmp"),

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         document = {"model": classifier.info, "classes": list(classifier.classes),
-                    "top_k": args.top_k, "results": results}
+                    "top_k": min(args.top_k, len(classifier.classes)), "results": results}
         print(to_json(document, indent=2))
     if failed:
         print(f"cifar-inception: {failed} file(s) could not be read", file=sys.stderr)
