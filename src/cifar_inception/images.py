@@ -64,14 +64,14 @@ def image_header(source: str | os.PathLike | bytes, *,
             raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
         except MemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - see _DECODER_ERRORS
+        except Exception as exc:  # noqa: BLE001 - any decoder failure (see _NOT_AN_IMAGE)
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
 
 
-# _DECODER_ERRORS: Pillow's decoders fail on crafted files with more than OSError and
-# ValueError (a TIFF whose strip offsets are stored as doubles raises TypeError; others raise
-# struct.error, IndexError or SyntaxError), so any exception but MemoryError while a file is
-# opened and decoded means "not a readable image".
+# Pillow's decoders fail on crafted files with more than OSError and ValueError (a TIFF whose
+# strip offsets are stored as doubles raises TypeError; others raise struct.error, IndexError
+# or SyntaxError), so image_header and open_image take any exception but MemoryError while a
+# file is opened and decoded to mean "not a readable image".
 _NOT_AN_IMAGE = "not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or TIFF)"
 
 
@@ -109,7 +109,7 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
             raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
         except MemoryError:
             raise
-        except Exception as exc:  # noqa: BLE001 - see _DECODER_ERRORS
+        except Exception as exc:  # noqa: BLE001 - any decoder failure (see _NOT_AN_IMAGE)
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
     return image
 
