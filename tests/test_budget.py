@@ -106,6 +106,26 @@ def test_an_absurd_budget_is_one_line_before_any_data_is_read(budget, capsys):
     assert err.startswith("cifar-inception: error: budget must be") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("processes", [None, 2])
+def test_a_budget_counts_the_whole_command(monkeypatch, processes):
+    """The command's own start (torch's import, the recipe, ...) is part of the budget."""
+    import cifar_inception.cli
+    import cifar_inception.training as training
+
+    calls = []
+
+    def record(config, data=None, *, resume=None, log=None, started_at=None):
+        calls.append(started_at)
+        return SimpleNamespace(status="completed")
+
+    monkeypatch.setattr(training, "train", record)
+    monkeypatch.setattr(training, "train_in_processes", record)
+    monkeypatch.setattr(cifar_inception.cli.time, "time", lambda: 1000.0)
+    argv = ["train", "--budget", "60", "--no-download", "--data-dir", "/nonexistent"]
+    assert cifar_inception.cli.main(argv + (["--processes", "2"] if processes else [])) == 0
+    assert calls == [1000.0]
+
+
 def loop_for(config, steps_per_epoch):
     """A Loop that only knows its plan (enough for the schedules)."""
     plan = plan_run(config, steps_per_epoch, Surroundings(False, None, None, 1))

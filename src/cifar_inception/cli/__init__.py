@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 import warnings
 from typing import Any
 
@@ -45,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()  # a --budget counts the whole command, torch's import included
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started_at = started_at
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -14,9 +14,10 @@ Train a registered model on CIFAR-10 and evaluate its best epoch on the test set
 With neither MODEL nor --recipe, the recipe suits the hardware found: 'gpu' (the best
 CIFAR-tuned model's full recipe) on CUDA, else 'cpu10' (the best Inception net that a
 10-minute budget buys on this CPU: it measures this machine's speed, then fixes the number
-of steps so that training, validation and the test end within the budget). With only MODEL,
-the recipe is 'seed' for the report's seed-* networks and 'default' for the others. Any
-option below overrides the recipe; --epochs replaces a recipe's --budget.
+of steps so that training, validation and the test end within the budget, counted from the
+command's start). With only MODEL, the recipe is 'seed' for the report's seed-* networks
+and 'default' for the others. Any option below overrides the recipe; --epochs replaces a
+recipe's --budget.
 
 On the CPU, bf16 autocast is used only where this CPU computes bf16 natively and faster
 (AVX-512 BF16 or AMX), and every core this process may use gets a thread; the first line
@@ -91,9 +92,10 @@ def print_recipes() -> None:
             print(f"    {model}: " + ", ".join(f"{k}={v}" for k, v in extra.items()))
 
 
-def launch(config: Any, resume: str | None = None) -> Any:
+def launch(config: Any, resume: str | None = None, started_at: float | None = None) -> Any:
     """Train in this process, or, with --processes N, as N processes that this one starts
-    and waits for (as torchrun would start them)."""
+    and waits for (as torchrun would start them). ``started_at`` (``time.time()``): when the
+    command began; a --budget counts from it."""
     from cifar_inception.training import (
         splits_into_processes,
         train,
@@ -101,8 +103,8 @@ def launch(config: Any, resume: str | None = None) -> Any:
     )
 
     if splits_into_processes(config):
-        return train_in_processes(config, resume=resume)
-    return train(config, resume=resume)
+        return train_in_processes(config, resume=resume, started_at=started_at)
+    return train(config, resume=resume, started_at=started_at)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -121,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise CifarInceptionError("--resume continues a run with its own model and "
                                       "recipe; give no MODEL or --recipe with it")
         config = resume_config(args.resume, **overrides)
-        result = launch(config, resume=args.resume)
+        result = launch(config, resume=args.resume, started_at=args.started_at)
     else:
         device = overrides.get("device", "auto")
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -130,7 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
             found = "a CUDA GPU" if cuda else "no GPU"
             print(f"no model or recipe given; found {found}, so recipe '{config.recipe}': "
                   f"{get_recipe(config.recipe).description}", flush=True)
-        result = launch(config)
+        result = launch(config, started_at=args.started_at)
     if result.status == "interrupted":
         print(f"cifar-inception: {result.message}", file=sys.stderr)
         return 130
