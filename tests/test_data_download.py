@@ -6,12 +6,14 @@ short, wrong bytes, a 404, and archives with members that must not be extracted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import socket
 import sys
 import tarfile
 import threading
+import time
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,11 +34,26 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body, declared = route
+        if body is None:
+            self.trickle(declared)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "application/gzip")
         self.send_header("Content-Length", str(declared))
         self.end_headers()
         self.wfile.write(body)  # fewer bytes than declared: the connection then closes
+        self.close_connection = True
+
+    def trickle(self, declared):
+        """A few bytes at a time, far slower than any download means: for 10 s at most, or
+        until the client hangs up."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(declared))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            for _ in range(200):
+                self.wfile.write(bytes(16))
+                time.sleep(0.05)
         self.close_connection = True
 
     def log_message(self, *args):
@@ -72,6 +89,7 @@ def server(archives):
         "/link.tar.gz": (archives["link"], len(archives["link"])),
         "/escape.tar.gz": (archives["escape"], len(archives["escape"])),
         "/huge.tar.gz": (bytes(3 << 20), 3 << 20),
+        "/trickle.tar.gz": (None, 1 << 20),
     }
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -178,6 +196,33 @@ def test_a_download_past_its_size_limit_is_stopped_and_removed(tmp_path, monkeyp
     folder = user_folder(tmp_path)
     message = download_error(folder)
     assert "passed 1,048,576 bytes" in message and "stopped and removed" in message
+    assert os.listdir(folder) == ["notes.txt"]
+
+
+def test_a_download_that_trickles_is_stopped_as_stalled_and_removed(tmp_path, monkeypatch,
+                                                                    server):
+    # Each read's own timeout never fires while a few bytes keep coming.
+    monkeypatch.setattr(download, "SLOW_DOWNLOAD_S", 1.0)
+    serve(monkeypatch, server, "trickle.tar.gz")
+    folder = user_folder(tmp_path)
+    started = time.monotonic()
+    message = download_error(folder)
+    assert "stalled (under 1,024 bytes a second for 1 s)" in message
+    assert "removed" in message and "--data-dir" in message
+    assert time.monotonic() - started < 8
+    assert os.listdir(folder) == ["notes.txt"]
+
+
+def test_ctrl_c_during_a_download_leaves_nothing_behind(tmp_path, monkeypatch, server):
+    import _thread
+
+    serve(monkeypatch, server, "trickle.tar.gz")
+    folder = user_folder(tmp_path)
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        load_cifar10(folder, progress=False)
+    timer.join()
     assert os.listdir(folder) == ["notes.txt"]
 
 

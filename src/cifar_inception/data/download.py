@@ -8,7 +8,11 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cifar_inception.data.archives import (
     STREAM_ERRORS,
@@ -27,6 +31,14 @@ __all__ = ["MAX_ARCHIVE_DOWNLOAD_BYTES", "download_cifar10", "download_dataset",
 # The most a dataset's archive download may bring (the official CIFAR archives are 161 to
 # 163 MB): the hash is checked only at the end, and a server may stream without end.
 MAX_ARCHIVE_DOWNLOAD_BYTES = 1 << 30
+
+# A download slower than this for this long is stalled, and stopped (as curl's --speed-limit
+# and --speed-time): each read's own timeout cannot see a server that trickles a byte at a
+# time, and a download that never ends is a hang.
+MIN_DOWNLOAD_BYTES_PER_S = 1024
+SLOW_DOWNLOAD_S = 60.0
+
+T = TypeVar("T")
 
 
 def download_dataset(spec: DatasetSpec, folder: str | os.PathLike, *, url: str | None = None,
@@ -79,9 +91,15 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # our own bar says what happens
+    watch = _PaceWatch(MIN_DOWNLOAD_BYTES_PER_S, SLOW_DOWNLOAD_S)
     try:
-        path = pooch.retrieve(url, known_hash=known_hash, fname=name, path=folder,
-                              downloader=_capped_download(max_bytes, bar))
+        path = watch.run(lambda: pooch.retrieve(
+            url, known_hash=known_hash, fname=name, path=folder,
+            downloader=_capped_download(max_bytes, bar, watch)))
+    except _Stalled:
+        raise DataError(f"the download from {url} stalled (under {watch.min_rate:,} bytes a "
+                        f"second for {watch.window:g} s) and was removed; try again, or "
+                        f"{advice}") from None
     except _TooLarge:
         raise DataError(f"the download from {url} passed {max_bytes:,} bytes, more than "
                         f"{what} can be; it was stopped and removed; {advice}") from None
@@ -157,14 +175,73 @@ class _TooLarge(Exception):
     """A download passed its size limit (caught in :func:`fetch_file`)."""
 
 
-class _CappedFile:
-    """The file a download is written to, refusing to grow past ``limit`` bytes."""
+class _Stalled(Exception):
+    """A download went on too slowly for too long (caught in :func:`fetch_file`)."""
 
-    def __init__(self, raw, limit: int) -> None:  # noqa: ANN001 - a binary file object
-        self.raw, self.limit, self.written = raw, limit, 0
+
+class _PaceWatch:
+    """Runs a download in a thread of its own and abandons it when it brings under
+    ``min_rate`` bytes a second for ``window`` seconds (a read blocked on a trickling socket
+    cannot be interrupted; a thread waiting on it can be left behind). The abandoned
+    download's file is removed at once, and its thread ends at its next write.
+    """
+
+    def __init__(self, min_rate: int, window: float) -> None:
+        self.min_rate, self.window = min_rate, window
+        self.written = 0  # bytes so far, set by the download's writes
+        self.output_file: str | None = None  # its temporary file, set by the downloader
+        self.abandoned = False
+
+    def run(self, download: Callable[[], T]) -> T:
+        """``download()``'s result or error; :class:`_Stalled` when it fell behind."""
+        outcome: dict[str, Any] = {}
+        # Waited for with an Event, not Thread.join: a join that Ctrl-C interrupts can leave
+        # the thread marked as ended while it still runs (Python 3.11).
+        finished = threading.Event()
+
+        def work() -> None:
+            try:
+                outcome["result"] = download()
+            except BaseException as exc:  # handed to the waiting thread, raised there
+                outcome["error"] = exc
+            finally:
+                finished.set()
+
+        threading.Thread(target=work, name="download", daemon=True).start()
+        try:
+            self._wait(finished)
+        finally:
+            if not finished.is_set():  # stalled, or Ctrl-C: nothing of it may stay on disk
+                self.abandoned = True
+                if self.output_file is not None:
+                    with contextlib.suppress(OSError):
+                        os.remove(self.output_file)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def _wait(self, finished: threading.Event) -> None:
+        since, written_then = time.monotonic(), self.written
+        while not finished.wait(min(1.0, self.window)):
+            now = time.monotonic()
+            if self.written - written_then >= self.min_rate * self.window:
+                since, written_then = now, self.written  # it kept the pace: a new window
+            elif now - since >= self.window:
+                raise _Stalled
+
+
+class _CappedFile:
+    """The file a download is written to, refusing to grow past ``limit`` bytes; it tells
+    ``watch`` how much has arrived."""
+
+    def __init__(self, raw, limit: int, watch: _PaceWatch) -> None:  # noqa: ANN001
+        self.raw, self.limit, self.written, self.watch = raw, limit, 0, watch
 
     def write(self, chunk: bytes) -> int:
+        if self.watch.abandoned:
+            raise _Stalled  # ends the download's thread; nobody waits for it any more
         self.written += len(chunk)
+        self.watch.written = self.written
         if self.written > self.limit:
             raise _TooLarge
         return self.raw.write(chunk)
@@ -173,16 +250,17 @@ class _CappedFile:
         self.raw.flush()
 
 
-def _capped_download(limit: int, bar: _DownloadBar | None):  # noqa: ANN202
-    """A pooch downloader that writes through :class:`_CappedFile` (pooch removes the
-    temporary file when it raises)."""
+def _capped_download(limit: int, bar: _DownloadBar | None, watch: _PaceWatch):  # noqa: ANN202
+    """A pooch downloader that writes through :class:`_CappedFile` and lets ``watch`` stop
+    a stalled connection (pooch removes the temporary file when it raises)."""
     import pooch
 
     http = pooch.HTTPDownloader(progressbar=bar if bar is not None else False)
 
     def download(url: str, output_file: str, known: object) -> None:
+        watch.output_file = output_file
         with open(output_file, "w+b") as raw:
-            http(url, _CappedFile(raw, limit), known)
+            http(url, _CappedFile(raw, limit, watch), known)
 
     return download
 
