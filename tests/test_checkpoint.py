@@ -258,6 +258,17 @@ def test_a_tensor_claiming_more_than_it_stores_is_refused_before_it_is_copied(tm
         ckpt_mod.load_checkpoint(save(tmp_path / "claims-weights.pt", ckpt))
 
 
+def test_a_small_file_cannot_claim_memory_under_the_limits(tmp_path):
+    # 400 MB of weights, far under the largest model's, from one stored float.
+    ckpt = small_checkpoint()
+    ckpt["state_dict"]["head.bias"] = torch.zeros(1).expand(10**8)
+    path = save(tmp_path / "repeats.pt", ckpt)
+    size = (tmp_path / "repeats.pt").stat().st_size
+    with pytest.raises(CheckpointError, match=rf"would take 4\d{{2}},\d{{3}},\d{{3}} bytes in "
+                                              rf"memory, more than the {size:,} bytes"):
+        ckpt_mod.load_checkpoint(path)
+
+
 def test_a_pickle_of_many_small_objects_is_refused_unread(tmp_path, monkeypatch):
     # Unpickling inflates a pickle's bytes about 150-fold in memory; its size is checked
     # before torch reads it. Every real checkpoint's pickle is far under the limit.

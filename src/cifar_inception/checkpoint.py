@@ -168,6 +168,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a cifar-inception checkpoint (no '{FORMAT}' marker)")
     check_tensor_bytes(ckpt, where=str(path))
+    check_stored_in_file(ckpt, path.stat().st_size, where=str(path))
     read_into_memory(ckpt)
     check_structure(ckpt, where=str(path))
     return ckpt
@@ -233,6 +234,18 @@ def check_tensor_bytes(ckpt: dict, *, where: str = "checkpoint") -> None:
             raise CheckpointError(f"{where}: refused: its '{key}' entry holds {found:,} bytes "
                                   f"of tensors, over the limit of {limit:,} for a model "
                                   f"with {weights:,} bytes of weights")
+
+
+def check_stored_in_file(ckpt: dict, file_bytes: int, *, where: str = "checkpoint") -> None:
+    """Refuse tensors whose copies outweigh the file: its records are stored uncompressed
+    (:func:`check_archive`), so a checkpoint that torch.save wrote holds every byte it
+    loads. Only views that repeat stored values (a zero stride) can claim more, and a small
+    file must not make a loader allocate gigabytes under the weights' limit."""
+    held = tensor_bytes(ckpt)
+    if held > file_bytes:
+        raise CheckpointError(f"{where}: refused: its tensors would take {held:,} bytes in "
+                              f"memory, more than the {file_bytes:,} bytes of the file store "
+                              "(views that repeat stored values)")
 
 
 def check_structure(ckpt: dict, *, where: str = "checkpoint") -> None:
