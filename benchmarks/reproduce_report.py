@@ -43,7 +43,7 @@ from cifar_inception.errors import CifarInceptionError
 from cifar_inception.evaluation import evaluate
 from cifar_inception.fileio import append_jsonl
 from cifar_inception.recipes import build_config
-from cifar_inception.runs import read_history
+from cifar_inception.runs import RunFolder, read_history
 from cifar_inception.summary import build_on_meta
 from cifar_inception.training import resume_config, train
 from cifar_inception.training.setup import SPLIT_SEED
@@ -223,9 +223,24 @@ def same_weights(first: Path, second: Path) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+def earlier_test(checkpoint: Path) -> dict[str, Any] | None:
+    """The test result that ``evaluate`` wrote for ``checkpoint`` after it was last saved
+    (the training call's own, or an earlier tabulation's), else None: testing Inception v2
+    on the CPU takes minutes, and the same weights give the same result."""
+    run = RunFolder.holding(checkpoint)
+    evaluation = run.eval_for(checkpoint)
+    if evaluation is None or evaluation.get("tta") or \
+            run.eval.stat().st_mtime < checkpoint.stat().st_mtime:
+        return None
+    print(f"{checkpoint}: its test, written {run.eval.name} after it was saved, is reused",
+          flush=True)
+    return evaluation
+
+
 def test_row(spec: str, folder: Path, data_dir: str | None, device: str) -> dict[str, Any]:
     model, _ = parse_spec(spec)
-    best = evaluate(folder / "best.pt", data_dir=data_dir, device=device)
+    best = earlier_test(folder / "best.pt") or evaluate(folder / "best.pt", data_dir=data_dir,
+                                                        device=device)
     final = (best if same_weights(folder / "last.pt", folder / "best.pt") else
              evaluate(folder / "last.pt", data_dir=data_dir, device=device, write=False))
     report = REPORT.get(model, {})

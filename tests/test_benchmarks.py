@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,18 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     assert [t["model"] for t in again["tests"]] == ["seed-googlenet:fix_3x3=true"]
     assert again["tests"][0]["epochs"] == 2
     assert "seed-naive: no run in" in capsys.readouterr().out
+    # best.pt's test, written after it was saved, is reused; a best.pt saved since is tested
+    tested = []
+    real_evaluate = reproduce_report.evaluate
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reproduce_report, "evaluate",
+                      lambda path, **kw: tested.append(Path(path).name) or real_evaluate(path,
+                                                                                     **kw))
+        assert reproduce_report.main([*common, "--no-train"])["tests"] == again["tests"]
+        assert "best.pt" not in tested and "is reused" in capsys.readouterr().out
+        os.utime(best, (time.time() + 5, time.time() + 5))
+        assert reproduce_report.main([*common, "--no-train"])["tests"] == again["tests"]
+        assert "best.pt" in tested
     # the figure takes earlier results beside this call's (another recipe's, say)
     (tmp_path / "other.json").write_text(json.dumps({**result, "recipe": "default"}))
     both = tmp_path / "both.png"
