@@ -104,6 +104,14 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def command_line(argv: Sequence[str]) -> list[str]:
+    """The command as a results file records it: absolute paths that exist are written
+    relative to the folder it ran in, so that a file made on one machine names no folder
+    of that machine's."""
+    return [os.path.relpath(arg) if os.path.isabs(arg) and os.path.exists(arg) else arg
+            for arg in argv]
+
+
 def write_json(path: str | os.PathLike | None, result: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

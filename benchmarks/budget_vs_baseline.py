@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from _common import (
+    command_line,
     describe,
     environment,
     format_table,
@@ -157,8 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         table.append(summary_row(budget, rows, "baseline"))
         if args.equal_flops:
             table.append(summary_row(budget, rows, "baseline-flops"))
-    result = {"benchmark": "budget_vs_baseline", "environment": env, "command": sys.argv,
-              "recipe": args.recipe, "recipe_description": get_recipe(args.recipe).description,
+    result = {"benchmark": "budget_vs_baseline", "environment": env,
+              "command": command_line(sys.argv), "recipe": args.recipe,
+              "recipe_description": get_recipe(args.recipe).description,
               "seeds": args.seeds, "runs": runs, "table": table}
     write_json(args.json, result)
     widening = ("the recipe says" if args.widen_for_epochs is None

@@ -19,7 +19,15 @@ from typing import Any
 
 from torch.profiler import ProfilerActivity, profile
 
-from _common import describe, environment, format_table, parse_settings, pick_device, write_json
+from _common import (
+    command_line,
+    describe,
+    environment,
+    format_table,
+    parse_settings,
+    pick_device,
+    write_json,
+)
 
 PHASES = ("data", "forward", "backward", "optimizer", "validation")
 
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     phases = phase_split(prof, epoch_seconds)
     operators = top_operators(prof, args.top)
     output = {"benchmark": "profile_epoch", "environment": env, "recipe": args.recipe,
-              "settings": settings, "command": sys.argv, "epoch_seconds": epoch_seconds,
+              "settings": settings, "command": command_line(sys.argv),
+              "epoch_seconds": epoch_seconds,
               "wall_seconds": round(wall, 2), "phases": phases, "operators": operators}
     write_json(args.json, output)
     print(f"\nOne epoch of recipe {args.recipe}"

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from _common import describe, environment, format_table, parse_settings, run_script, write_json
+from _common import (
+    command_line,
+    describe,
+    environment,
+    format_table,
+    parse_settings,
+    run_script,
+    write_json,
+)
 from throughput import parse_spec
 
 from cifar_inception.augment import normalize
@@ -335,8 +343,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         epochs += epoch_rows(spec, folder)
         tests.append(test_row(spec, folder, args.data_dir, args.device))
-    result = {"benchmark": "reproduce_report", "environment": env, "command": sys.argv,
-              "recipe": args.recipe, "epochs": epochs, "tests": tests,
+    result = {"benchmark": "reproduce_report", "environment": env,
+              "command": command_line(sys.argv), "recipe": args.recipe, "epochs": epochs,
+              "tests": tests,
               "report_notes": {m: r["note"] for m, r in REPORT.items()}}
     write_json(args.json, result)
     if args.plot:

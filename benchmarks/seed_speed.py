@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from _common import describe, environment, format_table, run_script, write_json
+from _common import command_line, describe, environment, format_table, run_script, write_json
 from cifar_inception.devices import has_native_bf16
 from throughput import parse_spec
 
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for row in args.settings:
             rows.append(with_epoch_time(one_row_in_a_fresh_process(spec, row, args)))
             print(f"  {spec}, {row}: {rows[-1]['ms_median']:.0f} ms a step", flush=True)
-    result = {"benchmark": "seed_speed", "environment": env, "command": sys.argv,
+    result = {"benchmark": "seed_speed", "environment": env, "command": command_line(sys.argv),
               "rows": rows}
     write_json(args.json, result)
     print(f"\nThe report's recipe, one training step (batch 32, Adam); {describe(env)}")

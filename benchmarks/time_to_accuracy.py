@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from _common import (
+    command_line,
     describe,
     environment,
     format_table,
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = environment(device)
     result = {"benchmark": "time_to_accuracy", "environment": env, "recipe": recipe.name,
               "recipe_description": recipe.description, "settings": base,
-              "command": sys.argv, "seeds": args.seeds, "test_images": len(data.test_labels),
+              "command": command_line(sys.argv), "seeds": args.seeds,
+              "test_images": len(data.test_labels),
               "checkpoints_s": checkpoints, "targets": targets, "variants": results,
               "table": results[0]["table"]}
     title = (f"recipe {recipe.name}{' with ' + ' '.join(args.set) if args.set else ''}, "

@@ -195,6 +195,14 @@ def test_gpu_script_refuses_missing_data(tmp_path):
     assert done.returncode == 2 and "no data" in done.stderr
 
 
+def test_a_results_file_names_no_folder_of_the_machine(tmp_path, monkeypatch):
+    data = tmp_path / "data.tar.gz"
+    data.write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "..")
+    assert _common.command_line(["x.py", "--data-dir", str(data), "/no/such/path", "-o", "a"]) \
+        == ["x.py", "--data-dir", f"{tmp_path.name}/data.tar.gz", "/no/such/path", "-o", "a"]
+
+
 def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, capsys):
     """One epoch, then a second call that resumes to two: the table has the report's
     figures beside ours, and the test results of the final weights and of best.pt."""
