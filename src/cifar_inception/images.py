@@ -7,10 +7,13 @@ treats modes (RGBA, greyscale, palette, 16-bit) and decompression bombs the same
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -49,58 +52,23 @@ def _open_regular_file(path: str | os.PathLike, label: str):
     return os.fdopen(fd, "rb")
 
 
-def image_header(source: str | os.PathLike | bytes, *,
-                 name: str | None = None) -> tuple[int, int, bool]:
-    """Width, height and whether it has transparency, from the header alone, for budgeting
-    decodes: compositing transparency on white takes about twice the memory of the rest."""
-    label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
-    fp = io.BytesIO(source) if isinstance(source, bytes) else _open_regular_file(source, label)
-    with fp:
-        try:
-            with Image.open(fp, formats=IMAGE_FORMATS) as image:
-                alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
-                return image.size[0], image.size[1], alpha
-        except UnidentifiedImageError:
-            raise ImageError(f"{label}: {_NOT_AN_IMAGE}") from None
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any decoder failure (see _NOT_AN_IMAGE)
-            raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
-
-
 # Pillow's decoders fail on crafted files with more than OSError and ValueError (a TIFF whose
 # strip offsets are stored as doubles raises TypeError; others raise struct.error, IndexError
-# or SyntaxError), so image_header and open_image take any exception but MemoryError while a
-# file is opened and decoded to mean "not a readable image".
+# or SyntaxError), so any exception but MemoryError while a file is opened and decoded means
+# "not a readable image".
 _NOT_AN_IMAGE = "not an image file Pillow can read (PNG, JPEG, GIF, BMP, WebP or TIFF)"
 
 
-def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
-               max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image from a path or bytes, refusing decompression bombs.
-
-    Only :data:`IMAGE_FORMATS` are tried, and only regular files are read. The pixel count
-    is checked from the header before any pixel is decoded. An EXIF orientation is applied,
-    so the image comes back upright.
-    """
+@contextlib.contextmanager
+def _decoding(source: str | os.PathLike | bytes,
+              name: str | None) -> Iterator[tuple[BinaryIO, str]]:
+    """The source as an open file and its name for messages; whatever fails while it is
+    decoded leaves as one :class:`ImageError` that names it."""
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     fp = io.BytesIO(source) if isinstance(source, bytes) else _open_regular_file(source, label)
     with fp:
         try:
-            image = Image.open(fp, formats=IMAGE_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"{label}: {width}x{height} pixels is over the limit of {max_pixels:,} "
-                    "(possible decompression bomb)"
-                )
-            image.load()
-            if image.mode == "F" and not _all_finite(image):
-                raise ImageError(f"{label}: its pixels include values that are not finite "
-                                 "numbers (NaN or infinity)")
-            if "exif" in image.info:
-                # Phone photos store their rotation in EXIF; show them upright, as a viewer does.
-                ImageOps.exif_transpose(image, in_place=True)
+            yield fp, label
         except ImageError:
             raise
         except Image.DecompressionBombError:
@@ -111,6 +79,38 @@ def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure (see _NOT_AN_IMAGE)
             raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+
+
+def image_header(source: str | os.PathLike | bytes, *,
+                 name: str | None = None) -> tuple[int, int, bool]:
+    """Width, height and whether it has transparency, from the header alone, for budgeting
+    decodes: compositing transparency on white takes about twice the memory of the rest."""
+    with _decoding(source, name) as (fp, _), Image.open(fp, formats=IMAGE_FORMATS) as image:
+        alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+        return image.size[0], image.size[1], alpha
+
+
+def open_image(source: str | os.PathLike | bytes, *, name: str | None = None,
+               max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image from a path or bytes, refusing decompression bombs.
+
+    Only :data:`IMAGE_FORMATS` are tried, and only regular files are read. The pixel count
+    is checked from the header before any pixel is decoded. An EXIF orientation is applied,
+    so the image comes back upright.
+    """
+    with _decoding(source, name) as (fp, label):
+        image = Image.open(fp, formats=IMAGE_FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageError(f"{label}: {width}x{height} pixels is over the limit of "
+                             f"{max_pixels:,} (possible decompression bomb)")
+        image.load()
+        if image.mode == "F" and not _all_finite(image):
+            raise ImageError(f"{label}: its pixels include values that are not finite "
+                             "numbers (NaN or infinity)")
+        if "exif" in image.info:
+            # Phone photos store their rotation in EXIF; show them upright, as a viewer does.
+            ImageOps.exif_transpose(image, in_place=True)
     return image
 
 
