@@ -10,7 +10,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,7 +78,6 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
     :class:`DataError` that ends with ``advice``.
     """
     import pooch
-    import requests
 
     folder = Path(folder)
     if not url.lower().startswith(("http://", "https://")):
@@ -86,45 +86,18 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create the folder {folder}: {exc.strerror or exc}") from None
-    kind, _, expected = known_hash.partition(":")
     bar = _DownloadBar(desc=f"downloading {name}") if progress else None
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)  # our own bar says what happens
     watch = _PaceWatch(MIN_DOWNLOAD_BYTES_PER_S, SLOW_DOWNLOAD_S)
+    failure = _Failure(url, folder, what=what, advice=advice, known_hash=known_hash,
+                       max_bytes=max_bytes, watch=watch)
     try:
-        path = watch.run(lambda: pooch.retrieve(
-            url, known_hash=known_hash, fname=name, path=folder,
-            downloader=_capped_download(max_bytes, bar, watch)))
-    except _Stalled:
-        raise DataError(f"the download from {url} stalled (under {watch.min_rate:,} bytes a "
-                        f"second for {watch.window:g} s) and was removed; try again, or "
-                        f"{advice}") from None
-    except _TooLarge:
-        raise DataError(f"the download from {url} passed {max_bytes:,} bytes, more than "
-                        f"{what} can be; it was stopped and removed; {advice}") from None
-    except ValueError as exc:
-        if "does not match" in str(exc):
-            got = re.search(r"got ([0-9a-f]{32,64})", str(exc))
-            raise DataError(
-                f"the file downloaded from {url} failed the {kind.upper()} check (expected "
-                f"{expected}{', got ' + got.group(1) if got else ''}) and was removed; try "
-                f"again, or {advice}") from None
-        raise DataError(f"cannot download {url}: {one_line(exc)}") from None
-    except requests.exceptions.HTTPError as exc:
-        raise DataError(f"cannot download {url}: the server answered "
-                        f"{exc.response.status_code if exc.response is not None else exc}; "
-                        f"{advice}") from None
-    except requests.exceptions.ChunkedEncodingError:
-        raise DataError(f"the download from {url} was cut short (truncated) and was removed; "
-                        f"try again, or {advice}") from None
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise DataError(f"cannot download {what} from {url}: network unreachable "
-                        f"({_root_cause(exc)}); {advice}") from None
-    except requests.exceptions.RequestException as exc:
-        raise DataError(f"cannot download {url}: {one_line(exc)}; {advice}") from None
-    except OSError as exc:  # after requests' errors, which are OSErrors too: saving failed
-        raise DataError(f"cannot save the download in {folder}: {exc.strerror or exc}") from None
+        with failure.as_data_error():
+            path = watch.run(lambda: pooch.retrieve(
+                url, known_hash=known_hash, fname=name, path=folder,
+                downloader=_capped_download(max_bytes, bar, watch)))
     finally:
         logger.setLevel(level)
         if bar is not None:
@@ -169,6 +142,61 @@ def extract_official_archive(archive: str | os.PathLike, folder: str | os.PathLi
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # our own scratch folder only
     return target
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What a download was, for saying in one line why it failed."""
+
+    url: str
+    folder: Path
+    what: str
+    advice: str
+    known_hash: str
+    max_bytes: int
+    watch: _PaceWatch
+
+    @contextlib.contextmanager
+    def as_data_error(self) -> Iterator[None]:
+        """Whatever the download raises leaves as one :class:`DataError`."""
+        import requests
+
+        url, advice = self.url, self.advice
+        try:
+            yield
+        except _Stalled:
+            raise DataError(f"the download from {url} stalled (under "
+                            f"{self.watch.min_rate:,} bytes a second for "
+                            f"{self.watch.window:g} s) and was removed; try again, or "
+                            f"{advice}") from None
+        except _TooLarge:
+            raise DataError(f"the download from {url} passed {self.max_bytes:,} bytes, more "
+                            f"than {self.what} can be; it was stopped and removed; "
+                            f"{advice}") from None
+        except ValueError as exc:
+            if "does not match" in str(exc):
+                kind, _, expected = self.known_hash.partition(":")
+                got = re.search(r"got ([0-9a-f]{32,64})", str(exc))
+                raise DataError(
+                    f"the file downloaded from {url} failed the {kind.upper()} check "
+                    f"(expected {expected}{', got ' + got.group(1) if got else ''}) and was "
+                    f"removed; try again, or {advice}") from None
+            raise DataError(f"cannot download {url}: {one_line(exc)}") from None
+        except requests.exceptions.HTTPError as exc:
+            answer = exc.response.status_code if exc.response is not None else exc
+            raise DataError(f"cannot download {url}: the server answered {answer}; "
+                            f"{advice}") from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise DataError(f"the download from {url} was cut short (truncated) and was "
+                            f"removed; try again, or {advice}") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise DataError(f"cannot download {self.what} from {url}: network unreachable "
+                            f"({_root_cause(exc)}); {advice}") from None
+        except requests.exceptions.RequestException as exc:
+            raise DataError(f"cannot download {url}: {one_line(exc)}; {advice}") from None
+        except OSError as exc:  # after requests' errors, which are OSErrors too: saving failed
+            raise DataError(f"cannot save the download in {self.folder}: "
+                            f"{exc.strerror or exc}") from None
 
 
 class _TooLarge(Exception):
