@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from _common import (
     command_line,
     describe,
     environment,
-    format_table,
     parse_settings,
     run_script,
     write_json,
@@ -265,6 +265,48 @@ AUX_COLUMNS = ("model", "epoch", "report_val_acc", "val_acc", "report_aux1_val_a
                "aux1_val_acc", "report_aux2_val_acc", "aux2_val_acc")
 TEST_COLUMNS = ("model", "epochs", "report_printed", "test_acc_final", "test_loss_final",
                 "test_acc_best", "test_loss_best")
+# The printed tables' headings, as docs/reproduction.md has them: each of our columns
+# follows the report's of the same figure.
+HEADINGS = {"model": "network", "report_train_loss": "report: train loss",
+            "report_train_acc": "report: train acc", "report_val_loss": "report: val loss",
+            "report_val_acc": "report: val acc", "report_s": "report: seconds",
+            "report_aux1_val_acc": "report: aux 1 val acc",
+            "report_aux2_val_acc": "report: aux 2 val acc",
+            "report_printed": "what the report printed",
+            "test_acc_final": "test acc (final)", "test_loss_final": "test loss (final)",
+            "test_acc_best": "test acc (best.pt)", "test_loss_best": "test loss (best.pt)"}
+
+
+def cell(column: str, value: Any) -> str:
+    """One figure as the page shows it: accuracies in percent, losses to 3 decimals (4 for
+    a test), seconds to 0.1 (the report's whole)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if column == "model":
+        return f"`{value}`"
+    if column.endswith("_acc") or column.startswith("test_acc"):
+        return f"{100 * value:.2f}%"
+    if column.startswith("test_loss"):
+        return f"{value:.4f}"
+    if column.endswith("_loss"):
+        return f"{value:.3f}"
+    if column == "seconds":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def page_table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    """A Markdown table of ``rows`` as docs/reproduction.md shows them: after a column of
+    the report's, ours of the same figure is headed "ours"."""
+    def report_column(column: str) -> str:
+        return "report_s" if column == "seconds" else f"report_{column}"
+
+    headings = [("ours" if report_column(c) in columns else HEADINGS.get(c, c))
+                for c in columns]
+    aligned = ["---" if c in ("model", "report_printed") else "---:" for c in columns]
+    lines = ["| " + " | ".join(headings) + " |", "|" + "|".join(aligned) + "|"]
+    lines += ["| " + " | ".join(cell(c, row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def plot_curves(sets: dict[str, list[dict[str, Any]]], path: str) -> Path:
@@ -352,13 +394,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"figure: {plot_curves(with_this_call(sets, args.recipe, epochs), args.plot)}")
     print(f"\nThe report's runs beside ours (recipe {args.recipe}, JPEG copy if the data is); "
           f"{describe(env)}")
-    print(format_table(epochs, EPOCH_COLUMNS))
+    print(page_table(epochs, EPOCH_COLUMNS))
     with_heads = [r for r in epochs if any(k.startswith(("aux", "report_aux")) for k in r)]
     if with_heads:
         print("\nEvery head's validation accuracy (main, auxiliary 1, auxiliary 2)")
-        print(format_table(with_heads, AUX_COLUMNS))
+        print(page_table(with_heads, AUX_COLUMNS))
     print("\nTest set: the final weights (as the report evaluated) and best.pt")
-    print(format_table(tests, TEST_COLUMNS))
+    print(page_table(tests, TEST_COLUMNS))
     return result
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -219,6 +220,10 @@ def test_reproduce_report_trains_resumes_and_compares(tmp_path, image_tree, caps
     assert figure.read_bytes().startswith(b"\x89PNG")
     printed = capsys.readouterr().out
     assert "resuming" in printed and "94.44%" in printed
+    # the tables as docs/reproduction.md shows them: percentages, ours after the report's
+    assert "| network | epoch | report: train loss | ours | report: train acc | ours |" in printed
+    assert re.search(r"\| `seed-googlenet:fix_3x3=true` \| 2 \| - \| \d+\.\d{3} \| - \| "
+                     r"\d+\.\d{2}% \|", printed)
     run = tmp_path / "runs" / "seed-googlenet-fix_3x3-true"
     assert len(json.loads((run / "config.json").read_text())["resumed"]) == 1
     rows = [r for r in result["epochs"] if "train_loss" in r]
