@@ -74,7 +74,8 @@ def fetch_file(url: str, folder: str | os.PathLike, *, name: str, known_hash: st
     ``known_hash`` is ``md5:HEX`` or ``sha256:HEX``. The file arrives under a temporary name
     and is renamed only once its hash matches; a mismatching or broken download is removed,
     and so is one that passes ``max_bytes`` (stopped there: the hash is known only at the
-    end, and a server may send without end). Every failure is a one-line
+    end, and a server may send without end) or that stalls (under
+    :data:`MIN_DOWNLOAD_BYTES_PER_S` for :data:`SLOW_DOWNLOAD_S`). Every failure is a one-line
     :class:`DataError` that ends with ``advice``.
     """
     import pooch
