@@ -105,6 +105,7 @@ def test_cifar100_downloads_with_fine_and_coarse_labels(tmp_path, cifar100_serve
     assert again.from_cache and again.classes == FINE
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 def test_cifar100_train_evaluate_predict_export(tmp_path, cifar100_server, capsys):
     folder = tmp_path / "data"
     folder.mkdir()
