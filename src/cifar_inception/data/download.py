@@ -264,14 +264,13 @@ class _CappedFile:
     ``watch`` how much has arrived."""
 
     def __init__(self, raw, limit: int, watch: _PaceWatch) -> None:  # noqa: ANN001
-        self.raw, self.limit, self.written, self.watch = raw, limit, 0, watch
+        self.raw, self.limit, self.watch = raw, limit, watch
 
     def write(self, chunk: bytes) -> int:
         if self.watch.abandoned:
             raise _Stalled  # ends the download's thread; nobody waits for it any more
-        self.written += len(chunk)
-        self.watch.written = self.written
-        if self.written > self.limit:
+        self.watch.written += len(chunk)  # the one count: the watch reads it for the pace
+        if self.watch.written > self.limit:
             raise _TooLarge
         return self.raw.write(chunk)
 
