@@ -313,3 +313,13 @@ def test_ship_weights_writes_a_checked_half_precision_entry(tmp_path):
     assert shipped["metrics"]["test_top1"] == record["test_acc"] > 0.25  # chance: 0.1
     assert all(v.dtype == torch.float16 for v in shipped["state_dict"].values()
                if v.is_floating_point())
+
+
+def test_ship_weights_shows_the_command_without_the_machines_folders():
+    import ship_weights
+
+    argv = ["/opt/env/bin/cifar-inception", "train", "--data-dir", "/srv/data/cifar.tar.gz",
+            "--output=/home/me/runs", "--set", "lr=0.1", "--name", "my run"]
+    assert ship_weights.shown_command(argv) == (
+        "cifar-inception train --data-dir cifar.tar.gz --output=runs --set lr=0.1 "
+        "--name 'my run'")

@@ -8,9 +8,10 @@ it measures top-1 on the test set with the float32 and the float16 weights and k
 where they differ by more than ``--tolerance`` (default 0.0005, 0.05 points); then top-1 with
 test-time augmentation (6 views) of the weights it keeps. It then writes
 ``src/cifar_inception/weights/NAME.pt`` (the checkpoint without the optimiser state) and
-the manifest entry: the model and options, the recipe and the exact command, epochs, training
-time, CPU and capability, torch version, data, test top-1 with and without TTA, mean, std,
-class names and the file's SHA-256. Run it again to replace an entry.
+the manifest entry: the model and options, the recipe and the command (its absolute paths
+cut to their last part), epochs, training time, CPU and capability, torch version, data,
+test top-1 with and without TTA, mean, std, class names and the file's SHA-256. Run it again
+to replace an entry.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def run_description(record: dict, history: list[dict], best: dict,
     chosen = best_epoch(history) or {}
     return {
         "recipe": config.get("recipe"),
-        "command": "cifar-inception " + shlex.join(record["command"][1:]),
+        "command": shown_command(record["command"]),
         "epochs": len(history), "best_epoch": chosen.get("epoch"),
         "val_acc": chosen.get("val_acc"),
         "train_seconds": round(sum(row["seconds"] for row in history), 1),
@@ -132,6 +133,16 @@ def run_description(record: dict, history: list[dict], best: dict,
         "parameters": record["model"]["parameters"],
         "trained": record.get("started"),
     }
+
+
+def shown_command(argv: list[str]) -> str:
+    """The training command as the manifest shows it: the program as ``cifar-inception``
+    and every absolute path (also in ``--option=PATH``) cut to its last part, so that the
+    record names no folder of the machine it was trained on."""
+    def shown(arg: str) -> str:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        return option + equals + (Path(value).name if Path(value).is_absolute() else value)
+    return shlex.join(["cifar-inception", *map(shown, argv[1:])])
 
 
 def update_manifest(path: Path, entry: dict) -> None:
